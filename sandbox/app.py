@@ -1,0 +1,367 @@
+"""The sandbox workspace's HTTP API: the Databricks REST surface databricks-sdk calls, plus /sandbox admin."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from sandbox import models
+from sandbox.faults import GROUPS, FaultMiddleware, FaultSpec, Ledger
+from sandbox.genie import AnswerMix, Genie
+from sandbox.warehouse import ROW_CAP, Warehouse
+
+CHAT_ENDPOINTS = ("databricks-meta-llama-3-3-70b-instruct", "databricks-claude-sonnet-4")
+EMBEDDING_ENDPOINTS = ("databricks-gte-large-en", "databricks-bge-large-en")
+WORKSPACE_ID = "1234567890123456"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error_code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error_code, self.message = status, error_code, message
+
+
+class Workspace:
+    """Everything the sandbox knows: its token, warehouse, Genie, endpoints and ledger."""
+
+    def __init__(self, token: str, seed: int = 0, faults: dict[str, FaultSpec] | None = None,
+                 mix: AnswerMix | None = None, allow_writes: bool = False) -> None:
+        self.token = token
+        self.ledger = Ledger(seed, faults)
+        self.warehouse = Warehouse(allow_writes=allow_writes)
+        self.genie = Genie(seed, mix)
+
+    @staticmethod
+    def group_of_endpoint(name: str) -> str | None:
+        if name in CHAT_ENDPOINTS:
+            return "chat"
+        if name in EMBEDDING_ENDPOINTS:
+            return "embeddings"
+        return None
+
+
+def create_app(ws: Workspace) -> Any:
+    """The ASGI app: FastAPI routes wrapped in the transport-fault middleware."""
+    app = FastAPI(title="batchflows sandbox workspace", docs_url=None, redoc_url=None)
+    app.state.ws = ws
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error_code": exc.error_code, "message": exc.message}, status_code=exc.status)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        if path.startswith("/.well-known/") or path == "/oidc/.well-known/oauth-authorization-server":
+            return await call_next(request)
+        if request.headers.get("authorization") != f"Bearer {ws.token}":
+            return JSONResponse({"error_code": "UNAUTHENTICATED", "message": "Invalid access token."}, 401)
+        return await call_next(request)
+
+    @app.get("/.well-known/databricks-config")
+    async def well_known(request: Request) -> dict[str, Any]:
+        return {"workspace_id": WORKSPACE_ID, "oidc_endpoint": f"{str(request.base_url).rstrip('/')}/oidc"}
+
+    _genie_routes(app, ws)
+    _sql_routes(app, ws)
+    _serving_routes(app, ws)
+    _admin_routes(app, ws)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def unknown(path: str) -> None:
+        raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '/{path}'")
+
+    return FaultMiddleware(app, ws.ledger, ws.group_of_endpoint)
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise ApiError(400, "MALFORMED_REQUEST", f"Could not parse request body as JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "MALFORMED_REQUEST", "Request body must be a JSON object")
+    return body
+
+
+def _space(ws: Workspace, space_id: str) -> dict[str, Any]:
+    space = ws.genie.spaces.get(space_id)
+    if space is None:
+        raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Genie space {space_id} does not exist.")
+    return space
+
+
+def _genie_routes(app: FastAPI, ws: Workspace) -> None:
+    genie = ws.genie
+    base = "/api/2.0/genie/spaces"
+
+    async def ask(request: Request, space_id: str, conversation_id: str | None) -> dict[str, Any]:
+        _space(ws, space_id)
+        content = (await _json(request)).get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "content must be a non-empty string")
+        spec = ws.ledger.spec("genie")
+        fail = ws.ledger.draw("genie", ("genie_failed",)) == "genie_failed"
+        message = genie.ask(space_id, conversation_id or uuid.uuid4().hex, content,
+                            spec.latency_s(ws.ledger.rng()), fail)
+        ws.ledger.open_interval("genie", message.created, message.ready_at)
+        ws.ledger.record("genie", request.url.path, 200, "genie_failed" if fail else "ok",
+                         question=content, outcome=message.outcome, message_id=message.message_id)
+        return {"conversation_id": message.conversation_id, "message_id": message.message_id,
+                "conversation": {"id": message.conversation_id, "space_id": space_id, "title": content[:60]},
+                "message": message.as_dict(time.time())}
+
+    @app.post(base + "/{space_id}/start-conversation")
+    async def start_conversation(request: Request, space_id: str) -> dict[str, Any]:
+        return await ask(request, space_id, None)
+
+    @app.post(base + "/{space_id}/conversations/{conversation_id}/messages")
+    async def create_message(request: Request, space_id: str, conversation_id: str) -> dict[str, Any]:
+        return (await ask(request, space_id, conversation_id))["message"]
+
+    def message_of(space_id: str, message_id: str) -> Any:
+        _space(ws, space_id)
+        message = genie.messages.get(message_id)
+        if message is None or message.space_id != space_id:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Message {message_id} does not exist.")
+        return message
+
+    @app.get(base + "/{space_id}/conversations/{conversation_id}/messages/{message_id}")
+    async def get_message(space_id: str, conversation_id: str, message_id: str) -> dict[str, Any]:
+        message = message_of(space_id, message_id)
+        row_count, truncated = None, False
+        if message.sql is not None and message.status(time.time()) == "COMPLETED":
+            result = await run_in_threadpool(_query_result, ws, message.sql)
+            row_count, truncated = result["manifest"]["total_row_count"], result["manifest"]["truncated"]
+        return message.as_dict(time.time(), row_count, truncated)
+
+    async def query_result(space_id: str, message_id: str) -> dict[str, Any]:
+        message = message_of(space_id, message_id)
+        if message.status(time.time()) != "COMPLETED" or message.sql is None:
+            raise ApiError(400, "INVALID_STATE", f"Message {message_id} has no query result.")
+        result = await run_in_threadpool(_query_result, ws, message.sql)
+        return {"statement_response": {"statement_id": message.attachment_id, **result}}
+
+    for suffix in ("/attachments/{attachment_id}/query-result", "/query-result", "/query-result/{attachment_id}"):
+        app.get(base + "/{space_id}/conversations/{conversation_id}/messages/{message_id}" + suffix)(query_result)
+    app.post(base + "/{space_id}/conversations/{conversation_id}/messages/{message_id}"
+             "/attachments/{attachment_id}/execute-query")(query_result)
+
+    @app.get(base)
+    async def list_spaces() -> dict[str, Any]:
+        return {"spaces": [{k: v for k, v in s.items() if k != "serialized_space"} for s in genie.spaces.values()]}
+
+    @app.get(base + "/{space_id}")
+    async def get_space(space_id: str, include_serialized_space: bool = False) -> dict[str, Any]:
+        space = dict(_space(ws, space_id))
+        if not include_serialized_space:
+            space.pop("serialized_space")
+        return space
+
+    @app.post(base)
+    async def create_space(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        config = _parse_serialized(body.get("serialized_space"))
+        if body.get("warehouse_id") not in ws.warehouse.warehouse_ids:
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", f"Unknown warehouse_id {body.get('warehouse_id')!r}")
+        return genie.create_space(None, body.get("title") or "Untitled space", body["warehouse_id"], config,
+                                  body.get("description") or "", body.get("parent_path"))
+
+    @app.patch(base + "/{space_id}")
+    async def update_space(request: Request, space_id: str) -> dict[str, Any]:
+        space = _space(ws, space_id)
+        body = await _json(request)
+        if body.get("etag") and body["etag"] != space["etag"]:
+            raise ApiError(409, "RESOURCE_CONFLICT", f"Space {space_id} was modified since etag {body['etag']}")
+        if "serialized_space" in body:
+            space["serialized_space"] = json.dumps(_parse_serialized(body["serialized_space"]), ensure_ascii=False)
+        for key in ("title", "description", "warehouse_id", "parent_path"):
+            if body.get(key) is not None:
+                space[key] = body[key]
+        space["etag"], space["update_time"] = uuid.uuid4().hex[:12], time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return space
+
+    @app.delete(base + "/{space_id}")
+    async def trash_space(space_id: str) -> dict[str, Any]:
+        _space(ws, space_id)
+        del genie.spaces[space_id]
+        return {}
+
+
+def _parse_serialized(value: Any) -> dict[str, Any]:
+    try:
+        config = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise ApiError(400, "INVALID_PARAMETER_VALUE", "serialized_space must be a JSON object encoded as a string")
+    return config
+
+
+def _query_result(ws: Workspace, sql: str) -> dict[str, Any]:
+    try:
+        return ws.warehouse.run(sql, ROW_CAP)
+    except Exception as exc:
+        raise ApiError(400, "BAD_REQUEST", f"Query failed: {exc}") from exc
+
+
+def _wait_seconds(value: Any) -> float:
+    match = re.fullmatch(r"(\d+)s", str(value or "10s"))
+    if not match or not (int(match.group(1)) == 0 or 5 <= int(match.group(1)) <= 50):
+        raise ApiError(400, "INVALID_PARAMETER_VALUE",
+                       f"wait_timeout must be 0s or between 5s and 50s, got {value!r}")
+    return float(match.group(1))
+
+
+def _sql_routes(app: FastAPI, ws: Workspace) -> None:
+    @app.post("/api/2.0/sql/statements")
+    @app.post("/api/2.0/sql/statements/")
+    async def execute(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        sql, warehouse_id = body.get("statement"), body.get("warehouse_id")
+        if not isinstance(sql, str) or not sql.strip():
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "statement must be a non-empty string")
+        if warehouse_id not in ws.warehouse.warehouse_ids:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Warehouse {warehouse_id} does not exist.")
+        wait = _wait_seconds(body.get("wait_timeout"))
+        latency = ws.ledger.spec("sql").latency_s(ws.ledger.rng())
+        stmt = await run_in_threadpool(ws.warehouse.submit, sql, latency, body.get("row_limit"))
+        ws.ledger.open_interval("sql", stmt.submitted, stmt.ready_at)
+        ws.ledger.record("sql", request.url.path, 200, "ok", statement=sql, statement_id=stmt.statement_id)
+        await asyncio.sleep(max(0.0, min(wait, stmt.ready_at - time.time())))
+        if time.time() < stmt.ready_at and body.get("on_wait_timeout") == "CANCEL":
+            stmt.canceled = True
+        return stmt.as_response(time.time())
+
+    def statement(statement_id: str) -> Any:
+        stmt = ws.warehouse.get(statement_id)
+        if stmt is None:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Statement {statement_id} does not exist.")
+        return stmt
+
+    @app.get("/api/2.0/sql/statements/{statement_id}")
+    async def get_statement(statement_id: str) -> dict[str, Any]:
+        return statement(statement_id).as_response(time.time())
+
+    @app.post("/api/2.0/sql/statements/{statement_id}/cancel")
+    async def cancel(statement_id: str) -> dict[str, Any]:
+        stmt = statement(statement_id)
+        if time.time() < stmt.ready_at:
+            stmt.canceled = True
+        return {}
+
+
+def _serving_routes(app: FastAPI, ws: Workspace) -> None:
+    @app.post("/serving-endpoints/{name}/invocations")
+    async def invoke(request: Request, name: str) -> Any:
+        group = ws.group_of_endpoint(name)
+        if group is None:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Endpoint with name '{name}' does not exist.")
+        body = await _json(request)
+        rng = ws.ledger.rng()
+        start = time.time()
+        interval = ws.ledger.open_interval(group, start)
+        try:
+            await asyncio.sleep(ws.ledger.spec(group).latency_s(rng))
+            if group == "embeddings":
+                return _embeddings(ws, request, name, body)
+            return _chat(ws, request, name, body)
+        finally:
+            interval[1] = time.time()
+
+
+def _embeddings(ws: Workspace, request: Request, name: str, body: dict[str, Any]) -> Any:
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ApiError(400, "BAD_REQUEST", "Embedding endpoints take 'input': a string or a list of strings")
+    fault = ws.ledger.draw("embeddings", ("malformed",))
+    ws.ledger.record("embeddings", request.url.path, 200, fault, endpoint=name, inputs=len(texts),
+                     texts=[t[:80] for t in texts])
+    if fault == "malformed":
+        return Response('{"object": "list", "data": [{"embedding": [0.1, ', media_type="application/json")
+    tokens = sum(models.estimate_tokens(t) for t in texts)
+    return {"object": "list", "model": name,
+            "data": [{"object": "embedding", "index": i, "embedding": models.embed(t)} for i, t in enumerate(texts)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _chat(ws: Workspace, request: Request, name: str, body: dict[str, Any]) -> Any:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "BAD_REQUEST", "Chat endpoints take 'messages': a non-empty list")
+    prompt = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+    payload = models.find_payload(prompt)
+    reply = models.answer(payload)
+    fault = ws.ledger.draw("chat", ("malformed", "missing_id", "extra_id", "bad_enum"))
+    ids = [item.get("id") for item in (payload or {}).get("items", []) if isinstance(item, dict)]
+    ws.ledger.record("chat", request.url.path, 200, fault, endpoint=name,
+                     task=(payload or {}).get("task"), ids=ids)
+    content = _corrupt(reply, fault) if isinstance(reply, list) else reply
+    if not isinstance(content, str):
+        content = json.dumps(content, ensure_ascii=False)
+    prompt_tokens = sum(models.estimate_tokens(str(m.get("content", ""))) for m in messages)
+    completion_tokens = models.estimate_tokens(content)
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
+            "model": name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _corrupt(reply: list[Any], fault: str) -> Any:
+    if fault == "malformed":
+        return json.dumps(reply, ensure_ascii=False)[: max(1, len(json.dumps(reply)) // 2)]
+    if fault == "missing_id" and reply:
+        return reply[1:]
+    if fault == "extra_id":
+        return [*reply, {**(reply[0] if reply else {}), "id": "sandbox-extra-id"}]
+    if fault == "bad_enum" and reply:
+        first = dict(reply[0])
+        for key in ("verdict", "challenge", "difficulty"):
+            if key in first:
+                first[key] = "not-a-valid-value"
+                break
+        return [first, *reply[1:]]
+    return reply
+
+
+def _admin_routes(app: FastAPI, ws: Workspace) -> None:
+    @app.get("/sandbox/stats")
+    async def stats() -> dict[str, Any]:
+        return ws.ledger.stats()
+
+    @app.get("/sandbox/requests")
+    async def requests(group: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in ws.ledger.log if group is None or e["group"] == group]
+
+    @app.post("/sandbox/reset")
+    async def reset() -> dict[str, Any]:
+        ws.ledger.reset()
+        return {}
+
+    @app.get("/sandbox/faults/{group}")
+    async def get_faults(group: str) -> dict[str, Any]:
+        if group not in GROUPS:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Unknown endpoint group {group!r}; use one of {GROUPS}")
+        return ws.ledger.spec(group).model_dump()
+
+    @app.put("/sandbox/faults/{group}")
+    async def put_faults(group: str, request: Request) -> dict[str, Any]:
+        if group not in GROUPS:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Unknown endpoint group {group!r}; use one of {GROUPS}")
+        try:
+            spec = FaultSpec.model_validate(await _json(request))
+        except ValueError as exc:
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", str(exc)) from exc
+        ws.ledger.set_spec(group, spec)
+        return spec.model_dump()

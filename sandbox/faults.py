@@ -1,0 +1,220 @@
+"""Fault injection and request accounting for the sandbox workspace.
+
+Each endpoint group (genie, sql, chat, embeddings) has a `FaultSpec`. Transport faults (429, 5xx,
+connection reset, hang) are applied by `FaultMiddleware` to a group's *primary* requests (a Genie
+question, a statement submission, an endpoint invocation); content faults (malformed JSON, missing or
+extra ids, bad enum values) are applied by the chat model. `Ledger` counts every request and the
+intervals during which each call was in flight, so tests can assert exact call numbers and peaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+GROUPS = ("genie", "sql", "chat", "embeddings")
+TRANSPORT_FAULTS = ("429", "500", "503", "reset", "hang")
+CONTENT_FAULTS = ("malformed", "missing_id", "extra_id", "bad_enum", "genie_failed")
+FaultKind = Literal["ok", "429", "500", "503", "reset", "hang", "malformed", "missing_id", "extra_id",
+                    "bad_enum", "genie_failed"]
+
+_PRIMARY = [
+    (re.compile(r"^/api/2\.0/genie/spaces/[^/]+/start-conversation$"), "genie"),
+    (re.compile(r"^/api/2\.0/genie/spaces/[^/]+/conversations/[^/]+/messages$"), "genie"),
+    (re.compile(r"^/api/2\.0/sql/statements/?$"), "sql"),
+    (re.compile(r"^/serving-endpoints/[^/]+/invocations$"), "invocations"),
+]
+
+
+class FaultSpec(BaseModel):
+    """Faults and latency for one endpoint group. Rates are probabilities per primary request."""
+
+    latency_ms: float = Field(0, ge=0, description="mean service time of a call")
+    latency_jitter_ms: float = Field(0, ge=0, description="uniform +/- jitter around latency_ms")
+    rate_429: float = Field(0, ge=0, le=1)
+    retry_after_s: float = Field(1, ge=0, description="Retry-After sent with 429 and 503")
+    rate_500: float = Field(0, ge=0, le=1)
+    rate_503: float = Field(0, ge=0, le=1)
+    rate_reset: float = Field(0, ge=0, le=1)
+    rate_hang: float = Field(0, ge=0, le=1)
+    hang_s: float = Field(3600, ge=0, description="how long a hung request stays silent")
+    rate_malformed: float = Field(0, ge=0, le=1)
+    rate_missing_id: float = Field(0, ge=0, le=1)
+    rate_extra_id: float = Field(0, ge=0, le=1)
+    rate_bad_enum: float = Field(0, ge=0, le=1)
+    rate_genie_failed: float = Field(0, ge=0, le=1)
+    down: bool = Field(False, description="answer every primary request with 503")
+    script: list[FaultKind] = Field(
+        default_factory=list, description="faults for the next primary requests, in order, before rates apply"
+    )
+
+    def latency_s(self, rng: random.Random) -> float:
+        jitter = rng.uniform(-self.latency_jitter_ms, self.latency_jitter_ms) if self.latency_jitter_ms else 0
+        return max(0.0, self.latency_ms + jitter) / 1000
+
+
+@dataclass
+class _Group:
+    spec: FaultSpec = field(default_factory=FaultSpec)
+    script: deque[str] = field(default_factory=deque)
+    calls: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    intervals: list[list[float]] = field(default_factory=list)
+
+
+class Ledger:
+    """Thread-safe fault decisions, counters, in-flight intervals and a request log."""
+
+    def __init__(self, seed: int = 0, faults: dict[str, FaultSpec] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._seed = seed
+        self._rng = random.Random(seed)
+        self._groups = {g: _Group() for g in GROUPS}
+        self.log: list[dict[str, Any]] = []
+        for group, spec in (faults or {}).items():
+            self.set_spec(group, spec)
+
+    def set_spec(self, group: str, spec: FaultSpec) -> None:
+        with self._lock:
+            g = self._groups[group]
+            g.spec = spec
+            g.script = deque(spec.script)
+
+    def spec(self, group: str) -> FaultSpec:
+        return self._groups[group].spec
+
+    def draw(self, group: str, kinds: tuple[str, ...]) -> str:
+        """Pick the fault (or "ok") for the next request of `group` among `kinds`."""
+        with self._lock:
+            g = self._groups[group]
+            if g.spec.down and "503" in kinds:
+                return "503"
+            while g.script:
+                kind = g.script.popleft()
+                if kind == "ok" or kind in kinds:
+                    return kind
+            roll = self._rng.random()
+            for kind in kinds:
+                rate = getattr(g.spec, f"rate_{kind}", 0.0)
+                if roll < rate:
+                    return kind
+                roll -= rate
+            return "ok"
+
+    def rng(self) -> random.Random:
+        with self._lock:
+            return random.Random(self._rng.random())
+
+    def record(self, group: str, path: str, status: int, fault: str, **detail: Any) -> None:
+        with self._lock:
+            g = self._groups[group]
+            g.calls += 1
+            if fault != "ok":
+                g.faults[fault] += 1
+            self.log.append({"t": time.time(), "group": group, "path": path, "status": status,
+                             "fault": fault, **detail})
+
+    def open_interval(self, group: str, start: float, end: float = float("inf")) -> list[float]:
+        interval = [start, end]
+        with self._lock:
+            self._groups[group].intervals.append(interval)
+        return interval
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            now = time.time()
+            return {
+                name: {
+                    "calls": g.calls,
+                    "faults": dict(g.faults),
+                    "max_in_flight": _max_overlap(g.intervals),
+                    "in_flight": sum(1 for s, e in g.intervals if s <= now < e),
+                }
+                for name, g in self._groups.items()
+            }
+
+    def reset(self) -> None:
+        with self._lock:
+            for g in self._groups.values():
+                g.calls, g.faults, g.intervals = 0, Counter(), []
+                g.script = deque(g.spec.script)
+            self.log.clear()
+            self._rng = random.Random(self._seed)
+
+
+def _max_overlap(intervals: list[list[float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    peak = current = 0
+    for _, delta in events:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def primary_group(path: str) -> str | None:
+    for pattern, group in _PRIMARY:
+        if pattern.match(path):
+            return group
+    return None
+
+
+class FaultMiddleware:
+    """Pure ASGI wrapper: injects transport faults into primary requests before the app sees them."""
+
+    def __init__(self, app: Any, ledger: Ledger, group_of_endpoint: Any) -> None:
+        self.app = app
+        self.ledger = ledger
+        self.group_of_endpoint = group_of_endpoint
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        group = primary_group(path)
+        if group == "invocations":
+            group = self.group_of_endpoint(path.split("/")[2])
+        if group is None:
+            await self.app(scope, receive, send)
+            return
+        fault = self.ledger.draw(group, TRANSPORT_FAULTS)
+        if fault == "ok":
+            scope.setdefault("state", {})["sandbox_group"] = group
+            await self.app(scope, receive, send)
+            return
+        self.ledger.record(group, path, 0 if fault in ("reset", "hang") else int(fault), fault)
+        if fault == "hang":
+            interval = self.ledger.open_interval(group, time.time())
+            try:
+                await asyncio.sleep(self.ledger.spec(group).hang_s)
+            finally:
+                interval[1] = time.time()
+            fault = "reset"
+        if fault == "reset":
+            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            if transport is not None:
+                transport.abort()
+                return
+            raise ConnectionResetError("sandbox injected a connection reset")
+        await _send_error(send, int(fault), self.ledger.spec(group).retry_after_s)
+
+
+async def _send_error(send: Any, status: int, retry_after: float) -> None:
+    codes = {429: ("REQUEST_LIMIT_EXCEEDED", "Too many requests. Please wait and retry."),
+             500: ("INTERNAL_ERROR", "Internal error. Please try again later."),
+             503: ("TEMPORARILY_UNAVAILABLE", "The service is temporarily unavailable.")}
+    code, message = codes[status]
+    body = f'{{"error_code": "{code}", "message": "{message}"}}'.encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status in (429, 503):
+        headers.append((b"retry-after", str(max(0, round(retry_after))).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,255 @@
+"""Genie spaces and the sandbox's deterministic Genie answer model.
+
+Genie's answer to a question depends on two things only: a seeded draw among the outcomes (correct,
+equivalent, wrong, error, text) in configured proportions, and whether the space's configuration covers
+what the question needs (instruction terms, join specs, SQL snippets, or the question as a sample query).
+A question whose needs are not covered is answered wrongly whatever the draw: that is what lets the
+improvement job raise a space's score honestly, by changing its configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field
+
+OUTCOMES = ("correct", "equivalent", "wrong", "error", "text")
+
+
+class AnswerMix(BaseModel):
+    """Proportions of Genie's outcomes for questions the space covers."""
+
+    correct: float = Field(0.6, ge=0)
+    equivalent: float = Field(0.15, ge=0)
+    wrong: float = Field(0.1, ge=0)
+    error: float = Field(0.05, ge=0)
+    text: float = Field(0.1, ge=0)
+
+
+def normalise_question(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def load_brain() -> list[dict[str, Any]]:
+    return yaml.safe_load(resources.files("sandbox").joinpath("data/genie_brain.yaml").read_text("utf-8"))
+
+
+def full_configuration(brain: list[dict[str, Any]]) -> dict[str, Any]:
+    """The serialized configuration of a space that covers every question of the brain."""
+    terms = sorted({n.split(":", 1)[1] for b in brain for n in b["needs"] if n.startswith("term:")})
+    joins = sorted({n.split(":", 1)[1] for b in brain for n in b["needs"] if n.startswith("join:")})
+    config = bare_configuration()
+    config["instructions"]["text_instructions"] = [
+        {"id": "glossary", "content": [f"Glossary terms explained for this domain: {', '.join(terms)}."]}
+    ]
+    config["instructions"]["join_specs"] = [
+        {"id": j, "left": {"identifier": j.split("=")[0]}, "right": {"identifier": j.split("=")[1]}} for j in joins
+    ]
+    config["instructions"]["sql_snippets"]["measures"] = [
+        {"id": "revenue", "alias": "revenue", "sql": ["SUM(quantity * unit_price * (1 - discount))"]}
+    ]
+    return config
+
+
+def bare_configuration() -> dict[str, Any]:
+    tables = ["customers", "products", "stores", "orders", "order_items"]
+    return {
+        "version": 1,
+        "config": {"sample_questions": []},
+        "data_sources": {"tables": [{"identifier": f"samples.retail.{t}"} for t in tables]},
+        "instructions": {
+            "text_instructions": [],
+            "example_question_sqls": [],
+            "join_specs": [],
+            "sql_snippets": {"measures": [], "filters": [], "expressions": []},
+        },
+    }
+
+
+def covered(need: str, config: dict[str, Any], question: str) -> bool:
+    """Whether the space configuration `config` provides `need` for `question`."""
+    instructions = config.get("instructions", {})
+    kind, _, value = need.partition(":")
+    if kind == "term":
+        texts = [c for t in instructions.get("text_instructions", []) for c in t.get("content", [])]
+        texts += [d for t in config.get("data_sources", {}).get("tables", []) for d in _descriptions(t)]
+        return any(value.casefold() in text.casefold() for text in texts)
+    if kind == "join":
+        left, right = value.split("=")
+        for spec in instructions.get("join_specs", []):
+            pair = {spec.get("left", {}).get("identifier"), spec.get("right", {}).get("identifier")}
+            if pair == {left, right}:
+                return True
+        return False
+    if kind == "snippet":
+        snippets = instructions.get("sql_snippets", {})
+        return any(s.get("alias") == value for kind_list in snippets.values() for s in kind_list)
+    return False
+
+
+def _descriptions(table: dict[str, Any]) -> list[str]:
+    found = list(table.get("description", []))
+    for column in table.get("column_configs", []):
+        found += column.get("description", []) + column.get("synonyms", [])
+    return found
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _draw(seed: int, question: str, mix: AnswerMix) -> str:
+    digest = hashlib.sha256(f"{seed}:{normalise_question(question)}".encode()).digest()
+    roll = int.from_bytes(digest[:8], "big") / 2**64 * sum(mix.model_dump().values())
+    for outcome in OUTCOMES:
+        roll -= getattr(mix, outcome)
+        if roll < 0:
+            return outcome
+    return OUTCOMES[0]
+
+
+def equivalent_sql(sql: str) -> str:
+    """The same result under other column aliases (and another row order when order does not matter)."""
+    import sqlglot
+    from sqlglot import exp
+
+    tree = sqlglot.parse_one(sql, read="duckdb")
+    select = tree if isinstance(tree, exp.Select) else tree.find(exp.Select)
+    assert select is not None
+    for i, projection in enumerate(select.expressions):
+        select.expressions[i] = exp.alias_(projection.unalias(), f"{projection.alias_or_name or 'col'}_{i + 1}")
+    if not select.args.get("order"):
+        tree = sqlglot.parse_one(f"SELECT * FROM ({tree.sql('duckdb')}) AS genie_answer ORDER BY 1 DESC")
+    else:
+        # keep ORDER BY valid after renaming: order by position
+        order = select.args["order"]
+        names = [p.alias_or_name for p in sqlglot.parse_one(sql, read="duckdb").find(exp.Select).expressions]
+        for ordered in order.expressions:
+            target = ordered.this
+            if isinstance(target, exp.Column) and target.name in names and not target.table:
+                ordered.set("this", exp.Literal.number(names.index(target.name) + 1))
+    return tree.sql("duckdb")
+
+
+@dataclass
+class Message:
+    space_id: str
+    conversation_id: str
+    message_id: str
+    content: str
+    created: float
+    ready_at: float
+    outcome: str
+    sql: str | None = None
+    text: str | None = None
+    failed: bool = False
+    attachment_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def status(self, now: float) -> str:
+        if now >= self.ready_at:
+            return "FAILED" if self.failed else "COMPLETED"
+        progress = (now - self.created) / max(1e-9, self.ready_at - self.created)
+        if progress < 0.2:
+            return "SUBMITTED"
+        if progress < 0.4:
+            return "FILTERING_CONTEXT"
+        if progress < 0.6:
+            return "ASKING_AI"
+        return "EXECUTING_QUERY"
+
+    def as_dict(self, now: float, row_count: int | None = None, truncated: bool = False) -> dict[str, Any]:
+        status = self.status(now)
+        body: dict[str, Any] = {
+            "id": self.message_id, "message_id": self.message_id, "space_id": self.space_id,
+            "conversation_id": self.conversation_id, "content": self.content, "status": status,
+            "created_timestamp": int(self.created * 1000), "last_updated_timestamp": int(now * 1000),
+            "user_id": 1, "attachments": [],
+        }
+        if status == "FAILED":
+            body["error"] = {"error": "Genie could not process the request.", "type": "GENERIC_CHAT_COMPLETION_EXCEPTION"}
+        elif status == "COMPLETED" and self.sql is not None:
+            query = {"id": self.attachment_id, "query": self.sql, "title": self.content[:60],
+                     "description": "Query generated by the sandbox Genie", "statement_id": self.attachment_id,
+                     "query_result_metadata": {"row_count": row_count or 0, "is_truncated": truncated}}
+            body["attachments"] = [{"attachment_id": self.attachment_id, "query": query}]
+        elif status == "COMPLETED":
+            body["attachments"] = [{"attachment_id": self.attachment_id,
+                                    "text": {"id": self.attachment_id, "content": self.text}}]
+        return body
+
+
+class Genie:
+    """Spaces, conversations and messages of the sandbox Genie."""
+
+    def __init__(self, seed: int = 0, mix: AnswerMix | None = None, warehouse_id: str = "sandbox-warehouse") -> None:
+        self.seed = seed
+        self.mix = mix or AnswerMix()
+        self.brain = {normalise_question(b["question"]): b for b in load_brain()}
+        self.recorded: dict[str, dict[str, Any]] = {}
+        self.spaces: dict[str, dict[str, Any]] = {}
+        self.messages: dict[str, Message] = {}
+        brain = list(self.brain.values())
+        self.create_space("retail", "Retail sales", warehouse_id, full_configuration(brain))
+        self.create_space("retail-bare", "Retail sales (unconfigured)", warehouse_id, bare_configuration())
+
+    def create_space(self, space_id: str | None, title: str, warehouse_id: str, config: dict[str, Any],
+                     description: str = "", parent_path: str | None = None) -> dict[str, Any]:
+        space_id = space_id or uuid.uuid4().hex[:32]
+        now = _rfc3339(time.time())
+        space = {"space_id": space_id, "title": title, "description": description, "warehouse_id": warehouse_id,
+                 "serialized_space": json.dumps(config, ensure_ascii=False), "etag": uuid.uuid4().hex[:12],
+                 "create_time": now, "update_time": now, "parent_path": parent_path or "/Workspace/Shared"}
+        self.spaces[space_id] = space
+        return space
+
+    def config(self, space_id: str) -> dict[str, Any]:
+        return copy.deepcopy(json.loads(self.spaces[space_id]["serialized_space"]))
+
+    def ask(self, space_id: str, conversation_id: str, content: str, latency_s: float, fail: bool) -> Message:
+        now = time.time()
+        outcome, sql, text = self._answer(space_id, content)
+        recorded = self.recorded.get(normalise_question(content))
+        if recorded:
+            latency_s = recorded.get("delay_ms", latency_s * 1000) / 1000
+            fail = fail or bool(recorded.get("error"))
+        message = Message(space_id, conversation_id, uuid.uuid4().hex, content, now, now + latency_s, outcome,
+                          sql, text, failed=fail)
+        self.messages[message.message_id] = message
+        return message
+
+    def _answer(self, space_id: str, question: str) -> tuple[str, str | None, str | None]:
+        key = normalise_question(question)
+        recorded = self.recorded.get(key)
+        if recorded is not None:
+            if recorded.get("sql"):
+                return "recorded", recorded["sql"], None
+            return "recorded", None, recorded.get("text", "")
+        entry = self.brain.get(key)
+        if entry is None:
+            return "text", None, "I could not find data in this space that answers that question."
+        config = self.config(space_id)
+        samples = {normalise_question(" ".join(e.get("question", [])))
+                   for e in config.get("instructions", {}).get("example_question_sqls", [])}
+        if key in samples:
+            return "correct", entry["sql"], None
+        outcome = _draw(self.seed, question, self.mix)
+        if outcome in ("correct", "equivalent") and not all(covered(n, config, question) for n in entry["needs"]):
+            outcome = "wrong"
+        if outcome == "correct":
+            return outcome, entry["sql"], None
+        if outcome == "equivalent":
+            return outcome, equivalent_sql(entry["sql"]), None
+        if outcome == "wrong":
+            return outcome, entry["wrong"], None
+        if outcome == "error":
+            return outcome, entry["sql"].replace("SELECT ", "SELECT missing_column, ", 1), None
+        return "text", None, "Could you clarify which time period and measure you mean?"
