@@ -195,6 +195,8 @@ class FaultMiddleware:
             interval = self.ledger.open_interval(group, time.time())
             try:
                 await asyncio.sleep(self.ledger.spec(group).hang_s)
+            except asyncio.CancelledError:  # server shutting down: drop the connection quietly
+                return
             finally:
                 interval[1] = time.time()
             fault = "reset"

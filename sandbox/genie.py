@@ -22,14 +22,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field
 
-OUTCOMES = ("correct", "equivalent", "wrong", "error", "text")
+OUTCOMES = ("correct", "equivalent", "extra", "wrong", "error", "text")
 
 
 class AnswerMix(BaseModel):
     """Proportions of Genie's outcomes for questions the space covers."""
 
-    correct: float = Field(0.6, ge=0)
+    correct: float = Field(0.5, ge=0)
     equivalent: float = Field(0.15, ge=0)
+    extra: float = Field(0.1, ge=0, description="right answer plus an extra column (needs a judge)")
     wrong: float = Field(0.1, ge=0)
     error: float = Field(0.05, ge=0)
     text: float = Field(0.1, ge=0)
@@ -242,12 +243,14 @@ class Genie:
         if key in samples:
             return "correct", entry["sql"], None
         outcome = _draw(self.seed, question, self.mix)
-        if outcome in ("correct", "equivalent") and not all(covered(n, config, question) for n in entry["needs"]):
+        if outcome in ("correct", "equivalent", "extra") and not all(covered(n, config, question) for n in entry["needs"]):
             outcome = "wrong"
         if outcome == "correct":
             return outcome, entry["sql"], None
         if outcome == "equivalent":
             return outcome, equivalent_sql(entry["sql"]), None
+        if outcome == "extra":
+            return outcome, f"SELECT genie_answer.*, 'sandbox' AS answered_by FROM ({entry['sql']}) AS genie_answer", None
         if outcome == "wrong":
             return outcome, entry["wrong"], None
         if outcome == "error":

@@ -1,0 +1,150 @@
+"""The `batchflows` command: one sub-command per job, plus the sandbox workspace."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import json  # noqa: E402
+import time  # noqa: E402
+from importlib import resources  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+app = typer.Typer(help="Prefect pipelines for slow, flaky, rate-limited Databricks AI and data APIs.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+
+SANDBOX_SPACE = "retail"
+SANDBOX_WAREHOUSE = "sandbox-warehouse"
+
+
+def _sample_benchmarks() -> str:
+    return str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
+
+
+@app.command()
+def sandbox(
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0: a free one)")] = 8765,
+    token: Annotated[str | None, typer.Option(help="token clients must send (default: a random one)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of Genie's answers and of random faults")] = 0,
+) -> None:
+    """Run the sandbox workspace until Ctrl-C; prints DATABRICKS_HOST and DATABRICKS_TOKEN to use."""
+    from sandbox import Sandbox, SandboxError
+
+    try:
+        sb = Sandbox(port=port, token=token, seed=seed).start()
+    except SandboxError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"Sandbox workspace on {sb.host}\n  export DATABRICKS_HOST={sb.host}\n"
+                  f"  export DATABRICKS_TOKEN={sb.token}\n"
+                  f"Genie spaces: retail, retail-bare; warehouse: {SANDBOX_WAREHOUSE}. Ctrl-C stops it.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        sb.stop()
+
+
+@app.command()
+def score(
+    benchmarks: Annotated[Path | None, typer.Option(help="benchmarks file (JSON, YAML or CSV)")] = None,
+    space_id: Annotated[str | None, typer.Option(help="Genie space to score")] = None,
+    warehouse_id: Annotated[str | None, typer.Option(help="SQL warehouse for expected and Genie SQL")] = None,
+    preset: Annotated[str, typer.Option(help="default, conservative or aggressive")] = "default",
+    genie_concurrent: Annotated[int | None, typer.Option(help="Genie questions in flight")] = None,
+    sql_concurrent: Annotated[int | None, typer.Option(help="SQL statements in flight")] = None,
+    genie_rpm: Annotated[float | None, typer.Option(help="Genie questions per minute (0: no limit)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="any setting, KEY=VALUE (repeatable)")] = None,
+    no_batch: Annotated[bool, typer.Option("--no-batch", help="run every phase sequentially")] = False,
+    use_sandbox: Annotated[bool, typer.Option("--sandbox", help="run against an embedded sandbox workspace")] = False,
+    workspace_block: Annotated[str | None, typer.Option(help="saved DatabricksWorkspace block to use")] = None,
+    output_dir: Annotated[Path, typer.Option(help="where the scorecard files go")] = Path("out"),
+    fresh: Annotated[bool, typer.Option(help="ignore finished rows of earlier runs")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Score a Genie space against benchmark questions (Genie → SQL → compare → judge)."""
+    from blocks.settings import score_settings
+
+    overrides: dict[str, Any] = {"genie_max_concurrent": genie_concurrent, "sql_max_concurrent": sql_concurrent,
+                                 "genie_rpm": genie_rpm}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    try:
+        settings = score_settings(preset, **overrides)
+    except ValueError as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if not use_sandbox and not (benchmarks and space_id and warehouse_id):
+        raise typer.BadParameter("--benchmarks, --space-id and --warehouse-id are required (or use --sandbox)")
+    from tasks.benchmarks import BenchmarkFileError, load_benchmarks
+
+    try:
+        items = load_benchmarks(benchmarks or _sample_benchmarks())
+    except BenchmarkFileError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    with _workspace(use_sandbox, workspace_block) as block_name:
+        from flows.score import score as score_flow
+
+        summary = score_flow(items, space_id or SANDBOX_SPACE, warehouse_id or SANDBOX_WAREHOUSE, settings,
+                             sequential=no_batch, workspace_block=block_name, output_dir=str(output_dir),
+                             fresh=fresh)
+    if json_out:
+        console.print_json(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=str))
+        return
+    _print_scorecard(summary)
+
+
+class _workspace:
+    """The block name to use; with --sandbox, a running embedded sandbox saved as block 'sandbox'."""
+
+    def __init__(self, use_sandbox: bool, block: str | None) -> None:
+        self.use_sandbox, self.block = use_sandbox, block
+        self.sb: Any = None
+
+    def __enter__(self) -> str | None:
+        if not self.use_sandbox:
+            return self.block
+        from blocks.workspace import DatabricksWorkspace
+        from sandbox import Sandbox
+
+        self.sb = Sandbox(port=0).start()
+        self.sb.set_faults("genie", latency_ms=800, latency_jitter_ms=400)
+        self.sb.set_faults("sql", latency_ms=150, latency_jitter_ms=100)
+        self.sb.set_faults("chat", latency_ms=400)
+        DatabricksWorkspace(host=self.sb.host, token=self.sb.token).save("sandbox", overwrite=True)
+        console.print(f"Embedded sandbox workspace on {self.sb.host}")
+        return "sandbox"
+
+    def __exit__(self, *_: object) -> None:
+        if self.sb is not None:
+            self.sb.stop()
+
+
+def _print_scorecard(summary: dict[str, Any]) -> None:
+    table = Table(title=f"Scorecard: {summary['score']:.1%} correct of {summary['total']}")
+    for column in ("id", "verdict", "stage", "reason"):
+        table.add_column(column, overflow="fold", max_width=70 if column == "reason" else None)
+    for row in summary["rows"]:
+        style = "green" if row["verdict"] == "correct" else "red" if row["verdict"] != "no_sql" else "yellow"
+        table.add_row(row["id"], f"[{style}]{row['verdict']}[/{style}]", row["stage"], str(row["reason"])[:200])
+    console.print(table)
+    console.print(f"Verdicts: {summary['verdicts']}")
+    console.print(f"Judge: {summary['judged']} undecided cases in {summary['judge_calls']} LLM calls; "
+                  f"circuit {summary['circuit_state']}; {len(summary['failures'])} failure records; "
+                  f"{summary['wall_time_s']} s")
+    console.print(f"Report: {summary['files']['csv']} and {summary['files']['parquet']}")
+
+
+if __name__ == "__main__":
+    app()

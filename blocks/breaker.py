@@ -1,0 +1,123 @@
+"""A circuit breaker kept in a Prefect Block, so its state outlives a run and is shared by workers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Literal
+
+from prefect.blocks.core import Block
+from pydantic import Field, PrivateAttr
+
+State = Literal["CLOSED", "OPEN", "HALF_OPEN"]
+log = logging.getLogger("batchflows.breaker")
+
+
+class CircuitBreaker(Block):
+    """CLOSED → OPEN after `failure_threshold` consecutive failures → HALF_OPEN after `cooldown_s` →
+    CLOSED on the next success (OPEN again on a failure).
+
+    Thread-safe within a process. Each transition is saved to the Prefect API (when the block has a
+    name), so the next run starts from the last state and the UI shows it; editing `state` to CLOSED
+    in the UI resets it.
+
+    Example:
+        breaker = CircuitBreaker.load_or_create("genie", failure_threshold=5)
+        if breaker.allow():
+            ...  # call, then breaker.record_success() or breaker.record_failure()
+    """
+
+    _block_type_name = "batchflows circuit breaker"
+    _block_type_slug = "batchflows-circuit-breaker"
+    _description = "Stops a job from hammering a failing service; open sends the rest to a sequential fallback."
+
+    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open the circuit")
+    cooldown_s: float = Field(60, ge=0, description="seconds OPEN before a probe is allowed (HALF_OPEN)")
+    state: State = Field("CLOSED", description="CLOSED, OPEN or HALF_OPEN; set CLOSED to reset")
+    consecutive_failures: int = Field(0, ge=0)
+    opened_at: float | None = Field(None, description="epoch seconds when the circuit last opened")
+    transitions: int = Field(0, ge=0, description="how many state changes this breaker has seen")
+
+    _lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)
+    _probe_in_flight: bool = PrivateAttr(False)
+    _events: list[str] = PrivateAttr(default_factory=list)
+    _clock: Any = PrivateAttr(default=time.time)
+    _persist: bool = PrivateAttr(True)
+    _save_name: str | None = PrivateAttr(None)
+
+    @classmethod
+    def load_or_create(cls, name: str, failure_threshold: int = 5, cooldown_s: float = 60,
+                       persist: bool = True) -> CircuitBreaker:
+        """The saved breaker `name` (thresholds updated from settings), or a new CLOSED one saved under it."""
+        breaker: CircuitBreaker
+        try:
+            breaker = cls.load(name) if persist else cls()
+        except ValueError:
+            breaker = cls()
+        breaker.failure_threshold, breaker.cooldown_s = failure_threshold, cooldown_s
+        breaker._persist, breaker._save_name = persist, name
+        if persist:
+            breaker.save(name, overwrite=True)
+        return breaker
+
+    @property
+    def events(self) -> list[str]:
+        """Transitions seen by this process, in the seeds' log wording."""
+        return list(self._events)
+
+    def current_state(self) -> State:
+        with self._lock:
+            if self.state == "OPEN" and self._cooled_down():
+                self._transition("HALF_OPEN", "Circuit breaker: Attempting to recover (HALF_OPEN)")
+            return self.state
+
+    def allow(self) -> bool:
+        """Whether a call may go now. In HALF_OPEN only one probe at a time is allowed."""
+        with self._lock:
+            state = self.current_state()
+            if state == "CLOSED":
+                return True
+            if state == "HALF_OPEN" and not self._probe_in_flight:
+                self._probe_in_flight = True
+                return True
+            return False
+
+    def seconds_until_probe(self) -> float:
+        with self._lock:
+            if self.state != "OPEN" or self.opened_at is None:
+                return 0.0
+            return max(0.0, self.opened_at + self.cooldown_s - self._clock())
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._probe_in_flight = False
+            self.consecutive_failures = 0
+            if self.state != "CLOSED":
+                self._transition("CLOSED", "Circuit breaker: Service recovered (CLOSED)")
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._probe_in_flight = False
+            self.consecutive_failures += 1
+            if self.state == "HALF_OPEN" or (
+                self.state == "CLOSED" and self.consecutive_failures >= self.failure_threshold
+            ):
+                self.opened_at = self._clock()
+                self._transition(
+                    "OPEN", f"Circuit breaker: Too many failures ({self.consecutive_failures}) - OPENING circuit"
+                )
+
+    def _cooled_down(self) -> bool:
+        return self.opened_at is not None and self._clock() >= self.opened_at + self.cooldown_s
+
+    def _transition(self, state: State, message: str) -> None:
+        self.state = state
+        self.transitions += 1
+        self._events.append(message)
+        (log.error if state == "OPEN" else log.info)(message)
+        if self._persist and self._save_name:
+            try:
+                self.save(self._save_name, overwrite=True)
+            except Exception as exc:  # the breaker must keep working when the API hiccups
+                log.warning("Circuit breaker: could not persist state %s: %s", state, exc)

@@ -1,0 +1,71 @@
+"""Job settings: one pydantic model per job, every field with a default, bounds and a description.
+
+The same model is the flow's parameter type (the Prefect UI renders it as a form) and the target of
+the CLI's flags. Presets are named instances of it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+JUDGE_MAX_CHUNK = 50  # items per judge call the default endpoint handles within its context window
+
+
+class ScoreSettings(BaseModel):
+    """How the scoring job treats Genie, the SQL warehouse and the judge endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    genie_max_concurrent: int = Field(3, ge=1, le=50, description="Genie questions in flight at once, across all runs")
+    genie_retry_attempts: int = Field(2, ge=0, le=10, description="retries per question after the first attempt")
+    genie_retry_delay: float = Field(5, ge=0, description="seconds before the first retry; doubles each time")
+    genie_timeout: float = Field(120, gt=0, description="seconds to wait for one Genie answer")
+    genie_circuit_threshold: int = Field(5, ge=1, description="consecutive failures that open Genie's circuit")
+    genie_circuit_cooldown: float = Field(60, ge=0, description="seconds the circuit stays open before a probe")
+    genie_rpm: float = Field(5, ge=0, description="Genie questions per minute across all runs (0: no limit)")
+    genie_poll_initial: float = Field(1, gt=0, le=5, description="first poll interval for an answer, seconds")
+    genie_poll_max: float = Field(5, gt=0, le=30, description="longest poll interval, seconds")
+    sql_max_concurrent: int = Field(10, ge=1, le=100, description="SQL statements in flight at once, across all runs")
+    sql_timeout: float = Field(60, gt=0, description="seconds one statement may take")
+    sql_retry_attempts: int = Field(2, ge=0, le=10)
+    eval_chunk_size: int = Field(10, ge=1, le=JUDGE_MAX_CHUNK, description="undecided cases per judge call")
+    eval_timeout: float = Field(30, gt=0, description="seconds one judge call may take")
+    eval_max_concurrent: int = Field(4, ge=1, le=50, description="judge calls in flight at once")
+    eval_retry_attempts: int = Field(2, ge=0, le=10)
+    judge_endpoint: str = Field("databricks-meta-llama-3-3-70b-instruct", min_length=1,
+                                description="serving endpoint that judges undecided cases")
+    fallback_delay: float = Field(1, ge=0, description="pause between items in the sequential fallback")
+    fallback_max_wait: float = Field(180, ge=0, description="longest the fallback waits for the circuit to allow a probe")
+    numeric_tolerance: float = Field(1e-6, gt=0, lt=1, description="relative tolerance when comparing numbers")
+
+    @model_validator(mode="after")
+    def _poll_bounds(self) -> ScoreSettings:
+        if self.genie_poll_initial > self.genie_poll_max:
+            raise ValueError(f"genie_poll_initial ({self.genie_poll_initial}) must not exceed "
+                             f"genie_poll_max ({self.genie_poll_max})")
+        return self
+
+
+Preset = Literal["default", "conservative", "aggressive"]
+
+PRESETS: dict[str, dict[str, float | int]] = {
+    "default": {},
+    "conservative": {"genie_max_concurrent": 2, "genie_retry_attempts": 3, "genie_timeout": 150,
+                     "genie_circuit_threshold": 3, "sql_max_concurrent": 5},
+    "aggressive": {"genie_max_concurrent": 10, "genie_retry_attempts": 1, "genie_timeout": 90,
+                   "genie_circuit_threshold": 10, "sql_max_concurrent": 20},
+}
+
+
+def score_settings(preset: str = "default", **overrides: object) -> ScoreSettings:
+    """The preset's settings with `overrides` applied (None values are ignored).
+
+    Raises:
+        ValueError: unknown preset, unknown key, or a value out of bounds (pydantic names the field).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return ScoreSettings(**values)  # type: ignore[arg-type]

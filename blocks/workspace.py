@@ -1,0 +1,78 @@
+"""The Databricks workspace connection: a Prefect Block that builds databricks-sdk clients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import threading
+
+from databricks.sdk import WorkspaceClient
+from databricks.sdk.config import Config
+from databricks.sdk.clock import Clock, RealClock
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+
+_CLIENTS: dict[tuple[Any, ...], WorkspaceClient] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+class SdkRetrySuppressed(Exception):
+    """Raised instead of the SDK's own retry sleep; the original error is its __context__."""
+
+
+class _NoRetryClock(Clock):
+    """databricks-sdk retries 429/503, timeouts and resets by itself, for up to 5 minutes.
+
+    batchflows owns retries (classified, logged, with jitter and shared limits), so the SDK's loop must
+    not run a second one: its first retry sleep raises instead, carrying the original error.
+    """
+
+    _real = RealClock()
+
+    def time(self) -> float:
+        return self._real.time()
+
+    def sleep(self, seconds: float) -> None:
+        raise SdkRetrySuppressed(f"databricks-sdk wanted to retry after {seconds:.1f}s")
+
+
+class DatabricksWorkspace(Block):
+    """Where batchflows sends its calls: a Databricks workspace, or the local sandbox.
+
+    Empty fields fall back to databricks-sdk's usual resolution (DATABRICKS_HOST, DATABRICKS_TOKEN,
+    ~/.databrickscfg profiles).
+    """
+
+    _block_type_name = "batchflows Databricks workspace"
+    _block_type_slug = "batchflows-databricks-workspace"
+    _description = "Connection to a Databricks workspace (or the batchflows sandbox) used by every job."
+    _code_example = 'ws = DatabricksWorkspace.load("default")\nclient = ws.client(timeout_s=60)'
+
+    host: str | None = Field(None, description="Workspace URL, e.g. https://adb-123.azuredatabricks.net")
+    token: SecretStr | None = Field(None, description="Personal access token; never logged")
+    profile: str | None = Field(None, description="A ~/.databrickscfg profile to use instead of host/token")
+
+    def client(self, timeout_s: float = 60) -> WorkspaceClient:
+        """A WorkspaceClient whose every HTTP request gives up after `timeout_s` and never retries.
+
+        Clients are built once per (connection, timeout) and shared by all threads of the process:
+        building one asks the workspace for its configuration.
+        """
+        key = (self.host, self.token.get_secret_value() if self.token else None, self.profile, timeout_s)
+        with _CLIENTS_LOCK:
+            if key not in _CLIENTS:
+                _CLIENTS[key] = self._build(timeout_s)
+            return _CLIENTS[key]
+
+    def _build(self, timeout_s: float) -> WorkspaceClient:
+        kwargs: dict[str, Any] = {"http_timeout_seconds": timeout_s, "retry_timeout_seconds": max(1, int(timeout_s)),
+                                  "clock": _NoRetryClock(), "max_connection_pools": 8,
+                                  "max_connections_per_pool": 128}
+        if self.profile:
+            kwargs["profile"] = self.profile
+        if self.host:
+            kwargs["host"] = self.host
+        if self.token:
+            kwargs["token"] = self.token.get_secret_value()
+        return WorkspaceClient(config=Config(**kwargs))

@@ -1,0 +1,1 @@
+"""One module per job. A flow body only orchestrates: map, wait, branch, report."""

@@ -1,0 +1,123 @@
+"""Running one phase of a job: cached rows first, then chunks of the rest as mapped Prefect tasks that
+share one lane, then the sequential fallback for whatever the circuit breaker stopped.
+
+A job's phase is a few lines: build `Row`s and a `call`, then `run_phase(...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+
+from blocks.breaker import CircuitBreaker
+from tasks.limits import ensure_service_limits, hold
+from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, lane, run_rows
+
+
+@dataclass
+class PhaseSpec:
+    """How one phase calls its service."""
+
+    name: str
+    service: str
+    concurrency: int
+    policy: RetryPolicy
+    rpm: float = 0
+    breaker: CircuitBreaker | None = None
+    cache: Cache | None = None
+    fallback_delay_s: float = 1.0
+    fallback_max_wait_s: float = 180.0
+    sequential: bool = False
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[Any]:
+    try:
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("batchflows")
+
+
+@task(task_run_name="{phase}-rows-{first}", cache_policy=NO_CACHE, persist_result=False)
+def run_chunk(rows: list[Row], call: Callable[[Any], Any], phase: str, first: int, spec: PhaseSpec,
+              rate_limit: str | None) -> list[RowOutcome]:
+    """One chunk of a phase: its rows' calls, concurrently, through the phase's shared lane."""
+    concurrency = 1 if spec.sequential else spec.concurrency
+    return run_rows(rows, call, lane=lane(spec.service, concurrency, rate_limit), policy=spec.policy,
+                    log=_logger(), breaker=spec.breaker, cache=spec.cache, sequential=spec.sequential)
+
+
+def chunk_rows(rows: Sequence[Row], concurrency: int, max_chunks: int = 8) -> list[list[Row]]:
+    """Few, large chunks: each keeps the lane full on its own; several overlap so boundaries cost nothing."""
+    if not rows:
+        return []
+    size = max(concurrency * 4, math.ceil(len(rows) / max_chunks))
+    return [list(rows[i: i + size]) for i in range(0, len(rows), size)]
+
+
+def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) -> dict[str, RowOutcome]:
+    """Every row's outcome by key: cached, ok, failed (after retries and fallback), never lost."""
+    log = _logger()
+    outcomes: dict[str, RowOutcome] = {}
+    if spec.cache is not None:
+        cached = spec.cache.ledger.get_many(spec.cache.step, spec.cache.version, [r.key for r in rows])
+        outcomes = {k: RowOutcome(k, "ok", v, cached=True) for k, v in cached.items()}
+    pending = [r for r in rows if r.key not in outcomes]
+    if outcomes:
+        log.info(f"{spec.name}: {len(outcomes)}/{len(rows)} rows from cache, {len(pending)} to call")
+    if not pending:
+        return outcomes
+    concurrency = 1 if spec.sequential else spec.concurrency
+    rate_limit = ensure_service_limits(spec.service, spec.concurrency, spec.rpm)
+    chunks = [pending] if spec.sequential else chunk_rows(pending, concurrency)
+    with hold(spec.service, occupy=concurrency):
+        futures = run_chunk.map(chunks, unmapped(call), unmapped(spec.name), [c[0].index for c in chunks],
+                                unmapped(spec), unmapped(rate_limit))
+        results = [outcome for future in futures for outcome in future.result()]
+    outcomes.update((o.key, o) for o in results)
+    deferred = [r for r in pending if outcomes[r.key].status == "deferred"]
+    if deferred:
+        log.warning(f"Circuit breaker OPEN - falling back to sequential mode for {len(deferred)} rows")
+        outcomes.update(sequential_fallback(spec, deferred, call, rate_limit))
+    return outcomes
+
+
+@flow(name="sequential-fallback", flow_run_name="{spec.name}-fallback", validate_parameters=False,
+      persist_result=False)
+def sequential_fallback(spec: PhaseSpec, rows: list[Row], call: Callable[[Any], Any],
+                        rate_limit: str | None) -> dict[str, RowOutcome]:
+    """What the breaker stopped, one row at a time with a pause between rows, waiting for the circuit to
+    allow a probe (HALF_OPEN) for at most `fallback_max_wait_s` in all. What still fails is recorded."""
+    log = _logger()
+    log.info("Executing in SEQUENTIAL fallback mode")
+    single = lane(f"{spec.service}-fallback", 1, rate_limit)
+    outcomes: dict[str, RowOutcome] = {}
+    waited, i = 0.0, 0
+    with hold(spec.service, occupy=1):
+        while i < len(rows):
+            row = rows[i]
+            outcome = run_rows([row], call, lane=single, policy=spec.policy, log=log, breaker=spec.breaker,
+                               cache=spec.cache)[0]
+            if outcome.status != "deferred":
+                outcomes[row.key] = outcome
+                i += 1
+                if i < len(rows):
+                    time.sleep(spec.fallback_delay_s)
+                continue
+            wait = spec.breaker.seconds_until_probe() if spec.breaker else 0.0
+            if waited + wait > spec.fallback_max_wait_s:
+                log.error(f"Circuit still OPEN after waiting {waited:.0f}s: {len(rows) - i} rows recorded as failed")
+                for rest in rows[i:]:
+                    outcomes[rest.key] = RowOutcome(rest.key, "failed", error_kind="circuit_open",
+                                                    message="service unavailable: circuit breaker stayed open",
+                                                    attempts=0)
+                break
+            time.sleep(max(wait, 0.05))
+            waited += max(wait, 0.05)
+    return outcomes

@@ -1,0 +1,96 @@
+"""Batched LLM calls answered with one JSON array: validate every element, keep the good ones, re-ask
+the rest in smaller batches (down to one item), never guess.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from tasks.errors import InvalidResponse
+
+Validator = Callable[[dict[str, Any]], str | None]  # returns a problem, or None when the element is valid
+
+
+def parse_array(content: str) -> list[Any]:
+    """The JSON array in an LLM reply (bare or in a ```json fence)."""
+    fenced = re.search(r"```(?:json)?\s*(\[.*\])\s*```", content, re.S)
+    text = fenced.group(1) if fenced else content.strip()
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidResponse(f"reply is not valid JSON: {exc}") from exc
+    if not isinstance(value, list):
+        raise InvalidResponse(f"reply is a JSON {type(value).__name__}, not an array")
+    return value
+
+
+def check_elements(ids: list[str], elements: list[Any], validate: Validator) -> tuple[dict[str, Any], dict[str, str]]:
+    """Split an array into valid elements by id and problems by id (missing, duplicated, unknown, invalid)."""
+    wanted = set(ids)
+    good: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for element in elements:
+        if not isinstance(element, dict) or "id" not in element:
+            continue
+        element_id = str(element["id"])
+        if element_id not in wanted:
+            continue  # an id we did not send: ignore it, never attach it to a row
+        seen[element_id] = seen.get(element_id, 0) + 1
+        problem = validate(element)
+        if problem:
+            problems[element_id] = problem
+        else:
+            good[element_id] = element
+    for element_id in ids:
+        if seen.get(element_id, 0) > 1:
+            good.pop(element_id, None)
+            problems[element_id] = "id answered more than once"
+        elif element_id not in seen:
+            problems[element_id] = "id missing from the reply"
+    return good, problems
+
+
+def ask_validated(items: list[dict[str, Any]], ask: Callable[[list[dict[str, Any]]], str],
+                  validate: Validator) -> tuple[dict[str, Any], dict[str, str], int]:
+    """Ask for `items` in one call; re-ask invalid or missing ones in halves until single items.
+
+    Returns (valid elements by id, final problems by id, number of calls made).
+    Transient errors raised by `ask` propagate (the caller's retry policy handles them).
+    """
+    calls = 1
+    ids = [str(item["id"]) for item in items]
+    try:
+        good, problems = check_elements(ids, parse_array(ask(items)), validate)
+    except InvalidResponse as exc:
+        good, problems = {}, {i: str(exc) for i in ids}
+    if not problems or len(items) == 1:
+        return good, problems, calls
+    retry = [item for item in items if str(item["id"]) in problems]
+    halves = [retry] if len(retry) < len(items) else [retry[: len(retry) // 2], retry[len(retry) // 2:]]
+    final_problems: dict[str, str] = {}
+    for half in halves:
+        if not half:
+            continue
+        if len(half) > 1 and half is retry:
+            half_good, half_problems, n = _ask_each(half, ask, validate)
+        else:
+            half_good, half_problems, n = ask_validated(half, ask, validate)
+        good.update(half_good)
+        final_problems.update(half_problems)
+        calls += n
+    return good, final_problems, calls
+
+
+def _ask_each(items: list[dict[str, Any]], ask: Callable[[list[dict[str, Any]]], str],
+              validate: Validator) -> tuple[dict[str, Any], dict[str, str], int]:
+    good: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for item in items:
+        g, p, _ = ask_validated([item], ask, validate)
+        good.update(g)
+        problems.update(p)
+    return good, problems, len(items)

@@ -1,0 +1,142 @@
+"""One exception tree for every external call; retry decisions read the class, never the message.
+
+    BatchflowsError
+    ├── TransientError          retried with backoff
+    │   ├── RateLimited         429 (and 503 with Retry-After): carries retry_after_s
+    │   ├── ServerError         5xx
+    │   ├── CallTimeout         the call overran its deadline, or the HTTP read timed out
+    │   └── ConnectionFailed    reset, refused, dropped
+    └── PermanentError          fails at once
+        ├── BadRequest          400, 409 and other 4xx
+        ├── Unauthorized        401 / 403
+        ├── NotFound            404
+        └── InvalidResponse     a 2xx answer we cannot use (malformed JSON, wrong shape)
+"""
+
+from __future__ import annotations
+
+import json
+
+import requests
+from databricks.sdk.errors import DatabricksError
+
+from blocks.workspace import SdkRetrySuppressed
+
+
+class BatchflowsError(Exception):
+    """Base of every error an external call raises in batchflows."""
+
+    kind = "error"
+
+
+class TransientError(BatchflowsError):
+    """A failure worth retrying."""
+
+    kind = "transient"
+
+
+class RateLimited(TransientError):
+    """The service asked us to slow down (429, or 503 with Retry-After)."""
+
+    kind = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ServerError(TransientError):
+    """The service failed (5xx)."""
+
+    kind = "server_error"
+
+
+class CallTimeout(TransientError):
+    """The call did not finish within its timeout."""
+
+    kind = "timeout"
+
+    def __init__(self, message: str, timeout_s: float) -> None:
+        super().__init__(message)
+        self.timeout_s = timeout_s
+
+
+class ConnectionFailed(TransientError):
+    """The connection was refused, reset or dropped."""
+
+    kind = "connection"
+
+
+class PermanentError(BatchflowsError):
+    """A failure that retrying will not fix."""
+
+    kind = "permanent"
+
+
+class BadRequest(PermanentError):
+    """The service rejected the request (400, 409, other 4xx)."""
+
+    kind = "bad_request"
+
+
+class Unauthorized(PermanentError):
+    """The credentials were rejected (401/403)."""
+
+    kind = "unauthorized"
+
+
+class NotFound(PermanentError):
+    """The resource does not exist (404)."""
+
+    kind = "not_found"
+
+
+class InvalidResponse(PermanentError):
+    """The service answered, but not with something we can use."""
+
+    kind = "invalid_response"
+
+
+def classify(exc: BaseException, timeout_s: float = 0) -> BatchflowsError:
+    """Translate an SDK/requests exception into our tree (returns `exc` itself if already ours)."""
+    if isinstance(exc, BatchflowsError):
+        return exc
+    if isinstance(exc, SdkRetrySuppressed) and exc.__context__ is not None:
+        exc = exc.__context__
+    if isinstance(exc, DatabricksError):
+        status = _status_of(exc)
+        message = f"{status or ''} {exc.error_code or ''}: {exc}".strip()
+        retry_after = getattr(exc, "retry_after_secs", None)
+        if status == 429 or (status == 503 and retry_after is not None):
+            return RateLimited(message, retry_after)
+        if status is not None and status >= 500:
+            return ServerError(message)
+        if status in (401, 403):
+            return Unauthorized(message)
+        if status == 404:
+            return NotFound(message)
+        return BadRequest(message)
+    if isinstance(exc, requests.Timeout | TimeoutError):
+        return CallTimeout(f"no answer within {timeout_s:g}s", timeout_s)
+    if isinstance(exc, requests.ConnectionError | ConnectionError):
+        return ConnectionFailed(f"connection failed: {_short(exc)}")
+    if isinstance(exc, json.JSONDecodeError | requests.exceptions.JSONDecodeError | ValueError | KeyError):
+        return InvalidResponse(f"unusable response: {_short(exc)}")
+    return PermanentError(f"{type(exc).__name__}: {_short(exc)}")
+
+
+def _status_of(exc: DatabricksError) -> int | None:
+    from databricks.sdk.errors import platform as p
+
+    for cls, status in ((p.TooManyRequests, 429), (p.TemporarilyUnavailable, 503), (p.InternalError, 500),
+                        (p.Unauthenticated, 401), (p.PermissionDenied, 403), (p.NotFound, 404),
+                        (p.BadRequest, 400), (p.ResourceConflict, 409)):
+        if isinstance(exc, cls):
+            return status
+    response = getattr(exc, "_response", None) or getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]

@@ -1,0 +1,74 @@
+"""The LLM judge for cases the deterministic comparison cannot settle: 10 cases per call, one JSON array."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlglot
+from sqlglot import exp
+
+from databricks.sdk import WorkspaceClient
+from tasks.batched import ask_validated
+from tasks.calls import chat
+
+PROMPT_VERSION = "judge-v1"
+VERDICTS = ("correct", "incorrect")
+SAMPLE_ROWS = 20
+
+SYSTEM = (
+    "You grade answers of a text-to-SQL assistant. For each item, decide whether the answer's result "
+    "answers the question as well as the expected result does. Extra columns are fine; missing or "
+    "different values are not. Reply with only a JSON array, one element per item: "
+    '{"id": <item id>, "verdict": "correct" | "incorrect", "reason": <one sentence>}.'
+)
+
+READ_ONLY = (exp.Select, exp.Union, exp.Intersect, exp.Except)
+
+
+def read_only_problem(sql: str) -> str | None:
+    """Why `sql` must not reach the warehouse (not exactly one read-only query), or None."""
+    try:
+        trees = [t for t in sqlglot.parse(sql, read="databricks") if t is not None]
+    except sqlglot.errors.ParseError as exc:
+        return f"Genie's SQL does not parse: {str(exc).splitlines()[0]}"
+    if len(trees) != 1:
+        return f"Genie's SQL has {len(trees)} statements; only one query is run"
+    if not isinstance(trees[0], READ_ONLY):
+        return f"Genie's SQL is a {trees[0].key.upper()} statement, not a query; refused"
+    return None
+
+
+def case_item(case_id: str, question: str, expected: dict[str, Any], actual: dict[str, Any],
+              note: str) -> dict[str, Any]:
+    """One judge item, with results cut to SAMPLE_ROWS rows to bound the prompt."""
+    def cut(result: dict[str, Any]) -> dict[str, Any]:
+        return {"columns": result["columns"], "rows": result["rows"][:SAMPLE_ROWS],
+                "row_count": result.get("row_count"), "truncated": result.get("truncated", False)}
+
+    return {"id": case_id, "question": question, "expected": cut(expected), "actual": cut(actual), "note": note}
+
+
+def validate_verdict(element: dict[str, Any]) -> str | None:
+    if element.get("verdict") not in VERDICTS:
+        return f"verdict {element.get('verdict')!r} is not one of {VERDICTS}"
+    if not isinstance(element.get("reason"), str) or not element["reason"].strip():
+        return "reason missing"
+    return None
+
+
+def judge_cases(client: WorkspaceClient, endpoint: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Judge a chunk of items. Returns {"verdicts": {case id: {"verdict", "reason"}}, "calls": n}.
+
+    Invalid elements are re-asked (alone, or in halves when the whole reply is broken); an item still
+    invalid after being asked alone comes back as {"verdict": None, "reason": problem}.
+    """
+    def ask(batch: list[dict[str, Any]]) -> str:
+        payload = {"task": "judge", "items": batch}
+        prompt = "Judge these items.\n```json\n" + json.dumps(payload, ensure_ascii=False, default=str) + "\n```"
+        return str(chat(client, endpoint, prompt, system=SYSTEM)["content"])
+
+    good, problems, calls = ask_validated(items, ask, validate_verdict)
+    verdicts = {i: {"verdict": e["verdict"], "reason": e["reason"]} for i, e in good.items()}
+    verdicts.update({i: {"verdict": None, "reason": f"judge gave no valid verdict: {p}"} for i, p in problems.items()})
+    return {"verdicts": verdicts, "calls": calls}

@@ -1,0 +1,38 @@
+"""Reports: a DataFrame per job written as Parquet and CSV, plus Prefect table and markdown artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def stable_key(*parts: Any) -> str:
+    """A short, stable hash of JSON-able parts: the identity of a row for a given step."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def write_frame(frame: pd.DataFrame, directory: Path, stem: str) -> dict[str, str]:
+    """Write `frame` as Parquet and CSV under `directory`; return the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    parquet, csv = directory / f"{stem}.parquet", directory / f"{stem}.csv"
+    frame.to_parquet(parquet, index=False)
+    frame.to_csv(csv, index=False)
+    return {"parquet": str(parquet), "csv": str(csv)}
+
+
+def publish(key: str, table: list[dict[str, Any]], markdown: str) -> None:
+    """Table and markdown artifacts for the current run (no-op outside a Prefect run)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.context import get_run_context
+
+    try:
+        get_run_context()
+    except Exception:
+        return
+    create_table_artifact(key=f"{key}-rows", table=table, description=f"{key}: one row per item")
+    create_markdown_artifact(key=f"{key}-summary", markdown=markdown, description=f"{key}: summary")

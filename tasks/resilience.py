@@ -1,0 +1,198 @@
+"""Calls that survive flaky services: classified retries with backoff, jitter and Retry-After, a shared
+per-process lane (concurrency), optional Prefect rate limits, the circuit breaker and the row ledger.
+
+`run_rows` is the engine under every phase: it runs one chunk of rows concurrently and returns one
+`RowOutcome` per row, never raising for a row's failure (failures are data).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from blocks.breaker import CircuitBreaker
+from blocks.ledger import RowLedger
+from tasks.errors import BatchflowsError, CallTimeout, PermanentError, RateLimited, classify
+
+Status = Literal["ok", "failed", "deferred"]
+
+
+class RetryPolicy(BaseModel):
+    """Exponential backoff with jitter; Retry-After from the server wins when it asks for longer.
+
+    Example:
+        RetryPolicy(retries=2, base_delay_s=5)  # waits ~5 s, then ~10 s
+    """
+
+    retries: int = Field(2, ge=0, le=20, description="retries after the first attempt")
+    base_delay_s: float = Field(5, ge=0, description="delay before the first retry")
+    factor: float = Field(2, ge=1, description="each further delay is this many times the last")
+    max_delay_s: float = Field(120, ge=0)
+    jitter: float = Field(0.1, ge=0, le=1, description="delays vary by up to this fraction, up or down")
+
+    def delay(self, attempt: int, retry_after_s: float | None = None, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        backoff = min(self.max_delay_s, self.base_delay_s * self.factor ** (attempt - 1))
+        backoff *= 1 + (rng or random).uniform(-self.jitter, self.jitter)
+        return max(backoff, retry_after_s or 0.0)
+
+
+@dataclass
+class Row:
+    """One unit of work: a stable key, its position for log lines, and the payload the call takes."""
+
+    key: str
+    index: int
+    payload: Any
+
+
+@dataclass
+class RowOutcome:
+    key: str
+    status: Status
+    value: Any = None
+    error_kind: str | None = None
+    message: str | None = None
+    attempts: int = 0
+    latency_s: float = 0.0
+    cached: bool = False
+
+    def failure_record(self, phase: str) -> dict[str, Any]:
+        return {"row_key": self.key, "phase": phase, "error_kind": self.error_kind, "message": self.message,
+                "attempts": self.attempts}
+
+
+@dataclass
+class Lane:
+    """What the calls to one service share inside this process: a semaphore held only around the call."""
+
+    name: str
+    concurrency: int
+    semaphore: threading.BoundedSemaphore
+    rate_limit: str | None = None
+    in_flight: int = 0
+    peak: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __enter__(self) -> Lane:
+        self.semaphore.acquire()
+        with self._lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self.in_flight -= 1
+        self.semaphore.release()
+
+
+_LANES: dict[tuple[str, int], Lane] = {}
+_LANES_LOCK = threading.Lock()
+
+
+def lane(name: str, concurrency: int, rate_limit: str | None = None) -> Lane:
+    """The process-wide lane for `name` at this concurrency (shared by every chunk and run in the process)."""
+    with _LANES_LOCK:
+        key = (name, concurrency)
+        if key not in _LANES:
+            _LANES[key] = Lane(name, concurrency, threading.BoundedSemaphore(concurrency))
+        found = _LANES[key]
+        found.rate_limit = rate_limit
+        return found
+
+
+@dataclass
+class Cache:
+    """Where finished rows of one step are kept."""
+
+    ledger: RowLedger
+    step: str
+    version: str
+
+
+def run_rows(
+    rows: Sequence[Row],
+    call: Callable[[Any], Any],
+    *,
+    lane: Lane,
+    policy: RetryPolicy,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    breaker: CircuitBreaker | None = None,
+    cache: Cache | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    sequential: bool = False,
+) -> list[RowOutcome]:
+    """Run `call(row.payload)` for every row, `lane.concurrency` at a time (one at a time if `sequential`).
+
+    A row whose call keeps failing comes back `failed`; a row not tried because the breaker was open
+    comes back `deferred`. Successful values are written to `cache` as soon as they arrive.
+    """
+    if not rows:
+        return []
+
+    def one(row: Row) -> RowOutcome:
+        return _run_one(row, call, lane, policy, log, breaker, cache, sleep)
+
+    if sequential or len(rows) == 1:
+        return [one(row) for row in rows]
+    workers = min(lane.concurrency, len(rows))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"bf-{lane.name}") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, one, row) for row in rows]
+        return [f.result() for f in futures]
+
+
+def _run_one(row: Row, call: Callable[[Any], Any], lane: Lane, policy: RetryPolicy,
+             log: logging.Logger | logging.LoggerAdapter[Any], breaker: CircuitBreaker | None,
+             cache: Cache | None, sleep: Callable[[float], None]) -> RowOutcome:
+    attempt, started = 0, time.monotonic()
+    while True:
+        if breaker is not None and not breaker.allow():
+            return RowOutcome(row.key, "deferred", attempts=attempt, error_kind="circuit_open",
+                              message="circuit breaker open: left for the sequential fallback")
+        attempt += 1
+        if lane.rate_limit:
+            _take_rate_slot(lane.rate_limit)
+        error: BatchflowsError | None = None
+        with lane:
+            t0 = time.monotonic()
+            try:
+                value = call(row.payload)
+            except Exception as exc:
+                error = classify(exc)
+        elapsed = time.monotonic() - t0
+        if error is None:
+            if breaker is not None:
+                breaker.record_success()
+            if cache is not None:
+                cache.ledger.put(cache.step, cache.version, row.key, value)
+            log.info(f"[{row.index}] ✅ Success in {elapsed:.1f}s (attempt {attempt})")
+            return RowOutcome(row.key, "ok", value, attempts=attempt, latency_s=time.monotonic() - started)
+        permanent = isinstance(error, PermanentError)
+        if breaker is not None:
+            breaker.record_success() if permanent else breaker.record_failure()
+        if isinstance(error, CallTimeout):
+            log.warning(f"[{row.index}] ⏱️ Timeout after {error.timeout_s:g}s (attempt {attempt})")
+        else:
+            log.warning(f"[{row.index}] ❌ {error.kind}: {error} (attempt {attempt})")
+        if permanent or attempt > policy.retries:
+            return RowOutcome(row.key, "failed", error_kind=error.kind, message=str(error), attempts=attempt,
+                              latency_s=time.monotonic() - started)
+        delay = policy.delay(attempt, error.retry_after_s if isinstance(error, RateLimited) else None)
+        log.info(f"[{row.index}] Retrying in {delay:.3g}s...")
+        sleep(delay)
+
+
+def _take_rate_slot(name: str) -> None:
+    from prefect.concurrency.sync import rate_limit
+
+    rate_limit(name, strict=True)
