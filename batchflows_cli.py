@@ -6,18 +6,21 @@ import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import json  # noqa: E402
-import time  # noqa: E402
-from importlib import resources  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Any  # noqa: E402
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import typer
+from rich.console import Console
+from rich.table import Table
 
-app = typer.Typer(help="Prefect pipelines for slow, flaky, rate-limited Databricks AI and data APIs.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Prefect pipelines for slow, flaky, rate-limited Databricks AI and data APIs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console()
 
 SANDBOX_SPACE = "retail"
@@ -42,9 +45,11 @@ def sandbox(
     except SandboxError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    console.print(f"Sandbox workspace on {sb.host}\n  export DATABRICKS_HOST={sb.host}\n"
-                  f"  export DATABRICKS_TOKEN={sb.token}\n"
-                  f"Genie spaces: retail, retail-bare; warehouse: {SANDBOX_WAREHOUSE}. Ctrl-C stops it.")
+    console.print(
+        f"Sandbox workspace on {sb.host}\n  export DATABRICKS_HOST={sb.host}\n"
+        f"  export DATABRICKS_TOKEN={sb.token}\n"
+        f"Genie spaces: retail, retail-bare; warehouse: {SANDBOX_WAREHOUSE}. Ctrl-C stops it."
+    )
     try:
         while True:
             time.sleep(3600)
@@ -72,8 +77,11 @@ def score(
     """Score a Genie space against benchmark questions (Genie → SQL → compare → judge)."""
     from blocks.settings import score_settings
 
-    overrides: dict[str, Any] = {"genie_max_concurrent": genie_concurrent, "sql_max_concurrent": sql_concurrent,
-                                 "genie_rpm": genie_rpm}
+    overrides: dict[str, Any] = {
+        "genie_max_concurrent": genie_concurrent,
+        "sql_max_concurrent": sql_concurrent,
+        "genie_rpm": genie_rpm,
+    }
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -96,9 +104,16 @@ def score(
     with _workspace(use_sandbox, workspace_block) as block_name:
         from flows.score import score as score_flow
 
-        summary = score_flow(items, space_id or SANDBOX_SPACE, warehouse_id or SANDBOX_WAREHOUSE, settings,
-                             sequential=no_batch, workspace_block=block_name, output_dir=str(output_dir),
-                             fresh=fresh)
+        summary = score_flow(
+            items,
+            space_id or SANDBOX_SPACE,
+            warehouse_id or SANDBOX_WAREHOUSE,
+            settings,
+            sequential=no_batch,
+            workspace_block=block_name,
+            output_dir=str(output_dir),
+            fresh=fresh,
+        )
     if json_out:
         console.print_json(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=str))
         return
@@ -140,9 +155,11 @@ def _print_scorecard(summary: dict[str, Any]) -> None:
         table.add_row(row["id"], f"[{style}]{row['verdict']}[/{style}]", row["stage"], str(row["reason"])[:200])
     console.print(table)
     console.print(f"Verdicts: {summary['verdicts']}")
-    console.print(f"Judge: {summary['judged']} undecided cases in {summary['judge_calls']} LLM calls; "
-                  f"circuit {summary['circuit_state']}; {len(summary['failures'])} failure records; "
-                  f"{summary['wall_time_s']} s")
+    console.print(
+        f"Judge: {summary['judged']} undecided cases in {summary['judge_calls']} LLM calls; "
+        f"circuit {summary['circuit_state']}; {len(summary['failures'])} failure records; "
+        f"{summary['wall_time_s']} s"
+    )
     console.print(f"Report: {summary['files']['csv']} and {summary['files']['parquet']}")
 
 

@@ -47,8 +47,9 @@ class CircuitBreaker(Block):
     _save_name: str | None = PrivateAttr(None)
 
     @classmethod
-    def load_or_create(cls, name: str, failure_threshold: int = 5, cooldown_s: float = 60,
-                       persist: bool = True) -> CircuitBreaker:
+    def load_or_create(
+        cls, name: str, failure_threshold: int = 5, cooldown_s: float = 60, persist: bool = True
+    ) -> CircuitBreaker:
         """The saved breaker `name` (thresholds updated from settings), or a new CLOSED one saved under it."""
         breaker: CircuitBreaker
         try:

@@ -30,8 +30,10 @@ class RowLedger(Block):
     _block_type_slug = "batchflows-row-ledger"
     _description = "Where batchflows keeps finished rows so reruns repeat no finished call."
 
-    path: str = Field(default_factory=lambda: str(default_home() / "ledger.sqlite"),
-                      description="SQLite file holding finished rows; shared by all runs using this block")
+    path: str = Field(
+        default_factory=lambda: str(default_home() / "ledger.sqlite"),
+        description="SQLite file holding finished rows; shared by all runs using this block",
+    )
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _conn: sqlite3.Connection | None = PrivateAttr(None)
@@ -56,7 +58,7 @@ class RowLedger(Block):
         with self._lock:
             conn = self._connection()
             for start in range(0, len(keys), 500):
-                batch = keys[start: start + 500]
+                batch = keys[start : start + 500]
                 marks = ",".join("?" * len(batch))
                 rows = conn.execute(
                     f"SELECT key, value FROM rows WHERE step=? AND version=? AND key IN ({marks})",
@@ -75,5 +77,7 @@ class RowLedger(Block):
 
     def count(self, step: str | None = None) -> int:
         with self._lock:
-            sql, args = ("SELECT COUNT(*) FROM rows WHERE step=?", [step]) if step else ("SELECT COUNT(*) FROM rows", [])
+            sql, args = (
+                ("SELECT COUNT(*) FROM rows WHERE step=?", [step]) if step else ("SELECT COUNT(*) FROM rows", [])
+            )
             return int(self._connection().execute(sql, args).fetchone()[0])

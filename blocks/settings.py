@@ -34,17 +34,23 @@ class ScoreSettings(BaseModel):
     eval_timeout: float = Field(30, gt=0, description="seconds one judge call may take")
     eval_max_concurrent: int = Field(4, ge=1, le=50, description="judge calls in flight at once")
     eval_retry_attempts: int = Field(2, ge=0, le=10)
-    judge_endpoint: str = Field("databricks-meta-llama-3-3-70b-instruct", min_length=1,
-                                description="serving endpoint that judges undecided cases")
+    judge_endpoint: str = Field(
+        "databricks-meta-llama-3-3-70b-instruct",
+        min_length=1,
+        description="serving endpoint that judges undecided cases",
+    )
     fallback_delay: float = Field(1, ge=0, description="pause between items in the sequential fallback")
-    fallback_max_wait: float = Field(180, ge=0, description="longest the fallback waits for the circuit to allow a probe")
+    fallback_max_wait: float = Field(
+        180, ge=0, description="longest the fallback waits for the circuit to allow a probe"
+    )
     numeric_tolerance: float = Field(1e-6, gt=0, lt=1, description="relative tolerance when comparing numbers")
 
     @model_validator(mode="after")
     def _poll_bounds(self) -> ScoreSettings:
         if self.genie_poll_initial > self.genie_poll_max:
-            raise ValueError(f"genie_poll_initial ({self.genie_poll_initial}) must not exceed "
-                             f"genie_poll_max ({self.genie_poll_max})")
+            raise ValueError(
+                f"genie_poll_initial ({self.genie_poll_initial}) must not exceed genie_poll_max ({self.genie_poll_max})"
+            )
         return self
 
 
@@ -52,10 +58,20 @@ Preset = Literal["default", "conservative", "aggressive"]
 
 PRESETS: dict[str, dict[str, float | int]] = {
     "default": {},
-    "conservative": {"genie_max_concurrent": 2, "genie_retry_attempts": 3, "genie_timeout": 150,
-                     "genie_circuit_threshold": 3, "sql_max_concurrent": 5},
-    "aggressive": {"genie_max_concurrent": 10, "genie_retry_attempts": 1, "genie_timeout": 90,
-                   "genie_circuit_threshold": 10, "sql_max_concurrent": 20},
+    "conservative": {
+        "genie_max_concurrent": 2,
+        "genie_retry_attempts": 3,
+        "genie_timeout": 150,
+        "genie_circuit_threshold": 3,
+        "sql_max_concurrent": 5,
+    },
+    "aggressive": {
+        "genie_max_concurrent": 10,
+        "genie_retry_attempts": 1,
+        "genie_timeout": 90,
+        "genie_circuit_threshold": 10,
+        "sql_max_concurrent": 20,
+    },
 }
 
 

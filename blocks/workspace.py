@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
-import threading
-
 from databricks.sdk import WorkspaceClient
-from databricks.sdk.config import Config
 from databricks.sdk.clock import Clock, RealClock
+from databricks.sdk.config import Config
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
-
 
 _CLIENTS: dict[tuple[Any, ...], WorkspaceClient] = {}
 _CLIENTS_LOCK = threading.Lock()
@@ -66,9 +64,13 @@ class DatabricksWorkspace(Block):
             return _CLIENTS[key]
 
     def _build(self, timeout_s: float) -> WorkspaceClient:
-        kwargs: dict[str, Any] = {"http_timeout_seconds": timeout_s, "retry_timeout_seconds": max(1, int(timeout_s)),
-                                  "clock": _NoRetryClock(), "max_connection_pools": 8,
-                                  "max_connections_per_pool": 128}
+        kwargs: dict[str, Any] = {
+            "http_timeout_seconds": timeout_s,
+            "retry_timeout_seconds": max(1, int(timeout_s)),
+            "clock": _NoRetryClock(),
+            "max_connection_pools": 8,
+            "max_connections_per_pool": 128,
+        }
         if self.profile:
             kwargs["profile"] = self.profile
         if self.host:

@@ -45,12 +45,21 @@ def _logger() -> logging.Logger | logging.LoggerAdapter[Any]:
 
 
 @task(task_run_name="{phase}-rows-{first}", cache_policy=NO_CACHE, persist_result=False)
-def run_chunk(rows: list[Row], call: Callable[[Any], Any], phase: str, first: int, spec: PhaseSpec,
-              rate_limit: str | None) -> list[RowOutcome]:
+def run_chunk(
+    rows: list[Row], call: Callable[[Any], Any], phase: str, first: int, spec: PhaseSpec, rate_limit: str | None
+) -> list[RowOutcome]:
     """One chunk of a phase: its rows' calls, concurrently, through the phase's shared lane."""
     concurrency = 1 if spec.sequential else spec.concurrency
-    return run_rows(rows, call, lane=lane(spec.service, concurrency, rate_limit), policy=spec.policy,
-                    log=_logger(), breaker=spec.breaker, cache=spec.cache, sequential=spec.sequential)
+    return run_rows(
+        rows,
+        call,
+        lane=lane(spec.service, concurrency, rate_limit),
+        policy=spec.policy,
+        log=_logger(),
+        breaker=spec.breaker,
+        cache=spec.cache,
+        sequential=spec.sequential,
+    )
 
 
 def chunk_rows(rows: Sequence[Row], concurrency: int, max_chunks: int = 8) -> list[list[Row]]:
@@ -58,7 +67,7 @@ def chunk_rows(rows: Sequence[Row], concurrency: int, max_chunks: int = 8) -> li
     if not rows:
         return []
     size = max(concurrency * 4, math.ceil(len(rows) / max_chunks))
-    return [list(rows[i: i + size]) for i in range(0, len(rows), size)]
+    return [list(rows[i : i + size]) for i in range(0, len(rows), size)]
 
 
 def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) -> dict[str, RowOutcome]:
@@ -77,8 +86,14 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
     rate_limit = ensure_service_limits(spec.service, spec.concurrency, spec.rpm)
     chunks = [pending] if spec.sequential else chunk_rows(pending, concurrency)
     with hold(spec.service, occupy=concurrency):
-        futures = run_chunk.map(chunks, unmapped(call), unmapped(spec.name), [c[0].index for c in chunks],
-                                unmapped(spec), unmapped(rate_limit))
+        futures = run_chunk.map(
+            chunks,
+            unmapped(call),
+            unmapped(spec.name),
+            [c[0].index for c in chunks],
+            unmapped(spec),
+            unmapped(rate_limit),
+        )
         results = [outcome for future in futures for outcome in future.result()]
     outcomes.update((o.key, o) for o in results)
     deferred = [r for r in pending if outcomes[r.key].status == "deferred"]
@@ -88,10 +103,10 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
     return outcomes
 
 
-@flow(name="sequential-fallback", flow_run_name="{spec.name}-fallback", validate_parameters=False,
-      persist_result=False)
-def sequential_fallback(spec: PhaseSpec, rows: list[Row], call: Callable[[Any], Any],
-                        rate_limit: str | None) -> dict[str, RowOutcome]:
+@flow(name="sequential-fallback", flow_run_name="{spec.name}-fallback", validate_parameters=False, persist_result=False)
+def sequential_fallback(
+    spec: PhaseSpec, rows: list[Row], call: Callable[[Any], Any], rate_limit: str | None
+) -> dict[str, RowOutcome]:
     """What the breaker stopped, one row at a time with a pause between rows, waiting for the circuit to
     allow a probe (HALF_OPEN) for at most `fallback_max_wait_s` in all. What still fails is recorded."""
     log = _logger()
@@ -102,8 +117,9 @@ def sequential_fallback(spec: PhaseSpec, rows: list[Row], call: Callable[[Any], 
     with hold(spec.service, occupy=1):
         while i < len(rows):
             row = rows[i]
-            outcome = run_rows([row], call, lane=single, policy=spec.policy, log=log, breaker=spec.breaker,
-                               cache=spec.cache)[0]
+            outcome = run_rows(
+                [row], call, lane=single, policy=spec.policy, log=log, breaker=spec.breaker, cache=spec.cache
+            )[0]
             if outcome.status != "deferred":
                 outcomes[row.key] = outcome
                 i += 1
@@ -114,9 +130,13 @@ def sequential_fallback(spec: PhaseSpec, rows: list[Row], call: Callable[[Any], 
             if waited + wait > spec.fallback_max_wait_s:
                 log.error(f"Circuit still OPEN after waiting {waited:.0f}s: {len(rows) - i} rows recorded as failed")
                 for rest in rows[i:]:
-                    outcomes[rest.key] = RowOutcome(rest.key, "failed", error_kind="circuit_open",
-                                                    message="service unavailable: circuit breaker stayed open",
-                                                    attempts=0)
+                    outcomes[rest.key] = RowOutcome(
+                        rest.key,
+                        "failed",
+                        error_kind="circuit_open",
+                        message="service unavailable: circuit breaker stayed open",
+                        attempts=0,
+                    )
                 break
             time.sleep(max(wait, 0.05))
             waited += max(wait, 0.05)

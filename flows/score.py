@@ -68,28 +68,43 @@ def score(
     space = genie_client.genie.get_space(space_id)
     session = stable_key(space_id, space.etag, warehouse_id, str(get_run_context().flow_run.id) if fresh else "")
 
-    breaker = CircuitBreaker.load_or_create("genie-breaker", settings.genie_circuit_threshold,
-                                            settings.genie_circuit_cooldown)
-    log.info(f"BatchGenieClient initialized: max_concurrent={settings.genie_max_concurrent}, "
-             f"retry_attempts={settings.genie_retry_attempts}, circuit_threshold={settings.genie_circuit_threshold}"
-             f"{' (sequential)' if sequential else ''}")
+    breaker = CircuitBreaker.load_or_create(
+        "genie-breaker", settings.genie_circuit_threshold, settings.genie_circuit_cooldown
+    )
+    log.info(
+        f"BatchGenieClient initialized: max_concurrent={settings.genie_max_concurrent}, "
+        f"retry_attempts={settings.genie_retry_attempts}, circuit_threshold={settings.genie_circuit_threshold}"
+        f"{' (sequential)' if sequential else ''}"
+    )
     log.info(f"Starting batch Genie calls for {len(items)} questions")
 
     # Phase 1: ask Genie
     t1 = time.monotonic()
     genie_spec = PhaseSpec(
-        "genie", "genie", settings.genie_max_concurrent,
+        "genie",
+        "genie",
+        settings.genie_max_concurrent,
         RetryPolicy(retries=settings.genie_retry_attempts, base_delay_s=settings.genie_retry_delay),
-        rpm=settings.genie_rpm, breaker=breaker, cache=Cache(ledger, "genie", f"genie-v1:{session}"),
-        fallback_delay_s=settings.fallback_delay, fallback_max_wait_s=settings.fallback_max_wait,
+        rpm=settings.genie_rpm,
+        breaker=breaker,
+        cache=Cache(ledger, "genie", f"genie-v1:{session}"),
+        fallback_delay_s=settings.fallback_delay,
+        fallback_max_wait_s=settings.fallback_max_wait,
         sequential=sequential,
     )
     genie_rows = [Row(stable_key(space_id, b.question), i, b.question) for i, b in enumerate(items)]
-    answers = run_phase(genie_spec, genie_rows, lambda q: ask_genie(
-        genie_client, space_id, q, settings.genie_timeout, settings.genie_poll_initial, settings.genie_poll_max))
+    answers = run_phase(
+        genie_spec,
+        genie_rows,
+        lambda q: ask_genie(
+            genie_client, space_id, q, settings.genie_timeout, settings.genie_poll_initial, settings.genie_poll_max
+        ),
+    )
     answered = sum(1 for o in answers.values() if o.status == "ok")
-    log.info(f"Batch complete: {answered}/{len(items)} succeeded in {time.monotonic() - t1:.1f}s "
-             f"(circuit: {breaker.current_state().lower()})")
+    log.info(
+        f"Batch complete: {answered}/{len(items)} succeeded in {time.monotonic() - t1:.1f}s "
+        f"(circuit: {breaker.current_state().lower()})"
+    )
 
     # Phase 2: run the expected SQL and Genie's (read-only) SQL
     t2 = time.monotonic()
@@ -100,9 +115,14 @@ def score(
         if answer.status == "ok" and answer.value["kind"] == "sql" and not read_only_problem(answer.value["sql"]):
             statements[stable_key(warehouse_id, answer.value["sql"])] = answer.value["sql"]
     sql_client = workspace.client(settings.sql_timeout + 5)
-    sql_spec = PhaseSpec("sql", "sql", settings.sql_max_concurrent,
-                         RetryPolicy(retries=settings.sql_retry_attempts, base_delay_s=1),
-                         cache=Cache(ledger, "sql", f"sql-v1:{session}"), sequential=sequential)
+    sql_spec = PhaseSpec(
+        "sql",
+        "sql",
+        settings.sql_max_concurrent,
+        RetryPolicy(retries=settings.sql_retry_attempts, base_delay_s=1),
+        cache=Cache(ledger, "sql", f"sql-v1:{session}"),
+        sequential=sequential,
+    )
     sql_rows = [Row(key, i, sql) for i, (key, sql) in enumerate(statements.items())]
     results = run_phase(sql_spec, sql_rows, lambda sql: run_sql(sql_client, warehouse_id, sql, settings.sql_timeout))
     ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
@@ -110,27 +130,48 @@ def score(
 
     # Compare, then Phase 3: judge what the comparison cannot decide
     t3 = time.monotonic()
-    report = [_decide(b, answers[r.key], results, warehouse_id, settings) for b, r in zip(items, genie_rows, strict=True)]
+    report = [
+        _decide(b, answers[r.key], results, warehouse_id, settings) for b, r in zip(items, genie_rows, strict=True)
+    ]
     undecided = [r for r in report if r["verdict"] is None]
-    judge_calls = _judge(undecided, items, answers, genie_rows, results, warehouse_id, settings, workspace,
-                         ledger, sequential)
+    judge_calls = _judge(
+        undecided, items, answers, genie_rows, results, warehouse_id, settings, workspace, ledger, sequential
+    )
     passed = sum(1 for r in report if r["verdict"] == "correct")
-    log.info(f"Phase 3 complete: {passed}/{len(report)} evaluations passed "
-             f"({len(undecided)} judged in {judge_calls} LLM calls, {time.monotonic() - t3:.1f}s)")
+    log.info(
+        f"Phase 3 complete: {passed}/{len(report)} evaluations passed "
+        f"({len(undecided)} judged in {judge_calls} LLM calls, {time.monotonic() - t3:.1f}s)"
+    )
 
     return _finish(report, items, answers, breaker, output_dir, started, judge_calls, len(undecided), settings)
 
 
-def _decide(b: Benchmark, answer: RowOutcome, results: dict[str, RowOutcome], warehouse_id: str,
-            settings: ScoreSettings) -> dict[str, Any]:
+def _decide(
+    b: Benchmark, answer: RowOutcome, results: dict[str, RowOutcome], warehouse_id: str, settings: ScoreSettings
+) -> dict[str, Any]:
     """The report row of one benchmark, with a verdict when no judge is needed (else verdict None)."""
-    row: dict[str, Any] = {"id": b.id, "question": b.question, "expected_sql": b.expected_sql, "genie_sql": None,
-                           "expected_rows": None, "genie_rows": None, "verdict": None, "stage": "comparison",
-                           "reason": "", "attempts": answer.attempts, "genie_latency_s": round(answer.latency_s, 3),
-                           "cached": answer.cached, "error_kind": None}
+    row: dict[str, Any] = {
+        "id": b.id,
+        "question": b.question,
+        "expected_sql": b.expected_sql,
+        "genie_sql": None,
+        "expected_rows": None,
+        "genie_rows": None,
+        "verdict": None,
+        "stage": "comparison",
+        "reason": "",
+        "attempts": answer.attempts,
+        "genie_latency_s": round(answer.latency_s, 3),
+        "cached": answer.cached,
+        "error_kind": None,
+    }
     if answer.status != "ok":
-        row.update(verdict="timeout" if answer.error_kind == "timeout" else "genie_error",
-                   reason=answer.message, error_kind=answer.error_kind, stage="genie")
+        row.update(
+            verdict="timeout" if answer.error_kind == "timeout" else "genie_error",
+            reason=answer.message,
+            error_kind=answer.error_kind,
+            stage="genie",
+        )
         return row
     if answer.value["kind"] != "sql":
         row.update(verdict="no_sql", reason=f"Genie answered with text only: {answer.value['text']}")
@@ -138,8 +179,11 @@ def _decide(b: Benchmark, answer: RowOutcome, results: dict[str, RowOutcome], wa
     row["genie_sql"] = answer.value["sql"]
     expected = results[stable_key(warehouse_id, b.expected_sql)]
     if expected.status != "ok" or "error" in expected.value:
-        row.update(verdict="sql_error", error_kind=expected.error_kind or "expected_sql",
-                   reason=f"expected SQL failed: {expected.message or expected.value.get('error')}")
+        row.update(
+            verdict="sql_error",
+            error_kind=expected.error_kind or "expected_sql",
+            reason=f"expected SQL failed: {expected.message or expected.value.get('error')}",
+        )
         return row
     row["expected_rows"] = expected.value["row_count"]
     problem = read_only_problem(answer.value["sql"])
@@ -149,8 +193,11 @@ def _decide(b: Benchmark, answer: RowOutcome, results: dict[str, RowOutcome], wa
     actual = results[stable_key(warehouse_id, answer.value["sql"])]
     if actual.status != "ok" or "error" in actual.value:
         kind = actual.error_kind or "genie_sql"
-        row.update(verdict="timeout" if kind == "timeout" else "sql_error", error_kind=kind,
-                   reason=f"Genie's SQL failed: {actual.message or actual.value.get('error')}")
+        row.update(
+            verdict="timeout" if kind == "timeout" else "sql_error",
+            error_kind=kind,
+            reason=f"Genie's SQL failed: {actual.message or actual.value.get('error')}",
+        )
         return row
     row["genie_rows"] = actual.value["row_count"]
     decision, reason = compare(expected.value, actual.value, order_matters(b.expected_sql), settings.numeric_tolerance)
@@ -160,9 +207,18 @@ def _decide(b: Benchmark, answer: RowOutcome, results: dict[str, RowOutcome], wa
     return row
 
 
-def _judge(undecided: list[dict[str, Any]], items: list[Benchmark], answers: dict[str, RowOutcome],
-           genie_rows: list[Row], results: dict[str, RowOutcome], warehouse_id: str, settings: ScoreSettings,
-           workspace: DatabricksWorkspace, ledger: RowLedger, sequential: bool) -> int:
+def _judge(
+    undecided: list[dict[str, Any]],
+    items: list[Benchmark],
+    answers: dict[str, RowOutcome],
+    genie_rows: list[Row],
+    results: dict[str, RowOutcome],
+    warehouse_id: str,
+    settings: ScoreSettings,
+    workspace: DatabricksWorkspace,
+    ledger: RowLedger,
+    sequential: bool,
+) -> int:
     """Fill in verdicts of undecided rows (in place); returns the number of judge calls made."""
     if not undecided:
         return 0
@@ -177,10 +233,15 @@ def _judge(undecided: list[dict[str, Any]], items: list[Benchmark], answers: dic
     version = f"{PROMPT_VERSION}:{settings.judge_endpoint}"
     known = ledger.get_many("judge", version, cases)
     todo = [(k, c) for k, c in cases.items() if k not in known]
-    chunks = [todo[i: i + settings.eval_chunk_size] for i in range(0, len(todo), settings.eval_chunk_size)]
+    chunks = [todo[i : i + settings.eval_chunk_size] for i in range(0, len(todo), settings.eval_chunk_size)]
     client = workspace.client(settings.eval_timeout)
-    spec = PhaseSpec("judge", "llm", settings.eval_max_concurrent,
-                     RetryPolicy(retries=settings.eval_retry_attempts, base_delay_s=2), sequential=sequential)
+    spec = PhaseSpec(
+        "judge",
+        "llm",
+        settings.eval_max_concurrent,
+        RetryPolicy(retries=settings.eval_retry_attempts, base_delay_s=2),
+        sequential=sequential,
+    )
     rows = [Row(stable_key([k for k, _ in chunk]), i, [c for _, c in chunk]) for i, chunk in enumerate(chunks)]
     outcomes = run_phase(spec, rows, lambda batch: judge_cases(client, settings.judge_endpoint, batch))
     calls = 0
@@ -198,47 +259,87 @@ def _judge(undecided: list[dict[str, Any]], items: list[Benchmark], answers: dic
                 ledger.put("judge", version, key_of[case_id], verdict)
     for row in undecided:
         verdict = verdicts[row["id"]]
-        row.update(stage="judge", reason=verdict["reason"], verdict=verdict["verdict"] or "judge_error",
-                   error_kind=None if verdict["verdict"] else "judge_invalid")
+        row.update(
+            stage="judge",
+            reason=verdict["reason"],
+            verdict=verdict["verdict"] or "judge_error",
+            error_kind=None if verdict["verdict"] else "judge_invalid",
+        )
     return calls
 
 
-def _finish(report: list[dict[str, Any]], items: list[Benchmark], answers: dict[str, RowOutcome],
-            breaker: CircuitBreaker, output_dir: str, started: float, judge_calls: int, judged: int,
-            settings: ScoreSettings) -> dict[str, Any]:
+def _finish(
+    report: list[dict[str, Any]],
+    items: list[Benchmark],
+    answers: dict[str, RowOutcome],
+    breaker: CircuitBreaker,
+    output_dir: str,
+    started: float,
+    judge_calls: int,
+    judged: int,
+    settings: ScoreSettings,
+) -> dict[str, Any]:
     counts = Counter(r["verdict"] for r in report)
     total = len(report)
-    failures = [{"row_key": r["id"], "phase": r["stage"], "error_kind": r["error_kind"] or r["verdict"],
-                 "message": r["reason"], "attempts": r["attempts"]}
-                for r in report if r["verdict"] not in ("correct", "incorrect", "no_sql")]
+    failures = [
+        {
+            "row_key": r["id"],
+            "phase": r["stage"],
+            "error_kind": r["error_kind"] or r["verdict"],
+            "message": r["reason"],
+            "attempts": r["attempts"],
+        }
+        for r in report
+        if r["verdict"] not in ("correct", "incorrect", "no_sql")
+    ]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     files = write_frame(pd.DataFrame(report), Path(output_dir) / f"score-{stamp}", "scorecard")
     summary = {
-        "total": total, "score": round(counts["correct"] / total, 4) if total else 0.0,
-        "verdicts": {v: counts.get(v, 0) for v in VERDICTS}, "judged": judged, "judge_calls": judge_calls,
-        "failures": failures, "circuit_events": breaker.events, "circuit_state": breaker.current_state(),
+        "total": total,
+        "score": round(counts["correct"] / total, 4) if total else 0.0,
+        "verdicts": {v: counts.get(v, 0) for v in VERDICTS},
+        "judged": judged,
+        "judge_calls": judge_calls,
+        "failures": failures,
+        "circuit_events": breaker.events,
+        "circuit_state": breaker.current_state(),
         "cached_genie_answers": sum(1 for o in answers.values() if o.cached),
-        "wall_time_s": round(time.monotonic() - started, 2), "files": files, "rows": report,
+        "wall_time_s": round(time.monotonic() - started, 2),
+        "files": files,
+        "rows": report,
         "settings": settings.model_dump(),
     }
-    publish("scorecard", [{k: r[k] for k in ("id", "verdict", "stage", "reason", "attempts")} for r in report],
-            _markdown(summary))
-    get_run_logger().info(f"Score: {counts['correct']}/{total} correct ({summary['score']:.1%}); "
-                          f"{len(failures)} failure records; report in {files['csv']}")
+    publish(
+        "scorecard",
+        [{k: r[k] for k in ("id", "verdict", "stage", "reason", "attempts")} for r in report],
+        _markdown(summary),
+    )
+    get_run_logger().info(
+        f"Score: {counts['correct']}/{total} correct ({summary['score']:.1%}); "
+        f"{len(failures)} failure records; report in {files['csv']}"
+    )
     return summary
 
 
 def _markdown(summary: dict[str, Any]) -> str:
-    lines = [f"# Genie space score: {summary['score']:.1%}", "",
-             f"{summary['total']} benchmarks in {summary['wall_time_s']} s; "
-             f"{summary['judged']} judged by the LLM in {summary['judge_calls']} calls; "
-             f"{summary['cached_genie_answers']} Genie answers reused from earlier runs.", "",
-             "| verdict | count |", "|---|---|"]
+    lines = [
+        f"# Genie space score: {summary['score']:.1%}",
+        "",
+        f"{summary['total']} benchmarks in {summary['wall_time_s']} s; "
+        f"{summary['judged']} judged by the LLM in {summary['judge_calls']} calls; "
+        f"{summary['cached_genie_answers']} Genie answers reused from earlier runs.",
+        "",
+        "| verdict | count |",
+        "|---|---|",
+    ]
     lines += [f"| {v} | {n} |" for v, n in summary["verdicts"].items()]
     lines += ["", f"Circuit breaker: {summary['circuit_state']}"]
     lines += [f"- {event}" for event in summary["circuit_events"]]
     if summary["failures"]:
-        lines += ["", f"{len(summary['failures'])} rows failed; rerun only those with "
-                      "`batchflows score ... ` (finished rows are reused from the ledger)."]
+        lines += [
+            "",
+            f"{len(summary['failures'])} rows failed; rerun only those with "
+            "`batchflows score ... ` (finished rows are reused from the ledger).",
+        ]
     lines += ["", f"Report: `{summary['files']['csv']}`"]
     return "\n".join(lines)

@@ -32,8 +32,14 @@ class ApiError(Exception):
 class Workspace:
     """Everything the sandbox knows: its token, warehouse, Genie, endpoints and ledger."""
 
-    def __init__(self, token: str, seed: int = 0, faults: dict[str, FaultSpec] | None = None,
-                 mix: AnswerMix | None = None, allow_writes: bool = False) -> None:
+    def __init__(
+        self,
+        token: str,
+        seed: int = 0,
+        faults: dict[str, FaultSpec] | None = None,
+        mix: AnswerMix | None = None,
+        allow_writes: bool = False,
+    ) -> None:
         self.token = token
         self.ledger = Ledger(seed, faults)
         self.warehouse = Warehouse(allow_writes=allow_writes)
@@ -110,14 +116,25 @@ def _genie_routes(app: FastAPI, ws: Workspace) -> None:
             raise ApiError(400, "INVALID_PARAMETER_VALUE", "content must be a non-empty string")
         spec = ws.ledger.spec("genie")
         fail = ws.ledger.draw("genie", ("genie_failed",)) == "genie_failed"
-        message = genie.ask(space_id, conversation_id or uuid.uuid4().hex, content,
-                            spec.latency_s(ws.ledger.rng()), fail)
+        message = genie.ask(
+            space_id, conversation_id or uuid.uuid4().hex, content, spec.latency_s(ws.ledger.rng()), fail
+        )
         ws.ledger.open_interval("genie", message.created, message.ready_at)
-        ws.ledger.record("genie", request.url.path, 200, "genie_failed" if fail else "ok",
-                         question=content, outcome=message.outcome, message_id=message.message_id)
-        return {"conversation_id": message.conversation_id, "message_id": message.message_id,
-                "conversation": {"id": message.conversation_id, "space_id": space_id, "title": content[:60]},
-                "message": message.as_dict(time.time())}
+        ws.ledger.record(
+            "genie",
+            request.url.path,
+            200,
+            "genie_failed" if fail else "ok",
+            question=content,
+            outcome=message.outcome,
+            message_id=message.message_id,
+        )
+        return {
+            "conversation_id": message.conversation_id,
+            "message_id": message.message_id,
+            "conversation": {"id": message.conversation_id, "space_id": space_id, "title": content[:60]},
+            "message": message.as_dict(time.time()),
+        }
 
     @app.post(base + "/{space_id}/start-conversation")
     async def start_conversation(request: Request, space_id: str) -> dict[str, Any]:
@@ -155,8 +172,10 @@ def _genie_routes(app: FastAPI, ws: Workspace) -> None:
 
     for suffix in ("/attachments/{attachment_id}/query-result", "/query-result", "/query-result/{attachment_id}"):
         app.get(base + "/{space_id}/conversations/{conversation_id}/messages/{message_id}" + suffix)(query_result)
-    app.post(base + "/{space_id}/conversations/{conversation_id}/messages/{message_id}"
-             "/attachments/{attachment_id}/execute-query")(query_result)
+    app.post(
+        base + "/{space_id}/conversations/{conversation_id}/messages/{message_id}"
+        "/attachments/{attachment_id}/execute-query"
+    )(query_result)
 
     @app.get(base)
     async def list_spaces() -> dict[str, Any]:
@@ -175,8 +194,14 @@ def _genie_routes(app: FastAPI, ws: Workspace) -> None:
         config = _parse_serialized(body.get("serialized_space"))
         if body.get("warehouse_id") not in ws.warehouse.warehouse_ids:
             raise ApiError(400, "INVALID_PARAMETER_VALUE", f"Unknown warehouse_id {body.get('warehouse_id')!r}")
-        return genie.create_space(None, body.get("title") or "Untitled space", body["warehouse_id"], config,
-                                  body.get("description") or "", body.get("parent_path"))
+        return genie.create_space(
+            None,
+            body.get("title") or "Untitled space",
+            body["warehouse_id"],
+            config,
+            body.get("description") or "",
+            body.get("parent_path"),
+        )
 
     @app.patch(base + "/{space_id}")
     async def update_space(request: Request, space_id: str) -> dict[str, Any]:
@@ -219,8 +244,7 @@ def _query_result(ws: Workspace, sql: str) -> dict[str, Any]:
 def _wait_seconds(value: Any) -> float:
     match = re.fullmatch(r"(\d+)s", str(value or "10s"))
     if not match or not (int(match.group(1)) == 0 or 5 <= int(match.group(1)) <= 50):
-        raise ApiError(400, "INVALID_PARAMETER_VALUE",
-                       f"wait_timeout must be 0s or between 5s and 50s, got {value!r}")
+        raise ApiError(400, "INVALID_PARAMETER_VALUE", f"wait_timeout must be 0s or between 5s and 50s, got {value!r}")
     return float(match.group(1))
 
 
@@ -288,14 +312,18 @@ def _embeddings(ws: Workspace, request: Request, name: str, body: dict[str, Any]
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise ApiError(400, "BAD_REQUEST", "Embedding endpoints take 'input': a string or a list of strings")
     fault = ws.ledger.draw("embeddings", ("malformed",))
-    ws.ledger.record("embeddings", request.url.path, 200, fault, endpoint=name, inputs=len(texts),
-                     texts=[t[:80] for t in texts])
+    ws.ledger.record(
+        "embeddings", request.url.path, 200, fault, endpoint=name, inputs=len(texts), texts=[t[:80] for t in texts]
+    )
     if fault == "malformed":
         return Response('{"object": "list", "data": [{"embedding": [0.1, ', media_type="application/json")
     tokens = sum(models.estimate_tokens(t) for t in texts)
-    return {"object": "list", "model": name,
-            "data": [{"object": "embedding", "index": i, "embedding": models.embed(t)} for i, t in enumerate(texts)],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "model": name,
+        "data": [{"object": "embedding", "index": i, "embedding": models.embed(t)} for i, t in enumerate(texts)],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def _chat(ws: Workspace, request: Request, name: str, body: dict[str, Any]) -> Any:
@@ -307,18 +335,24 @@ def _chat(ws: Workspace, request: Request, name: str, body: dict[str, Any]) -> A
     reply = models.answer(payload)
     fault = ws.ledger.draw("chat", ("malformed", "missing_id", "extra_id", "bad_enum"))
     ids = [item.get("id") for item in (payload or {}).get("items", []) if isinstance(item, dict)]
-    ws.ledger.record("chat", request.url.path, 200, fault, endpoint=name,
-                     task=(payload or {}).get("task"), ids=ids)
+    ws.ledger.record("chat", request.url.path, 200, fault, endpoint=name, task=(payload or {}).get("task"), ids=ids)
     content = _corrupt(reply, fault) if isinstance(reply, list) else reply
     if not isinstance(content, str):
         content = json.dumps(content, ensure_ascii=False)
     prompt_tokens = sum(models.estimate_tokens(str(m.get("content", ""))) for m in messages)
     completion_tokens = models.estimate_tokens(content)
-    return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
-            "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 def _corrupt(reply: list[Any], fault: str) -> Any:

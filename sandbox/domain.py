@@ -81,9 +81,7 @@ def build_tables(seed: int = 7, scale: int = 1) -> dict[str, pd.DataFrame]:
         channel = rng.choices(CHANNELS, weights=[5, 3, 2])[0]
         store_id = rng.randrange(1, 21) if channel == "store" else None
         order_date = date(2023, 1, 1) + timedelta(days=rng.randrange(730))
-        order_rows.append(
-            (oid, rng.randrange(1, 500 * scale + 1), store_id, order_date, rng.choice(STATUSES), channel)
-        )
+        order_rows.append((oid, rng.randrange(1, 500 * scale + 1), store_id, order_date, rng.choice(STATUSES), channel))
         for line_no in range(1, rng.randrange(1, 5) + 1):
             pid = rng.randrange(1, 61)
             price = float(products.at[pid - 1, "unit_price"])
@@ -93,9 +91,7 @@ def build_tables(seed: int = 7, scale: int = 1) -> dict[str, pd.DataFrame]:
         order_rows, columns=["order_id", "customer_id", "store_id", "order_date", "status", "channel"]
     )
     orders["store_id"] = orders["store_id"].astype("Int64")
-    items = pd.DataFrame(
-        item_rows, columns=["order_id", "line_no", "product_id", "quantity", "unit_price", "discount"]
-    )
+    items = pd.DataFrame(item_rows, columns=["order_id", "line_no", "product_id", "quantity", "unit_price", "discount"])
     return {"customers": customers, "products": products, "stores": stores, "orders": orders, "order_items": items}
 
 
@@ -109,7 +105,5 @@ def load_into(conn: duckdb.DuckDBPyConnection, seed: int = 7) -> None:
         conn.unregister("_frame")
         conn.execute(f"COMMENT ON TABLE {CATALOG}.{SCHEMA}.{name} IS '{TABLE_COMMENTS[name]}'")
     for table, column, ref_table, ref_column in FOREIGN_KEYS:
-        conn.execute(
-            f"COMMENT ON COLUMN {CATALOG}.{SCHEMA}.{table}.{column} IS 'References {ref_table}.{ref_column}'"
-        )
+        conn.execute(f"COMMENT ON COLUMN {CATALOG}.{SCHEMA}.{table}.{column} IS 'References {ref_table}.{ref_column}'")
     conn.execute(f"USE {CATALOG}.{SCHEMA}")

@@ -23,8 +23,9 @@ from pydantic import BaseModel, Field
 GROUPS = ("genie", "sql", "chat", "embeddings")
 TRANSPORT_FAULTS = ("429", "500", "503", "reset", "hang")
 CONTENT_FAULTS = ("malformed", "missing_id", "extra_id", "bad_enum", "genie_failed")
-FaultKind = Literal["ok", "429", "500", "503", "reset", "hang", "malformed", "missing_id", "extra_id",
-                    "bad_enum", "genie_failed"]
+FaultKind = Literal[
+    "ok", "429", "500", "503", "reset", "hang", "malformed", "missing_id", "extra_id", "bad_enum", "genie_failed"
+]
 
 _PRIMARY = [
     (re.compile(r"^/api/2\.0/genie/spaces/[^/]+/start-conversation$"), "genie"),
@@ -65,6 +66,7 @@ class FaultSpec(BaseModel):
 class _Group:
     spec: FaultSpec = field(default_factory=FaultSpec)
     script: deque[str] = field(default_factory=deque)
+    pending: deque[str] = field(default_factory=deque)
     calls: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     intervals: list[list[float]] = field(default_factory=list)
@@ -86,7 +88,7 @@ class Ledger:
         with self._lock:
             g = self._groups[group]
             g.spec = spec
-            g.script = deque(spec.script)
+            g.script, g.pending = deque(spec.script), deque()
 
     def spec(self, group: str) -> FaultSpec:
         return self._groups[group].spec
@@ -97,10 +99,14 @@ class Ledger:
             g = self._groups[group]
             if g.spec.down and "503" in kinds:
                 return "503"
-            while g.script:
+            if g.pending and g.pending[0] in kinds:
+                return g.pending.popleft()
+            if g.script:
                 kind = g.script.popleft()
                 if kind == "ok" or kind in kinds:
                     return kind
+                g.pending.append(kind)  # a content fault: the same request's handler draws it next
+                return "ok"
             roll = self._rng.random()
             for kind in kinds:
                 rate = getattr(g.spec, f"rate_{kind}", 0.0)
@@ -119,8 +125,9 @@ class Ledger:
             g.calls += 1
             if fault != "ok":
                 g.faults[fault] += 1
-            self.log.append({"t": time.time(), "group": group, "path": path, "status": status,
-                             "fault": fault, **detail})
+            self.log.append(
+                {"t": time.time(), "group": group, "path": path, "status": status, "fault": fault, **detail}
+            )
 
     def open_interval(self, group: str, start: float, end: float = float("inf")) -> list[float]:
         interval = [start, end]
@@ -145,7 +152,7 @@ class Ledger:
         with self._lock:
             for g in self._groups.values():
                 g.calls, g.faults, g.intervals = 0, Counter(), []
-                g.script = deque(g.spec.script)
+                g.script, g.pending = deque(g.spec.script), deque()
             self.log.clear()
             self._rng = random.Random(self._seed)
 
@@ -210,9 +217,11 @@ class FaultMiddleware:
 
 
 async def _send_error(send: Any, status: int, retry_after: float) -> None:
-    codes = {429: ("REQUEST_LIMIT_EXCEEDED", "Too many requests. Please wait and retry."),
-             500: ("INTERNAL_ERROR", "Internal error. Please try again later."),
-             503: ("TEMPORARILY_UNAVAILABLE", "The service is temporarily unavailable.")}
+    codes = {
+        429: ("REQUEST_LIMIT_EXCEEDED", "Too many requests. Please wait and retry."),
+        500: ("INTERNAL_ERROR", "Internal error. Please try again later."),
+        503: ("TEMPORARILY_UNAVAILABLE", "The service is temporarily unavailable."),
+    }
     code, message = codes[status]
     body = f'{{"error_code": "{code}", "message": "{message}"}}'.encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -15,8 +15,19 @@ from typing import Any
 
 EMBEDDING_DIM = 256
 _WORD = re.compile(r"\w+", re.UNICODE)
-_HARD_WORDS = {"architecture", "distributed", "strategy", "optimisation", "optimization", "scaling",
-               "concurrency", "consensus", "security", "governance", "migration"}
+_HARD_WORDS = {
+    "architecture",
+    "distributed",
+    "strategy",
+    "optimisation",
+    "optimization",
+    "scaling",
+    "concurrency",
+    "consensus",
+    "security",
+    "governance",
+    "migration",
+}
 
 
 def estimate_tokens(text: str) -> int:
@@ -26,7 +37,7 @@ def estimate_tokens(text: str) -> int:
 def find_payload(text: str) -> dict[str, Any] | None:
     """The JSON object embedded in a prompt (fenced or bare), or None."""
     fenced = re.search(r"```(?:json)?\s*(\{.*\})\s*```", text, re.S)
-    candidate = fenced.group(1) if fenced else text[text.find("{"): text.rfind("}") + 1]
+    candidate = fenced.group(1) if fenced else text[text.find("{") : text.rfind("}") + 1]
     try:
         payload = json.loads(candidate)
     except ValueError:
@@ -63,16 +74,25 @@ def _judge(item: dict[str, Any]) -> dict[str, Any]:
     expected, actual = item.get("expected") or {}, item.get("actual") or {}
     exp_rows, act_rows = expected.get("rows", []), actual.get("rows", [])
     if len(exp_rows) != len(act_rows):
-        return {"id": item.get("id"), "verdict": "incorrect",
-                "reason": f"expected {len(exp_rows)} rows, the answer has {len(act_rows)}"}
+        return {
+            "id": item.get("id"),
+            "verdict": "incorrect",
+            "reason": f"expected {len(exp_rows)} rows, the answer has {len(act_rows)}",
+        }
     act_columns = [sorted(_norm(r[i]) for r in act_rows) for i in range(len(actual.get("columns", [])))]
     for i, name in enumerate(expected.get("columns", [])):
         column = sorted(_norm(r[i]) for r in exp_rows)
         if column not in act_columns:
-            return {"id": item.get("id"), "verdict": "incorrect",
-                    "reason": f"no column of the answer matches expected column {name!r}"}
-    return {"id": item.get("id"), "verdict": "correct",
-            "reason": "every expected column is present with the same values; extra columns are harmless"}
+            return {
+                "id": item.get("id"),
+                "verdict": "incorrect",
+                "reason": f"no column of the answer matches expected column {name!r}",
+            }
+    return {
+        "id": item.get("id"),
+        "verdict": "correct",
+        "reason": "every expected column is present with the same values; extra columns are harmless",
+    }
 
 
 def _enrich(item: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
@@ -93,8 +113,12 @@ def _analyse(item: dict[str, Any]) -> dict[str, Any]:
     words = _WORD.findall(text)
     fragment = bool(text) and (text[0].islower() or text.startswith(("...", "(", "continued", "and ")))
     topic = max(words, key=len).casefold() if words else ""
-    return {"id": item.get("id"), "topic": topic, "is_fragment": fragment,
-            "difficulty": "hard" if len(words) > 80 else "medium" if len(words) > 30 else "easy"}
+    return {
+        "id": item.get("id"),
+        "topic": topic,
+        "is_fragment": fragment,
+        "difficulty": "hard" if len(words) > 80 else "medium" if len(words) > 30 else "easy",
+    }
 
 
 def embed(text: str) -> list[float]:
@@ -102,7 +126,7 @@ def embed(text: str) -> list[float]:
     vector = [0.0] * EMBEDDING_DIM
     lowered = text.casefold()
     features = [(w, 1.0) for w in _WORD.findall(lowered)]
-    features += [(lowered[i: i + 3], 0.5) for i in range(max(0, len(lowered) - 2))]
+    features += [(lowered[i : i + 3], 0.5) for i in range(max(0, len(lowered) - 2))]
     for feature, weight in features:
         digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
         index = int.from_bytes(digest[:4], "big") % EMBEDDING_DIM

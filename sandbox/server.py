@@ -28,21 +28,33 @@ class Sandbox:
             w = WorkspaceClient(host=sb.host, token=sb.token)
     """
 
-    def __init__(self, port: int = 0, token: str | None = None, seed: int = 0,
-                 faults: dict[str, FaultSpec] | None = None, mix: AnswerMix | None = None,
-                 allow_writes: bool = False) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        token: str | None = None,
+        seed: int = 0,
+        faults: dict[str, FaultSpec] | None = None,
+        mix: AnswerMix | None = None,
+        allow_writes: bool = False,
+    ) -> None:
         self.token = token or f"dapi-sandbox-{secrets.token_hex(8)}"
         self.workspace = Workspace(self.token, seed, faults, mix, allow_writes)
         self._socket = _bind(port)
         self.port = self._socket.getsockname()[1]
         self.host = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(self.workspace), log_level="warning", timeout_graceful_shutdown=1, lifespan="off",
-                                limit_concurrency=2000, backlog=2048)
+        config = uvicorn.Config(
+            create_app(self.workspace),
+            log_level="warning",
+            timeout_graceful_shutdown=1,
+            lifespan="off",
+            limit_concurrency=2000,
+            backlog=2048,
+        )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
-                                        name="sandbox-server", daemon=True)
-        self._admin = httpx.Client(base_url=self.host, headers={"Authorization": f"Bearer {self.token}"},
-                                   timeout=10)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="sandbox-server", daemon=True
+        )
+        self._admin = httpx.Client(base_url=self.host, headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
 
     def start(self) -> Sandbox:
         self._thread.start()
@@ -90,8 +102,10 @@ def _bind(port: int) -> socket.socket:
         sock.bind(("127.0.0.1", port))
     except OSError as exc:
         sock.close()
-        raise SandboxError(f"port {port} on 127.0.0.1 is already in use ({exc.strerror}); "
-                           "pick another with --port or use --port 0 for a free one") from exc
+        raise SandboxError(
+            f"port {port} on 127.0.0.1 is already in use ({exc.strerror}); "
+            "pick another with --port or use --port 0 for a free one"
+        ) from exc
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

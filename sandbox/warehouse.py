@@ -14,13 +14,39 @@ from sqlglot import exp
 
 from sandbox import domain
 
-READ_ONLY_ROOTS = (exp.Select, exp.Union, exp.Intersect, exp.Except, exp.Describe)
+WRITE_ROOTS = tuple(
+    getattr(exp, name)
+    for name in (
+        "Insert",
+        "Update",
+        "Delete",
+        "Create",
+        "Drop",
+        "Alter",
+        "Merge",
+        "TruncateTable",
+        "Copy",
+        "Grant",
+        "Command",
+    )
+    if hasattr(exp, name)
+)
 ROW_CAP = 5000  # Genie's query-result cap; statements use their own row_limit
 
 _TYPE_NAMES = {
-    "BIGINT": "LONG", "DECIMAL": "DECIMAL", "INTEGER": "INT", "SMALLINT": "SHORT", "TINYINT": "BYTE", "HUGEINT": "DECIMAL",
-    "DOUBLE": "DOUBLE", "FLOAT": "FLOAT", "VARCHAR": "STRING", "BOOLEAN": "BOOLEAN", "DATE": "DATE",
-    "TIMESTAMP": "TIMESTAMP", "TIMESTAMP WITH TIME ZONE": "TIMESTAMP",
+    "BIGINT": "LONG",
+    "DECIMAL": "DECIMAL",
+    "INTEGER": "INT",
+    "SMALLINT": "SHORT",
+    "TINYINT": "BYTE",
+    "HUGEINT": "DECIMAL",
+    "DOUBLE": "DOUBLE",
+    "FLOAT": "FLOAT",
+    "VARCHAR": "STRING",
+    "BOOLEAN": "BOOLEAN",
+    "DATE": "DATE",
+    "TIMESTAMP": "TIMESTAMP",
+    "TIMESTAMP WITH TIME ZONE": "TIMESTAMP",
 }
 
 
@@ -78,7 +104,7 @@ class Warehouse:
             raise StatementError(f"[PARSE_SYNTAX_ERROR] Syntax error: {exc}") from exc
         if len(trees) != 1:
             raise StatementError(f"[PARSE_SYNTAX_ERROR] Expected one statement, got {len(trees)}")
-        if not isinstance(trees[0], READ_ONLY_ROOTS):
+        if isinstance(trees[0], WRITE_ROOTS):
             kind = trees[0].key.upper()
             raise StatementError(
                 f"[READ_ONLY] The sandbox warehouse is read-only: {kind} statements are not allowed",
@@ -96,6 +122,8 @@ class Warehouse:
             columns = [(d[0], str(d[1])) for d in relation.description or []]
             fetch = row_limit + 1 if row_limit else None
             rows = relation.fetchmany(fetch) if fetch else relation.fetchall()
+        except duckdb.ParserException as exc:
+            raise StatementError(f"[PARSE_SYNTAX_ERROR] {exc}") from exc
         except duckdb.Error as exc:
             raise StatementError(f"[{type(exc).__name__.upper()}] {exc}") from exc
         finally:
@@ -104,8 +132,12 @@ class Warehouse:
         rows = rows[:row_limit] if row_limit else rows
         data = [[None if v is None else _text(v) for v in row] for row in rows]
         schema_columns = [
-            {"name": name, "type_name": _TYPE_NAMES.get(dtype.split("(")[0], "STRING"), "type_text": dtype,
-             "position": i}
+            {
+                "name": name,
+                "type_name": _TYPE_NAMES.get(dtype.split("(")[0], "STRING"),
+                "type_text": dtype,
+                "position": i,
+            }
             for i, (name, dtype) in enumerate(columns)
         ]
         return {

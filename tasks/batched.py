@@ -54,8 +54,9 @@ def check_elements(ids: list[str], elements: list[Any], validate: Validator) -> 
     return good, problems
 
 
-def ask_validated(items: list[dict[str, Any]], ask: Callable[[list[dict[str, Any]]], str],
-                  validate: Validator) -> tuple[dict[str, Any], dict[str, str], int]:
+def ask_validated(
+    items: list[dict[str, Any]], ask: Callable[[list[dict[str, Any]]], str], validate: Validator
+) -> tuple[dict[str, Any], dict[str, str], int]:
     """Ask for `items` in one call; re-ask invalid or missing ones in halves until single items.
 
     Returns (valid elements by id, final problems by id, number of calls made).
@@ -70,7 +71,7 @@ def ask_validated(items: list[dict[str, Any]], ask: Callable[[list[dict[str, Any
     if not problems or len(items) == 1:
         return good, problems, calls
     retry = [item for item in items if str(item["id"]) in problems]
-    halves = [retry] if len(retry) < len(items) else [retry[: len(retry) // 2], retry[len(retry) // 2:]]
+    halves = [retry] if len(retry) < len(items) else [retry[: len(retry) // 2], retry[len(retry) // 2 :]]
     final_problems: dict[str, str] = {}
     for half in halves:
         if not half:
@@ -85,8 +86,9 @@ def ask_validated(items: list[dict[str, Any]], ask: Callable[[list[dict[str, Any
     return good, final_problems, calls
 
 
-def _ask_each(items: list[dict[str, Any]], ask: Callable[[list[dict[str, Any]]], str],
-              validate: Validator) -> tuple[dict[str, Any], dict[str, str], int]:
+def _ask_each(
+    items: list[dict[str, Any]], ask: Callable[[list[dict[str, Any]]], str], validate: Validator
+) -> tuple[dict[str, Any], dict[str, str], int]:
     good: dict[str, Any] = {}
     problems: dict[str, str] = {}
     for item in items:

@@ -75,7 +75,9 @@ def load_benchmarks(path: str | Path) -> list[Benchmark]:
             problems.append(f"row {number}: expected an object with id, question, expected_sql")
             continue
         try:
-            benchmark = Benchmark.model_validate({k: v for k, v in record.items() if v not in (None, "") or k != "tags"})
+            benchmark = Benchmark.model_validate(
+                {k: v for k, v in record.items() if v not in (None, "") or k != "tags"}
+            )
         except ValidationError as exc:
             label = record.get("id") or "(no id)"
             details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())

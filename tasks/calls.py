@@ -13,7 +13,7 @@ from typing import Any
 
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.service.serving import ChatMessage, ChatMessageRole
-from databricks.sdk.service.sql import Disposition, Format, StatementState, ExecuteStatementRequestOnWaitTimeout
+from databricks.sdk.service.sql import Disposition, ExecuteStatementRequestOnWaitTimeout, Format, StatementState
 
 from tasks.errors import CallTimeout, InvalidResponse, PermanentError
 
@@ -27,9 +27,15 @@ class GenieFailed(PermanentError):
     kind = "genie_error"
 
 
-def ask_genie(client: WorkspaceClient, space_id: str, question: str, timeout_s: float,
-              poll_initial_s: float = 1.0, poll_max_s: float = 5.0,
-              sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+def ask_genie(
+    client: WorkspaceClient,
+    space_id: str,
+    question: str,
+    timeout_s: float,
+    poll_initial_s: float = 1.0,
+    poll_max_s: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
     """Ask one question in a new conversation and wait for Genie's answer.
 
     Polls every `poll_initial_s`, backing off by 1.5x up to `poll_max_s` (Databricks asks for 1-5 s),
@@ -47,8 +53,7 @@ def ask_genie(client: WorkspaceClient, space_id: str, question: str, timeout_s: 
     conversation_id, message_id = started.conversation_id, started.message_id
     interval = poll_initial_s
     while True:
-        message = client.genie.get_message(space_id=space_id, conversation_id=conversation_id,
-                                           message_id=message_id)
+        message = client.genie.get_message(space_id=space_id, conversation_id=conversation_id, message_id=message_id)
         status = message.status.value if message.status else "UNKNOWN"
         if status in TERMINAL_GENIE:
             break
@@ -60,13 +65,24 @@ def ask_genie(client: WorkspaceClient, space_id: str, question: str, timeout_s: 
     if status != "COMPLETED":
         reason = message.error.error if message.error and message.error.error else status
         raise GenieFailed(f"Genie message {status}: {reason}")
-    answer: dict[str, Any] = {"kind": "text", "sql": None, "text": None, "row_count": None, "truncated": False,
-                              "conversation_id": conversation_id, "message_id": message_id}
+    answer: dict[str, Any] = {
+        "kind": "text",
+        "sql": None,
+        "text": None,
+        "row_count": None,
+        "truncated": False,
+        "conversation_id": conversation_id,
+        "message_id": message_id,
+    }
     for attachment in message.attachments or []:
         if attachment.query and attachment.query.query:
             meta = attachment.query.query_result_metadata
-            answer.update(kind="sql", sql=attachment.query.query, row_count=meta.row_count if meta else None,
-                          truncated=bool(meta and meta.is_truncated))
+            answer.update(
+                kind="sql",
+                sql=attachment.query.query,
+                row_count=meta.row_count if meta else None,
+                truncated=bool(meta and meta.is_truncated),
+            )
             break
         if attachment.text and attachment.text.content and answer["text"] is None:
             answer["text"] = attachment.text.content
@@ -74,14 +90,25 @@ def ask_genie(client: WorkspaceClient, space_id: str, question: str, timeout_s: 
 
 
 _CASTS: dict[str, Callable[[str], Any]] = {
-    "LONG": int, "INT": int, "SHORT": int, "BYTE": int,
-    "DOUBLE": float, "FLOAT": float, "DECIMAL": float,
+    "LONG": int,
+    "INT": int,
+    "SHORT": int,
+    "BYTE": int,
+    "DOUBLE": float,
+    "FLOAT": float,
+    "DECIMAL": float,
     "BOOLEAN": lambda v: v.lower() == "true",
 }
 
 
-def run_sql(client: WorkspaceClient, warehouse_id: str, sql: str, timeout_s: float,
-            row_limit: int = GENIE_ROW_CAP, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+def run_sql(
+    client: WorkspaceClient,
+    warehouse_id: str,
+    sql: str,
+    timeout_s: float,
+    row_limit: int = GENIE_ROW_CAP,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
     """Run one statement and return its rows, or the warehouse's error as a value.
 
     A statement that fails in the warehouse (bad SQL, refused write) is a *result*, `{"error": ...}`,
@@ -93,9 +120,13 @@ def run_sql(client: WorkspaceClient, warehouse_id: str, sql: str, timeout_s: flo
     deadline = time.monotonic() + timeout_s
     wait = "0s" if timeout_s < 5 else f"{min(50, int(timeout_s))}s"
     response = client.statement_execution.execute_statement(
-        statement=sql, warehouse_id=warehouse_id, wait_timeout=wait, row_limit=row_limit,
+        statement=sql,
+        warehouse_id=warehouse_id,
+        wait_timeout=wait,
+        row_limit=row_limit,
         on_wait_timeout=ExecuteStatementRequestOnWaitTimeout.CONTINUE,
-        format=Format.JSON_ARRAY, disposition=Disposition.INLINE,
+        format=Format.JSON_ARRAY,
+        disposition=Disposition.INLINE,
     )
     interval = 0.05
     while response.status and response.status.state in (StatementState.PENDING, StatementState.RUNNING):
@@ -115,20 +146,26 @@ def run_sql(client: WorkspaceClient, warehouse_id: str, sql: str, timeout_s: flo
     casts = [_CASTS.get(c.type_name.value if c.type_name else "", str) for c in columns]
     data = (response.result.data_array if response.result else None) or []
     rows = [[None if v is None else cast(v) for cast, v in zip(casts, row, strict=False)] for row in data]
-    return {"columns": [c.name for c in columns], "rows": rows, "row_count": len(rows),
-            "truncated": bool(response.manifest.truncated)}
+    return {
+        "columns": [c.name for c in columns],
+        "rows": rows,
+        "row_count": len(rows),
+        "truncated": bool(response.manifest.truncated),
+    }
 
 
-def chat(client: WorkspaceClient, endpoint: str, prompt: str, *, system: str | None = None,
-         max_tokens: int = 4096) -> dict[str, Any]:
+def chat(
+    client: WorkspaceClient, endpoint: str, prompt: str, *, system: str | None = None, max_tokens: int = 4096
+) -> dict[str, Any]:
     """One chat completion. Returns {"content", "prompt_tokens", "completion_tokens"}."""
     messages = [ChatMessage(role=ChatMessageRole.SYSTEM, content=system)] if system else []
     messages.append(ChatMessage(role=ChatMessageRole.USER, content=prompt))
-    response = client.serving_endpoints.query(name=endpoint, messages=messages, max_tokens=max_tokens,
-                                              temperature=0.0)
+    response = client.serving_endpoints.query(name=endpoint, messages=messages, max_tokens=max_tokens, temperature=0.0)
     if not response.choices or response.choices[0].message is None:
         raise InvalidResponse(f"endpoint {endpoint} returned no choices")
     usage = response.usage
-    return {"content": response.choices[0].message.content or "",
-            "prompt_tokens": usage.prompt_tokens if usage else None,
-            "completion_tokens": usage.completion_tokens if usage else None}
+    return {
+        "content": response.choices[0].message.content or "",
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+    }

@@ -12,7 +12,6 @@ import math
 from typing import Any, Literal
 
 import sqlglot
-from sqlglot import exp
 
 Decision = Literal["correct", "incorrect", "undecided"]
 
@@ -37,7 +36,7 @@ def _cell(value: Any, tolerance: float) -> Any:
         return str(value).strip()
     if math.isnan(number):
         return None
-    digits = max(0, -int(math.floor(math.log10(tolerance)))) if tolerance > 0 else 12
+    digits = max(0, -math.floor(math.log10(tolerance))) if tolerance > 0 else 12
     return round(number, digits) if abs(number) < 1 else float(f"{number:.{digits}g}")
 
 
@@ -46,8 +45,9 @@ def _column(rows: list[list[Any]], i: int, tolerance: float, ordered: bool) -> t
     return tuple(values) if ordered else tuple(sorted(values, key=lambda v: (v is None, str(type(v)), str(v))))
 
 
-def compare(expected: dict[str, Any], actual: dict[str, Any], ordered: bool,
-            tolerance: float = 1e-6) -> tuple[Decision, str]:
+def compare(
+    expected: dict[str, Any], actual: dict[str, Any], ordered: bool, tolerance: float = 1e-6
+) -> tuple[Decision, str]:
     """Compare two results of `tasks.calls.run_sql`. Returns (decision, reason)."""
     if actual.get("truncated"):
         return "undecided", "the answer's result was truncated at the row cap; it cannot be compared as complete"
@@ -78,8 +78,9 @@ def compare(expected: dict[str, Any], actual: dict[str, Any], ordered: bool,
     return "correct", "same rows" + (" in the same order" if ordered else " (row order ignored)")
 
 
-def _rows_match(exp_rows: list[list[Any]], act_rows: list[list[Any]], expected: dict[str, Any],
-                tolerance: float, used: set[int]) -> bool:
+def _rows_match(
+    exp_rows: list[list[Any]], act_rows: list[list[Any]], expected: dict[str, Any], tolerance: float, used: set[int]
+) -> bool:
     """Columns matched one by one; check that whole rows also match (as multisets)."""
     n = len(expected["columns"])
     exp_set = sorted(str(tuple(_cell(r[i], tolerance) for i in range(n))) for r in exp_rows)
@@ -90,8 +91,9 @@ def _rows_match(exp_rows: list[list[Any]], act_rows: list[list[Any]], expected: 
     return False
 
 
-def _candidate_mappings(exp_rows: list[list[Any]], act_rows: list[list[Any]], n: int,
-                        tolerance: float) -> list[list[int]]:
+def _candidate_mappings(
+    exp_rows: list[list[Any]], act_rows: list[list[Any]], n: int, tolerance: float
+) -> list[list[int]]:
     """Expected column i -> the actual columns with the same multiset of values (first consistent pick)."""
     n_act = len(act_rows[0]) if act_rows else n
     options = []

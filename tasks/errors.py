@@ -1,16 +1,16 @@
 """One exception tree for every external call; retry decisions read the class, never the message.
 
-    BatchflowsError
-    ├── TransientError          retried with backoff
-    │   ├── RateLimited         429 (and 503 with Retry-After): carries retry_after_s
-    │   ├── ServerError         5xx
-    │   ├── CallTimeout         the call overran its deadline, or the HTTP read timed out
-    │   └── ConnectionFailed    reset, refused, dropped
-    └── PermanentError          fails at once
-        ├── BadRequest          400, 409 and other 4xx
-        ├── Unauthorized        401 / 403
-        ├── NotFound            404
-        └── InvalidResponse     a 2xx answer we cannot use (malformed JSON, wrong shape)
+BatchflowsError
+├── TransientError          retried with backoff
+│   ├── RateLimited         429 (and 503 with Retry-After): carries retry_after_s
+│   ├── ServerError         5xx
+│   ├── CallTimeout         the call overran its deadline, or the HTTP read timed out
+│   └── ConnectionFailed    reset, refused, dropped
+└── PermanentError          fails at once
+    ├── BadRequest          400, 409 and other 4xx
+    ├── Unauthorized        401 / 403
+    ├── NotFound            404
+    └── InvalidResponse     a 2xx answer we cannot use (malformed JSON, wrong shape)
 """
 
 from __future__ import annotations
@@ -128,9 +128,16 @@ def classify(exc: BaseException, timeout_s: float = 0) -> BatchflowsError:
 def _status_of(exc: DatabricksError) -> int | None:
     from databricks.sdk.errors import platform as p
 
-    for cls, status in ((p.TooManyRequests, 429), (p.TemporarilyUnavailable, 503), (p.InternalError, 500),
-                        (p.Unauthenticated, 401), (p.PermissionDenied, 403), (p.NotFound, 404),
-                        (p.BadRequest, 400), (p.ResourceConflict, 409)):
+    for cls, status in (
+        (p.TooManyRequests, 429),
+        (p.TemporarilyUnavailable, 503),
+        (p.InternalError, 500),
+        (p.Unauthenticated, 401),
+        (p.PermissionDenied, 403),
+        (p.NotFound, 404),
+        (p.BadRequest, 400),
+        (p.ResourceConflict, 409),
+    ):
         if isinstance(exc, cls):
             return status
     response = getattr(exc, "_response", None) or getattr(exc, "response", None)

@@ -6,9 +6,9 @@ import json
 from typing import Any
 
 import sqlglot
+from databricks.sdk import WorkspaceClient
 from sqlglot import exp
 
-from databricks.sdk import WorkspaceClient
 from tasks.batched import ask_validated
 from tasks.calls import chat
 
@@ -39,12 +39,18 @@ def read_only_problem(sql: str) -> str | None:
     return None
 
 
-def case_item(case_id: str, question: str, expected: dict[str, Any], actual: dict[str, Any],
-              note: str) -> dict[str, Any]:
+def case_item(
+    case_id: str, question: str, expected: dict[str, Any], actual: dict[str, Any], note: str
+) -> dict[str, Any]:
     """One judge item, with results cut to SAMPLE_ROWS rows to bound the prompt."""
+
     def cut(result: dict[str, Any]) -> dict[str, Any]:
-        return {"columns": result["columns"], "rows": result["rows"][:SAMPLE_ROWS],
-                "row_count": result.get("row_count"), "truncated": result.get("truncated", False)}
+        return {
+            "columns": result["columns"],
+            "rows": result["rows"][:SAMPLE_ROWS],
+            "row_count": result.get("row_count"),
+            "truncated": result.get("truncated", False),
+        }
 
     return {"id": case_id, "question": question, "expected": cut(expected), "actual": cut(actual), "note": note}
 
@@ -63,6 +69,7 @@ def judge_cases(client: WorkspaceClient, endpoint: str, items: list[dict[str, An
     Invalid elements are re-asked (alone, or in halves when the whole reply is broken); an item still
     invalid after being asked alone comes back as {"verdict": None, "reason": problem}.
     """
+
     def ask(batch: list[dict[str, Any]]) -> str:
         payload = {"task": "judge", "items": batch}
         prompt = "Judge these items.\n```json\n" + json.dumps(payload, ensure_ascii=False, default=str) + "\n```"

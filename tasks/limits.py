@@ -30,16 +30,21 @@ def ensure_limit(name: str, limit: int, slot_decay_per_second: float | None = No
             existing = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True,
-                                             slot_decay_per_second=slot_decay_per_second or 0.0)
+                GlobalConcurrencyLimitCreate(
+                    name=name, limit=limit, active=True, slot_decay_per_second=slot_decay_per_second or 0.0
+                )
             )
             return
         if (existing.limit, existing.active, existing.slot_decay_per_second) != (
-            limit, True, slot_decay_per_second or 0.0
+            limit,
+            True,
+            slot_decay_per_second or 0.0,
         ):
             client.update_global_concurrency_limit(
-                name, GlobalConcurrencyLimitUpdate(limit=limit, active=True,
-                                                   slot_decay_per_second=slot_decay_per_second or 0.0)
+                name,
+                GlobalConcurrencyLimitUpdate(
+                    limit=limit, active=True, slot_decay_per_second=slot_decay_per_second or 0.0
+                ),
             )
 
 

@@ -67,8 +67,13 @@ class RowOutcome:
     cached: bool = False
 
     def failure_record(self, phase: str) -> dict[str, Any]:
-        return {"row_key": self.key, "phase": phase, "error_kind": self.error_kind, "message": self.message,
-                "attempts": self.attempts}
+        return {
+            "row_key": self.key,
+            "phase": phase,
+            "error_kind": self.error_kind,
+            "message": self.message,
+            "attempts": self.attempts,
+        }
 
 
 @dataclass
@@ -151,14 +156,26 @@ def run_rows(
         return [f.result() for f in futures]
 
 
-def _run_one(row: Row, call: Callable[[Any], Any], lane: Lane, policy: RetryPolicy,
-             log: logging.Logger | logging.LoggerAdapter[Any], breaker: CircuitBreaker | None,
-             cache: Cache | None, sleep: Callable[[float], None]) -> RowOutcome:
+def _run_one(
+    row: Row,
+    call: Callable[[Any], Any],
+    lane: Lane,
+    policy: RetryPolicy,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    breaker: CircuitBreaker | None,
+    cache: Cache | None,
+    sleep: Callable[[float], None],
+) -> RowOutcome:
     attempt, started = 0, time.monotonic()
     while True:
         if breaker is not None and not breaker.allow():
-            return RowOutcome(row.key, "deferred", attempts=attempt, error_kind="circuit_open",
-                              message="circuit breaker open: left for the sequential fallback")
+            return RowOutcome(
+                row.key,
+                "deferred",
+                attempts=attempt,
+                error_kind="circuit_open",
+                message="circuit breaker open: left for the sequential fallback",
+            )
         attempt += 1
         if lane.rate_limit:
             _take_rate_slot(lane.rate_limit)
@@ -185,8 +202,14 @@ def _run_one(row: Row, call: Callable[[Any], Any], lane: Lane, policy: RetryPoli
         else:
             log.warning(f"[{row.index}] ❌ {error.kind}: {error} (attempt {attempt})")
         if permanent or attempt > policy.retries:
-            return RowOutcome(row.key, "failed", error_kind=error.kind, message=str(error), attempts=attempt,
-                              latency_s=time.monotonic() - started)
+            return RowOutcome(
+                row.key,
+                "failed",
+                error_kind=error.kind,
+                message=str(error),
+                attempts=attempt,
+                latency_s=time.monotonic() - started,
+            )
         delay = policy.delay(attempt, error.retry_after_s if isinstance(error, RateLimited) else None)
         log.info(f"[{row.index}] Retrying in {delay:.3g}s...")
         sleep(delay)

@@ -1,0 +1,60 @@
+"""Shared fixtures: one Prefect test server and one sandbox workspace per session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["BATCHFLOWS_HOME"] = str(tmp_path_factory.mktemp("batchflows-home"))
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[object]:
+    from sandbox import Sandbox
+
+    with Sandbox(seed=0) as sb:
+        yield sb
+
+
+@pytest.fixture
+def sb(sandbox_server: object) -> object:
+    """The session's sandbox with faults cleared and counters reset."""
+    sandbox_server.reset()  # type: ignore[attr-defined]
+    return sandbox_server
+
+
+@pytest.fixture
+def client(sb: object) -> object:
+    from blocks.workspace import DatabricksWorkspace
+
+    return DatabricksWorkspace(host=sb.host, token=sb.token).client(5)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def workspace_block(prefect_api: None, sb: object) -> str:
+    from blocks.workspace import DatabricksWorkspace
+
+    DatabricksWorkspace(host=sb.host, token=sb.token).save("test-sandbox", overwrite=True)  # type: ignore[attr-defined]
+    return "test-sandbox"
+
+
+@pytest.fixture
+def ledger_block(prefect_api: None, tmp_path: Path) -> str:
+    from blocks.ledger import RowLedger
+
+    name = f"ledger-{uuid.uuid4().hex[:8]}"
+    RowLedger(path=str(tmp_path / "ledger.sqlite")).save(name)
+    return name
