@@ -45,6 +45,7 @@ def score(
     ledger_block: str | None = None,
     output_dir: str = "out",
     fresh: bool = False,
+    breaker_block: str = "genie-breaker",
 ) -> dict[str, Any]:
     """Score `space_id` on the benchmarks (a file path or a list) and return the scorecard.
 
@@ -58,6 +59,7 @@ def score(
         ledger_block: name of a saved RowLedger block (default: ~/.batchflows/ledger.sqlite).
         output_dir: where the report's Parquet and CSV files go.
         fresh: ignore finished rows of earlier runs of the same inputs and ask everything again.
+        breaker_block: name of the CircuitBreaker block guarding Genie (created CLOSED if missing).
     """
     log = get_run_logger()
     settings = settings or ScoreSettings()
@@ -69,7 +71,7 @@ def score(
     session = stable_key(space_id, space.etag, warehouse_id, str(get_run_context().flow_run.id) if fresh else "")
 
     breaker = CircuitBreaker.load_or_create(
-        "genie-breaker", settings.genie_circuit_threshold, settings.genie_circuit_cooldown
+        breaker_block, settings.genie_circuit_threshold, settings.genie_circuit_cooldown
     )
     log.info(
         f"BatchGenieClient initialized: max_concurrent={settings.genie_max_concurrent}, "
