@@ -91,14 +91,19 @@ class CircuitBreaker(Block):
             return max(0.0, self.opened_at + self.cooldown_s - self._clock())
 
     def record_success(self) -> None:
+        """A call succeeded. While OPEN, late answers of calls begun before it opened change nothing."""
         with self._lock:
+            if self.state == "OPEN":
+                return
             self._probe_in_flight = False
             self.consecutive_failures = 0
-            if self.state != "CLOSED":
+            if self.state == "HALF_OPEN":
                 self._transition("CLOSED", "Circuit breaker: Service recovered (CLOSED)")
 
     def record_failure(self) -> None:
         with self._lock:
+            if self.state == "OPEN":
+                return
             self._probe_in_flight = False
             self.consecutive_failures += 1
             if self.state == "HALF_OPEN" or (

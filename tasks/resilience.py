@@ -168,19 +168,20 @@ def _run_one(
 ) -> RowOutcome:
     attempt, started = 0, time.monotonic()
     while True:
-        if breaker is not None and not breaker.allow():
-            return RowOutcome(
-                row.key,
-                "deferred",
-                attempts=attempt,
-                error_kind="circuit_open",
-                message="circuit breaker open: left for the sequential fallback",
-            )
-        attempt += 1
         if lane.rate_limit:
             _take_rate_slot(lane.rate_limit)
         error: BatchflowsError | None = None
         with lane:
+            # checked once the slot is ours: calls queued behind the one that opened the circuit must not go
+            if breaker is not None and not breaker.allow():
+                return RowOutcome(
+                    row.key,
+                    "deferred",
+                    attempts=attempt,
+                    error_kind="circuit_open",
+                    message="circuit breaker open: left for the sequential fallback",
+                )
+            attempt += 1
             t0 = time.monotonic()
             try:
                 value = call(row.payload)

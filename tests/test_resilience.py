@@ -40,8 +40,9 @@ def test_policy_delays_are_exponential_with_jitter():
 def test_transient_faults_are_retried_with_backoff_and_retry_after(sb):
     sb.set_faults("sql", script=["429", "500", "ok"], retry_after_s=7)
     slept: list[float] = []
-    [outcome] = run_rows(_rows(1), _sql_call(sb), lane=lane("t-sql", 3), policy=RetryPolicy(base_delay_s=5),
-                         log=log, sleep=slept.append)
+    [outcome] = run_rows(
+        _rows(1), _sql_call(sb), lane=lane("t-sql", 3), policy=RetryPolicy(base_delay_s=5), log=log, sleep=slept.append
+    )
     assert outcome.status == "ok" and outcome.attempts == 3
     assert outcome.value["rows"] == [[0]]
     assert slept[0] == 7  # Retry-After beat the 5 s backoff
@@ -52,16 +53,27 @@ def test_transient_faults_are_retried_with_backoff_and_retry_after(sb):
 @pytest.mark.parametrize("fault", ["503", "reset", "hang"])
 def test_each_transport_fault_is_retried_once_then_succeeds(sb, fault):
     sb.set_faults("sql", script=[fault], hang_s=30)
-    [outcome] = run_rows(_rows(1), _sql_call(sb, timeout=1.0), lane=lane("t-sql", 3),
-                         policy=RetryPolicy(base_delay_s=0.01), log=log, sleep=lambda s: None)
+    [outcome] = run_rows(
+        _rows(1),
+        _sql_call(sb, timeout=1.0),
+        lane=lane("t-sql", 3),
+        policy=RetryPolicy(base_delay_s=0.01),
+        log=log,
+        sleep=lambda s: None,
+    )
     assert outcome.status == "ok" and outcome.attempts == 2
     assert sb.stats()["sql"]["calls"] == 2
 
 
 def test_permanent_errors_fail_at_once(sb):
     client = DatabricksWorkspace(host=sb.host, token=sb.token).client(2)
-    [outcome] = run_rows([Row("x", 0, "hello")], lambda p: chat(client, "no-such-endpoint", p),
-                         lane=lane("t-llm", 2), policy=RetryPolicy(base_delay_s=0.01), log=log)
+    [outcome] = run_rows(
+        [Row("x", 0, "hello")],
+        lambda p: chat(client, "no-such-endpoint", p),
+        lane=lane("t-llm", 2),
+        policy=RetryPolicy(base_delay_s=0.01),
+        log=log,
+    )
     assert outcome.status == "failed" and outcome.attempts == 1
     assert outcome.error_kind == "not_found"
     assert "Endpoint with name 'no-such-endpoint' does not exist" in outcome.message
@@ -69,11 +81,17 @@ def test_permanent_errors_fail_at_once(sb):
 
 def test_retries_exhausted_become_a_failure_record(sb):
     sb.set_faults("sql", rate_500=1.0)
-    [outcome] = run_rows(_rows(1), _sql_call(sb), lane=lane("t-sql", 3), policy=RetryPolicy(retries=2, base_delay_s=0),
-                         log=log)
+    [outcome] = run_rows(
+        _rows(1), _sql_call(sb), lane=lane("t-sql", 3), policy=RetryPolicy(retries=2, base_delay_s=0), log=log
+    )
     assert outcome.status == "failed" and outcome.attempts == 3
-    assert outcome.failure_record("sql") == {"row_key": "k0", "phase": "sql", "error_kind": "server_error",
-                                             "message": outcome.message, "attempts": 3}
+    assert outcome.failure_record("sql") == {
+        "row_key": "k0",
+        "phase": "sql",
+        "error_kind": "server_error",
+        "message": outcome.message,
+        "attempts": 3,
+    }
     assert sb.stats()["sql"]["calls"] == 3
 
 
@@ -136,8 +154,15 @@ def test_breaker_state_is_persisted_in_its_block(prefect_api):
 def test_open_breaker_defers_the_rest(sb):
     sb.set_faults("sql", down=True)
     breaker = _breaker(threshold=3)
-    outcomes = run_rows(_rows(10), _sql_call(sb), lane=lane("t-sql-1", 1), policy=RetryPolicy(retries=0), log=log,
-                        breaker=breaker, sequential=True)
+    outcomes = run_rows(
+        _rows(10),
+        _sql_call(sb),
+        lane=lane("t-sql-1", 1),
+        policy=RetryPolicy(retries=0),
+        log=log,
+        breaker=breaker,
+        sequential=True,
+    )
     assert [o.status for o in outcomes] == ["failed"] * 3 + ["deferred"] * 7
     assert sb.stats()["sql"]["calls"] == 3
 

@@ -1,0 +1,157 @@
+"""The scoring flow end to end on the sandbox: verdicts, batch vs sequential, reruns, breaker scenarios."""
+
+from __future__ import annotations
+
+import uuid
+from importlib import resources
+
+import pandas as pd
+import pytest
+
+from blocks.settings import score_settings
+from flows.score import score
+from tasks.benchmarks import BenchmarkFileError, load_benchmarks
+
+BENCHMARKS = str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
+FAST = {
+    "genie_rpm": 0,
+    "genie_poll_initial": 0.05,
+    "genie_poll_max": 0.2,
+    "genie_retry_delay": 0.05,
+    "fallback_delay": 0.05,
+}
+
+
+def _score(
+    workspace_block,
+    ledger_block,
+    tmp_path,
+    benchmarks=BENCHMARKS,
+    sequential=False,
+    space="retail",
+    breaker=None,
+    **settings,
+):
+    return score(
+        benchmarks,
+        space,
+        "sandbox-warehouse",
+        score_settings(**{**FAST, **settings}),
+        sequential=sequential,
+        workspace_block=workspace_block,
+        ledger_block=ledger_block,
+        output_dir=str(tmp_path),
+        breaker_block=breaker or f"b-{uuid.uuid4().hex[:8]}",
+    )
+
+
+def test_scorecard_gives_every_benchmark_a_verdict(sb, workspace_block, ledger_block, tmp_path):
+    sb.set_faults("genie", latency_ms=100)
+    result = _score(workspace_block, ledger_block, tmp_path)
+    assert result["total"] == 32 and len(result["rows"]) == 32
+    assert sum(result["verdicts"].values()) == 32
+    assert result["verdicts"]["correct"] >= 20
+    assert result["verdicts"]["sql_error"] >= 1 and result["verdicts"]["no_sql"] >= 1
+    assert result["judged"] >= 1 and result["judge_calls"] == sb.stats()["chat"]["calls"]
+    # the comparison decides most cases: far fewer judge calls than cases
+    assert result["judged"] < result["total"] / 3
+    assert sb.stats()["genie"]["calls"] == 32 and sb.stats()["genie"]["max_in_flight"] == 3
+    frame = pd.read_parquet(result["files"]["parquet"])
+    assert list(frame["id"]) == [f"q{i:02d}" for i in range(1, 33)]
+    assert set(frame["stage"]) <= {"comparison", "judge", "genie"}
+
+
+def test_batch_and_sequential_give_the_same_verdicts(sb, workspace_block, tmp_path, prefect_api):
+    from blocks.ledger import RowLedger
+
+    RowLedger(path=str(tmp_path / "a.sqlite")).save("ledger-a", overwrite=True)
+    RowLedger(path=str(tmp_path / "b.sqlite")).save("ledger-b", overwrite=True)
+    batch = _score(workspace_block, "ledger-a", tmp_path)
+    sequential = _score(workspace_block, "ledger-b", tmp_path, sequential=True)
+    assert [(r["id"], r["verdict"]) for r in batch["rows"]] == [(r["id"], r["verdict"]) for r in sequential["rows"]]
+
+
+def test_rerun_asks_genie_nothing_it_already_answered(sb, workspace_block, ledger_block, tmp_path):
+    sb.set_faults("genie", script=["500"] * 3)  # three questions fail for good in run one (no retries)
+    first = _score(workspace_block, ledger_block, tmp_path, genie_retry_attempts=0)
+    failed = {r["question"] for r in first["rows"] if r["verdict"] == "genie_error"}
+    assert len(failed) == 3
+    sb.reset()
+    second = _score(workspace_block, ledger_block, tmp_path)
+    assert {e["question"] for e in sb.requests("genie")} == failed  # only those were asked again
+    assert sb.stats()["genie"]["calls"] == 3
+    assert second["cached_genie_answers"] == 29
+    assert second["verdicts"]["genie_error"] == 0
+
+
+def test_breaker_healthy_stays_closed(sb, workspace_block, ledger_block, tmp_path):
+    result = _score(workspace_block, ledger_block, tmp_path)
+    assert result["circuit_state"] == "CLOSED" and result["circuit_events"] == []
+
+
+def test_breaker_opens_falls_back_and_recovers(sb, workspace_block, ledger_block, tmp_path):
+    sb.set_faults("genie", script=["503"] * 5, retry_after_s=0)
+    result = _score(
+        workspace_block,
+        ledger_block,
+        tmp_path,
+        genie_retry_attempts=0,
+        genie_circuit_threshold=5,
+        genie_circuit_cooldown=0.3,
+        genie_max_concurrent=1,
+    )
+    assert result["circuit_events"] == [
+        "Circuit breaker: Too many failures (5) - OPENING circuit",
+        "Circuit breaker: Attempting to recover (HALF_OPEN)",
+        "Circuit breaker: Service recovered (CLOSED)",
+    ]
+    assert result["circuit_state"] == "CLOSED"
+    assert result["verdicts"]["genie_error"] == 5  # the five that failed before the circuit opened
+    assert sb.stats()["genie"]["calls"] == 32  # 5 failures, then 27 answered (in batch and fallback)
+
+
+def test_service_down_gives_partial_results_and_completes(sb, workspace_block, ledger_block, tmp_path):
+    sb.set_faults("genie", down=True, retry_after_s=0)
+    result = _score(
+        workspace_block,
+        ledger_block,
+        tmp_path,
+        genie_retry_attempts=0,
+        genie_circuit_threshold=5,
+        genie_circuit_cooldown=0.6,
+        fallback_max_wait=1,
+    )
+    assert result["verdicts"]["genie_error"] == 32
+    kinds = {f["error_kind"] for f in result["failures"]}
+    assert kinds == {"rate_limited", "circuit_open"}
+    assert len(result["failures"]) == 32
+    assert result["circuit_state"] in ("OPEN", "HALF_OPEN")
+
+
+def test_genie_rpm_spaces_questions_apart(sb, workspace_block, ledger_block, tmp_path):
+    items = load_benchmarks(BENCHMARKS)[:5]
+    _score(workspace_block, ledger_block, tmp_path, benchmarks=items, genie_rpm=120, genie_max_concurrent=5)
+    starts = sorted(e["t"] for e in sb.requests("genie"))
+    assert len(starts) == 5
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert min(gaps) >= 0.45  # 120 per minute: one every 0.5 s
+
+
+def test_bad_benchmark_file_names_every_bad_row(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_text("id,question,expected_sql\nq1,How many?,SELECT 1\nq1,Again?,SELECT 2\nq3,,SELECT 3\n")
+    with pytest.raises(BenchmarkFileError) as info:
+        load_benchmarks(path)
+    message = str(info.value)
+    assert "row 2: duplicate id 'q1' (first at row 1)" in message
+    assert "row 3 (id q3): question: String should have at least 1 character" in message
+
+
+def test_invalid_settings_are_rejected_with_the_field_name():
+    with pytest.raises(ValueError, match="genie_max_concurrent"):
+        score_settings(genie_max_concurrent=0)
+    with pytest.raises(ValueError, match="eval_chunk_size"):
+        score_settings(eval_chunk_size=500)
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        score_settings("fast")
+    assert score_settings("conservative", sql_max_concurrent=7).genie_max_concurrent == 2
