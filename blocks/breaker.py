@@ -53,7 +53,7 @@ class CircuitBreaker(Block):
         """The saved breaker `name` (thresholds updated from settings), or a new CLOSED one saved under it."""
         breaker: CircuitBreaker
         try:
-            breaker = cls.load(name) if persist else cls()
+            breaker = cls.load(name) if persist else cls()  # type: ignore[assignment]
         except ValueError:
             breaker = cls()
         breaker.failure_threshold, breaker.cooldown_s = failure_threshold, cooldown_s

@@ -84,4 +84,4 @@ def score_settings(preset: str = "default", **overrides: object) -> ScoreSetting
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    return ScoreSettings(**values)  # type: ignore[arg-type]
+    return ScoreSettings.model_validate(values)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.breaker import CircuitBreaker
@@ -34,7 +34,11 @@ def _blocks(workspace_block: str | None, ledger_block: str | None) -> tuple[Data
     return workspace, ledger  # type: ignore[return-value]
 
 
-@flow(name="score-genie-space", task_runner=ThreadPoolTaskRunner(max_workers=16), persist_result=False)
+@flow(
+    name="score-genie-space",
+    task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
+    persist_result=False,
+)
 def score(
     benchmarks: str | list[Benchmark],
     space_id: str,
@@ -68,7 +72,8 @@ def score(
     workspace, ledger = _blocks(workspace_block, ledger_block)
     genie_client = workspace.client(settings.genie_timeout)
     space = genie_client.genie.get_space(space_id)
-    session = stable_key(space_id, space.etag, warehouse_id, str(get_run_context().flow_run.id) if fresh else "")
+    run_id = str(FlowRunContext.get().flow_run.id) if fresh else ""  # type: ignore[union-attr]
+    session = stable_key(space_id, space.etag, warehouse_id, run_id)
 
     breaker = CircuitBreaker.load_or_create(
         breaker_block, settings.genie_circuit_threshold, settings.genie_circuit_cooldown
@@ -249,9 +254,10 @@ def _judge(
     calls = 0
     verdicts = {cases[k]["id"]: v for k, v in known.items()}
     key_of = {c["id"]: k for k, c in cases.items()}
-    for row, outcome in zip(rows, (outcomes[r.key] for r in rows), strict=True):
+    for chunk_row in rows:
+        outcome = outcomes[chunk_row.key]
         if outcome.status != "ok":
-            for case in row.payload:
+            for case in chunk_row.payload:
                 verdicts[case["id"]] = {"verdict": None, "reason": f"judge call failed: {outcome.message}"}
             continue
         calls += outcome.value["calls"]

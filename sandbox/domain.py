@@ -84,7 +84,7 @@ def build_tables(seed: int = 7, scale: int = 1) -> dict[str, pd.DataFrame]:
         order_rows.append((oid, rng.randrange(1, 500 * scale + 1), store_id, order_date, rng.choice(STATUSES), channel))
         for line_no in range(1, rng.randrange(1, 5) + 1):
             pid = rng.randrange(1, 61)
-            price = float(products.at[pid - 1, "unit_price"])
+            price = float(products["unit_price"].iloc[pid - 1])
             discount = rng.choice([0.0, 0.0, 0.0, 0.05, 0.1, 0.2])
             item_rows.append((oid, line_no, pid, rng.randrange(1, 6), price, discount))
     orders = pd.DataFrame(

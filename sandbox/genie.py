@@ -133,7 +133,8 @@ def equivalent_sql(sql: str) -> str:
     else:
         # keep ORDER BY valid after renaming: order by position
         order = select.args["order"]
-        names = [p.alias_or_name for p in sqlglot.parse_one(sql, read="duckdb").find(exp.Select).expressions]
+        original = sqlglot.parse_one(sql, read="duckdb").find(exp.Select)
+        names = [p.alias_or_name for p in original.expressions] if original else []
         for ordered in order.expressions:
             target = ordered.this
             if isinstance(target, exp.Column) and target.name in names and not target.table:

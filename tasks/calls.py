@@ -49,7 +49,7 @@ def ask_genie(
         GenieFailed: Genie's message ended FAILED, CANCELLED or expired.
     """
     deadline = time.monotonic() + timeout_s
-    started = client.genie.start_conversation(space_id=space_id, content=question).response
+    started: Any = client.genie.start_conversation(space_id=space_id, content=question).response
     conversation_id, message_id = started.conversation_id, started.message_id
     interval = poll_initial_s
     while True:
@@ -129,13 +129,14 @@ def run_sql(
         disposition=Disposition.INLINE,
     )
     interval = 0.05
+    statement_id = response.statement_id or ""
     while response.status and response.status.state in (StatementState.PENDING, StatementState.RUNNING):
         if time.monotonic() >= deadline:
-            client.statement_execution.cancel_execution(response.statement_id)
+            client.statement_execution.cancel_execution(statement_id)
             raise CallTimeout(f"statement did not finish within {timeout_s:g}s", timeout_s)
         sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(1.0, interval * 2)
-        response = client.statement_execution.get_statement(response.statement_id)
+        response = client.statement_execution.get_statement(statement_id)
     state = response.status.state if response.status else None
     if state != StatementState.SUCCEEDED:
         error = response.status.error if response.status else None
