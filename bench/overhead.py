@@ -1,0 +1,71 @@
+"""Orchestration overhead: N calls at concurrency C through `run_phase` in a Prefect flow, against a plain
+thread pool making the same calls, and the ideal ceil(N/C)*L. Prints figures; asserts nothing.
+
+    .venv/bin/python bench/overhead.py --n 1000 --concurrency 20 --latency 0.2 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prefect import flow  # noqa: E402
+
+from blocks.workspace import DatabricksWorkspace  # noqa: E402
+from flows.phase import PhaseSpec, run_phase  # noqa: E402
+from sandbox import Sandbox  # noqa: E402
+from tasks.calls import chat  # noqa: E402
+from tasks.resilience import RetryPolicy, Row  # noqa: E402
+
+ENDPOINT = "databricks-meta-llama-3-3-70b-instruct"
+
+
+@flow(name="bench-overhead", persist_result=False)
+def bench_flow(n: int, concurrency: int, host: str, token: str) -> int:
+    client = DatabricksWorkspace(host=host, token=token).client(30)
+    rows = [Row(f"r{i}", i, f"call {i}") for i in range(n)]
+    spec = PhaseSpec("bench", "bench", concurrency, RetryPolicy(retries=0))
+    outcomes = run_phase(spec, rows, lambda p: chat(client, ENDPOINT, p))
+    return sum(o.status == "ok" for o in outcomes.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--latency", type=float, nargs="+", default=[0.2, 0.5])
+    args = parser.parse_args()
+    with Sandbox() as sb:
+        client = DatabricksWorkspace(host=sb.host, token=sb.token).client(30)
+        bench_flow(10, 5, sb.host, sb.token)  # warm up the ephemeral API
+        print(f"N={args.n} concurrency={args.concurrency}")
+        print("| latency | ideal | plain pool | batchflows flow | flow / ideal | flow / plain |")
+        print("|---|---|---|---|---|---|")
+        for latency in args.latency:
+            sb.set_faults("chat", latency_ms=latency * 1000)
+            ideal = math.ceil(args.n / args.concurrency) * latency
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                list(pool.map(lambda i: chat(client, ENDPOINT, f"call {i}"), range(args.n)))
+            plain = time.monotonic() - t0
+            sb.reset(clear_faults=False)
+            t0 = time.monotonic()
+            ok = bench_flow(args.n, args.concurrency, sb.host, sb.token)
+            flow_s = time.monotonic() - t0
+            calls = sb.stats()["chat"]
+            assert ok == args.n == calls["calls"], (ok, calls)
+            print(f"| {latency} s | {ideal:.1f} s | {plain:.2f} s ({ideal / plain:.3f} of ideal) | {flow_s:.2f} s "
+                  f"| {ideal / flow_s:.3f} | {flow_s / plain:.3f}x | peak in flight {calls['max_in_flight']}")
+
+
+if __name__ == "__main__":
+    main()
