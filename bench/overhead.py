@@ -18,13 +18,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prefect import flow  # noqa: E402
+from prefect import flow
 
-from blocks.workspace import DatabricksWorkspace  # noqa: E402
-from flows.phase import PhaseSpec, run_phase  # noqa: E402
-from sandbox import Sandbox  # noqa: E402
-from tasks.calls import chat  # noqa: E402
-from tasks.resilience import RetryPolicy, Row  # noqa: E402
+from blocks.workspace import DatabricksWorkspace
+from flows.phase import PhaseSpec, run_phase
+from sandbox import Sandbox
+from tasks.calls import chat
+from tasks.resilience import RetryPolicy, Row
 
 ENDPOINT = "databricks-meta-llama-3-3-70b-instruct"
 
@@ -63,8 +63,10 @@ def main() -> None:
             flow_s = time.monotonic() - t0
             calls = sb.stats()["chat"]
             assert ok == args.n == calls["calls"], (ok, calls)
-            print(f"| {latency} s | {ideal:.1f} s | {plain:.2f} s ({ideal / plain:.3f} of ideal) | {flow_s:.2f} s "
-                  f"| {ideal / flow_s:.3f} | {flow_s / plain:.3f}x | peak in flight {calls['max_in_flight']}")
+            print(
+                f"| {latency} s | {ideal:.1f} s | {plain:.2f} s ({ideal / plain:.3f} of ideal) | {flow_s:.2f} s "
+                f"| {ideal / flow_s:.3f} | {flow_s / plain:.3f}x | peak in flight {calls['max_in_flight']}"
+            )
 
 
 if __name__ == "__main__":
