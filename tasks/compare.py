@@ -71,18 +71,15 @@ def compare(
         if n_act == n_exp:
             return "incorrect", f"values differ in column(s) {', '.join(unmatched)}"
         return "undecided", f"column(s) {', '.join(unmatched)} not found; the answer has other columns"
-    if not ordered and n_exp > 1 and not _rows_match(exp_rows, act_rows, expected, tolerance, used):
+    if not ordered and n_exp > 1 and not _rows_match(exp_rows, act_rows, n_exp, tolerance):
         return "incorrect", "each column has the expected values, but they are combined into different rows"
     if n_act > n_exp:
         return "undecided", f"all {n_exp} expected columns match; the answer adds {n_act - n_exp} column(s)"
     return "correct", "same rows" + (" in the same order" if ordered else " (row order ignored)")
 
 
-def _rows_match(
-    exp_rows: list[list[Any]], act_rows: list[list[Any]], expected: dict[str, Any], tolerance: float, used: set[int]
-) -> bool:
-    """Columns matched one by one; check that whole rows also match (as multisets)."""
-    n = len(expected["columns"])
+def _rows_match(exp_rows: list[list[Any]], act_rows: list[list[Any]], n: int, tolerance: float) -> bool:
+    """Columns matched one by one; check that whole rows of the first `n` columns also match (as multisets)."""
     exp_set = sorted(str(tuple(_cell(r[i], tolerance) for i in range(n))) for r in exp_rows)
     for perm in _candidate_mappings(exp_rows, act_rows, n, tolerance):
         act_set = sorted(str(tuple(_cell(r[j], tolerance) for j in perm)) for r in act_rows)
