@@ -346,8 +346,8 @@ def _markdown(summary: dict[str, Any]) -> str:
     if summary["failures"]:
         lines += [
             "",
-            f"{len(summary['failures'])} rows failed; rerun only those with "
-            "`batchflows score ... ` (finished rows are reused from the ledger).",
+            f"{len(summary['failures'])} rows failed. Run the same command again: finished rows are reused "
+            "from the ledger, so only these are called again.",
         ]
     lines += ["", f"Report: `{summary['files']['csv']}`"]
     return "\n".join(lines)
