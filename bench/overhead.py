@@ -1,5 +1,6 @@
 """Orchestration overhead: N calls at concurrency C through `run_phase` in a Prefect flow, against a plain
-thread pool making the same calls, and the ideal ceil(N/C)*L. Prints figures; asserts nothing.
+thread pool making the same databricks-sdk calls, a plain asyncio + httpx loop, and the ideal ceil(N/C)*L.
+Prints figures; asserts nothing.
 
     .venv/bin/python bench/overhead.py --n 1000 --concurrency 20 --latency 0.2 0.5
 """
@@ -7,6 +8,7 @@ thread pool making the same calls, and the ideal ceil(N/C)*L. Prints figures; as
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import os
 import sys
@@ -18,11 +20,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import httpx
 from prefect import flow
 
 from blocks.workspace import DatabricksWorkspace
 from flows.phase import PhaseSpec, run_phase
-from sandbox import Sandbox
+from sandbox import SandboxProcess
 from tasks.calls import chat
 from tasks.resilience import RetryPolicy, Row
 
@@ -30,12 +33,32 @@ ENDPOINT = "databricks-meta-llama-3-3-70b-instruct"
 
 
 @flow(name="bench-overhead", persist_result=False)
-def bench_flow(n: int, concurrency: int, host: str, token: str) -> int:
+def bench_flow(n: int, concurrency: int, host: str, token: str) -> tuple[int, float]:
+    """Returns (rows ok, seconds spent in run_phase)."""
     client = DatabricksWorkspace(host=host, token=token).client(30)
     rows = [Row(f"r{i}", i, f"call {i}") for i in range(n)]
     spec = PhaseSpec("bench", "bench", concurrency, RetryPolicy(retries=0))
+    t0 = time.monotonic()
     outcomes = run_phase(spec, rows, lambda p: chat(client, ENDPOINT, p))
-    return sum(o.status == "ok" for o in outcomes.values())
+    return sum(o.status == "ok" for o in outcomes.values()), time.monotonic() - t0
+
+
+async def asyncio_loop(host: str, token: str, n: int, concurrency: int) -> float:
+    """The same calls from a plain asyncio + httpx loop with a semaphore; returns its wall time."""
+    limit = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(
+        base_url=host, headers={"Authorization": f"Bearer {token}"}, limits=limits, timeout=30
+    ) as http:
+
+        async def one(i: int) -> None:
+            async with limit:
+                body = {"messages": [{"role": "user", "content": f"call {i}"}], "max_tokens": 512, "temperature": 0}
+                (await http.post(f"/serving-endpoints/{ENDPOINT}/invocations", json=body)).raise_for_status()
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return time.monotonic() - t0
 
 
 def main() -> None:
@@ -44,12 +67,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--latency", type=float, nargs="+", default=[0.2, 0.5])
     args = parser.parse_args()
-    with Sandbox() as sb:
+    with SandboxProcess() as sb:
         client = DatabricksWorkspace(host=sb.host, token=sb.token).client(30)
         bench_flow(10, 5, sb.host, sb.token)  # warm up the ephemeral API
         print(f"N={args.n} concurrency={args.concurrency}")
-        print("| latency | ideal | plain pool | batchflows flow | flow / ideal | flow / plain |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| latency | ideal | asyncio+httpx | plain pool | run_phase | whole flow run | phase / ideal "
+            "| phase / plain | flow / ideal | flow / plain | peak in flight |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for latency in args.latency:
             sb.set_faults("chat", latency_ms=latency * 1000)
             ideal = math.ceil(args.n / args.concurrency) * latency
@@ -58,14 +84,18 @@ def main() -> None:
                 list(pool.map(lambda i: chat(client, ENDPOINT, f"call {i}"), range(args.n)))
             plain = time.monotonic() - t0
             sb.reset(clear_faults=False)
+            aio = asyncio.run(asyncio_loop(sb.host, sb.token, args.n, args.concurrency))
+            sb.reset(clear_faults=False)
             t0 = time.monotonic()
-            ok = bench_flow(args.n, args.concurrency, sb.host, sb.token)
+            ok, phase_s = bench_flow(args.n, args.concurrency, sb.host, sb.token)
             flow_s = time.monotonic() - t0
             calls = sb.stats()["chat"]
             assert ok == args.n == calls["calls"], (ok, calls)
             print(
-                f"| {latency} s | {ideal:.1f} s | {plain:.2f} s ({ideal / plain:.3f} of ideal) | {flow_s:.2f} s "
-                f"| {ideal / flow_s:.3f} | {flow_s / plain:.3f}x | peak in flight {calls['max_in_flight']}"
+                f"| {latency} s | {ideal:.1f} s | {aio:.2f} s ({ideal / aio:.3f}) "
+                f"| {plain:.2f} s ({ideal / plain:.3f}) | {phase_s:.2f} s "
+                f"| {flow_s:.2f} s | {ideal / phase_s:.3f} | {phase_s / plain:.3f}x | {ideal / flow_s:.3f} "
+                f"| {flow_s / plain:.3f}x | {calls['max_in_flight']} |"
             )
 
 

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr
 
 _CLIENTS: dict[tuple[Any, ...], WorkspaceClient] = {}
 _CLIENTS_LOCK = threading.Lock()
+POOL_SIZE = 128  # connections kept per host: above any concurrency a phase runs at
 
 
 class SdkRetrySuppressed(Exception):
@@ -68,8 +69,10 @@ class DatabricksWorkspace(Block):
             "http_timeout_seconds": timeout_s,
             "retry_timeout_seconds": max(1, int(timeout_s)),
             "clock": _NoRetryClock(),
-            "max_connection_pools": 8,
-            "max_connections_per_pool": 128,
+            # databricks-sdk hands these to requests' HTTPAdapter crosswise (max_connection_pools becomes
+            # pool_maxsize, with pool_block=True): set both, or every thread past 20 waits for a connection
+            "max_connection_pools": POOL_SIZE,
+            "max_connections_per_pool": POOL_SIZE,
         }
         if self.profile:
             kwargs["profile"] = self.profile
@@ -77,4 +80,9 @@ class DatabricksWorkspace(Block):
             kwargs["host"] = self.host
         if self.token:
             kwargs["token"] = self.token.get_secret_value()
-        return WorkspaceClient(config=Config(**kwargs))
+        client = WorkspaceClient(config=Config(**kwargs))
+        # the SDK mounts its sized adapter on https:// only; plain-http hosts (the sandbox) would get requests'
+        # default pool of 10 and open a new connection for every call past the tenth
+        session = client.api_client._api_client._session
+        session.mount("http://", session.get_adapter("https://"))
+        return client

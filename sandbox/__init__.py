@@ -5,6 +5,6 @@ It stands for the outside world: it imports nothing from flows/, tasks/ or block
 
 from sandbox.faults import FaultSpec
 from sandbox.genie import AnswerMix
-from sandbox.server import Sandbox, SandboxError
+from sandbox.server import Sandbox, SandboxError, SandboxProcess
 
-__all__ = ["AnswerMix", "FaultSpec", "Sandbox", "SandboxError"]
+__all__ = ["AnswerMix", "FaultSpec", "Sandbox", "SandboxError", "SandboxProcess"]

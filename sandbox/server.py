@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -20,8 +22,31 @@ class SandboxError(RuntimeError):
     """The sandbox could not start (port taken, server failed)."""
 
 
-class Sandbox:
-    """A running sandbox workspace.
+class _Admin:
+    """The sandbox's admin API, over real HTTP like any other client."""
+
+    host: str
+    token: str
+    _admin: httpx.Client
+
+    def set_faults(self, group: str, **spec: Any) -> None:
+        self._admin.put(f"/sandbox/faults/{group}", json=spec).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        return self._admin.get("/sandbox/stats").json()
+
+    def requests(self, group: str | None = None) -> list[dict[str, Any]]:
+        return self._admin.get("/sandbox/requests", params={"group": group} if group else None).json()
+
+    def reset(self, clear_faults: bool = True) -> None:
+        if clear_faults:
+            for group in ("genie", "sql", "chat", "embeddings"):
+                self.set_faults(group)
+        self._admin.post("/sandbox/reset").raise_for_status()
+
+
+class Sandbox(_Admin):
+    """A running sandbox workspace, served from a thread of this process.
 
     Example:
         with Sandbox() as sb:
@@ -78,25 +103,52 @@ class Sandbox:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
-    # admin helpers, over real HTTP like any other client
-    def set_faults(self, group: str, **spec: Any) -> None:
-        self._admin.put(f"/sandbox/faults/{group}", json=spec).raise_for_status()
 
-    def stats(self) -> dict[str, Any]:
-        return self._admin.get("/sandbox/stats").json()
+class SandboxProcess(_Admin):
+    """A sandbox workspace in its own process, so that its work does not share this process's GIL with the
+    client under test (benchmarks, kill tests). Same admin helpers as `Sandbox`.
 
-    def requests(self, group: str | None = None) -> list[dict[str, Any]]:
-        return self._admin.get("/sandbox/requests", params={"group": group} if group else None).json()
+    Example:
+        with SandboxProcess(seed=0) as sb:
+            sb.set_faults("chat", latency_ms=200)
+    """
 
-    def reset(self, clear_faults: bool = True) -> None:
-        if clear_faults:
-            for group in ("genie", "sql", "chat", "embeddings"):
-                self.set_faults(group)
-        self._admin.post("/sandbox/reset").raise_for_status()
+    def __init__(self, seed: int = 0, token: str | None = None) -> None:
+        self.token = token or f"dapi-sandbox-{secrets.token_hex(8)}"
+        self._args = [sys.executable, "-m", "sandbox", "--port", "0", "--token", self.token, "--seed", str(seed)]
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> SandboxProcess:
+        self._proc = subprocess.Popen(self._args, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()  # "http://127.0.0.1:PORT" once it is serving
+        if not line.startswith("http://"):
+            self._proc.kill()
+            raise SandboxError(f"the sandbox process did not start (said {line!r})")
+        self.host = line.strip()
+        self._admin = httpx.Client(base_url=self.host, headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            self._admin.close()
+
+    def __enter__(self) -> SandboxProcess:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
 
 def _bind(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the listening socket
+    # says so, and without it every response waits ~40 ms on Nagle + delayed ACK
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(("127.0.0.1", port))
