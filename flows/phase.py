@@ -6,19 +6,18 @@ A job's phase is a few lines: build `Row`s and a `call`, then `run_phase(...)`.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from blocks.breaker import CircuitBreaker
 from tasks.limits import ensure_service_limits, hold
-from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, lane, run_rows
+from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, lane, run_logger, run_rows
 
 
 @dataclass
@@ -37,13 +36,6 @@ class PhaseSpec:
     sequential: bool = False
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter[Any]:
-    try:
-        return get_run_logger()
-    except Exception:
-        return logging.getLogger("batchflows")
-
-
 @task(task_run_name="{phase}-rows-{first}", cache_policy=NO_CACHE, persist_result=False)
 def run_chunk(
     rows: list[Row], call: Callable[[Any], Any], phase: str, first: int, spec: PhaseSpec, rate_limit: str | None
@@ -55,7 +47,7 @@ def run_chunk(
         call,
         lane=lane(spec.service, concurrency, rate_limit),
         policy=spec.policy,
-        log=_logger(),
+        log=run_logger(),
         breaker=spec.breaker,
         cache=spec.cache,
         sequential=spec.sequential,
@@ -72,7 +64,7 @@ def chunk_rows(rows: Sequence[Row], concurrency: int, max_chunks: int = 8) -> li
 
 def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) -> dict[str, RowOutcome]:
     """Every row's outcome by key: cached, ok, failed (after retries and fallback), never lost."""
-    log = _logger()
+    log = run_logger()
     outcomes: dict[str, RowOutcome] = {}
     if spec.cache is not None:
         cached = spec.cache.ledger.get_many(spec.cache.step, spec.cache.version, [r.key for r in rows])
@@ -109,7 +101,7 @@ def sequential_fallback(
 ) -> dict[str, RowOutcome]:
     """What the breaker stopped, one row at a time with a pause between rows, waiting for the circuit to
     allow a probe (HALF_OPEN) for at most `fallback_max_wait_s` in all. What still fails is recorded."""
-    log = _logger()
+    log = run_logger()
     log.info("Executing in SEQUENTIAL fallback mode")
     single = lane(f"{spec.service}-fallback", 1, rate_limit)
     outcomes: dict[str, RowOutcome] = {}

@@ -5,12 +5,21 @@ limits nothing, with only a warning), and held per phase, not per call.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-from prefect.concurrency.sync import concurrency
+from prefect.concurrency._leases import maintain_concurrency_lease
+from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+
+from blocks.ledger import default_home
+from tasks.resilience import run_logger
 
 PREFIX = "batchflows"
 LEASE_S = 60
@@ -54,6 +63,8 @@ def ensure_service_limits(service: str, concurrency_limit: int, rpm: float = 0) 
 
     Returns the rate limit's name (or None when there is none).
     """
+    for limit in reclaim_dead_leases():
+        run_logger().warning(f"Released the slots of {limit} still held by a run that died")
     ensure_limit(limit_name(service), concurrency_limit)
     if rpm <= 0:
         return None
@@ -66,8 +77,58 @@ def ensure_service_limits(service: str, concurrency_limit: int, rpm: float = 0) 
 def hold(service: str, occupy: int) -> Iterator[None]:
     """Hold `occupy` slots of the service's global limit for the duration of a phase.
 
-    The slots are leased for Prefect's minimum of 60 s and renewed while the phase runs, so a run killed
-    with -9 gives its slots back within about 75 s (lease + the server's 15 s repossessor loop).
+    The slots are leased for Prefect's minimum of 60 s and renewed while the phase runs. A process killed
+    with -9 cannot release them: the server takes them back when the lease lapses (about 75 s with
+    `prefect server`; never with the ephemeral API, which runs no repossessor). So each lease is also
+    noted in BATCHFLOWS_HOME, and the next run on this machine releases the leases of dead processes
+    at once (`reclaim_dead_leases`).
     """
-    with concurrency(limit_name(service), occupy=occupy, strict=True, lease_duration=LEASE_S):
-        yield
+    response = acquire_concurrency_slots_with_lease([limit_name(service)], occupy, lease_duration=LEASE_S, strict=True)
+    note = _lease_dir() / f"{response.lease_id}.json"
+    note.write_text(json.dumps({"pid": os.getpid(), "api": _api_url(), "limit": limit_name(service)}))
+    try:
+        with maintain_concurrency_lease(response.lease_id, LEASE_S):
+            yield
+    finally:
+        release_concurrency_slots_with_lease(response.lease_id)
+        note.unlink(missing_ok=True)
+
+
+def reclaim_dead_leases() -> list[str]:
+    """Release the slots still leased by batchflows processes of this machine that have died; returns the
+    names of the limits whose slots came back."""
+    freed = []
+    for note in _lease_dir().glob("*.json"):
+        try:
+            info = json.loads(note.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("api") != _api_url() or _alive(int(info.get("pid", 0))):
+            continue
+        with contextlib.suppress(Exception):  # already released or lapsed: nothing held any more
+            release_concurrency_slots_with_lease(UUID(note.stem))
+        note.unlink(missing_ok=True)
+        freed.append(str(info.get("limit")))
+    return freed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _lease_dir() -> Path:
+    path = default_home() / "leases"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _api_url() -> str:
+    return str(PREFECT_API_URL.value() or "ephemeral")

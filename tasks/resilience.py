@@ -101,6 +101,16 @@ class Lane:
         self.semaphore.release()
 
 
+def run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
+    """The current flow or task run's logger, or the plain "batchflows" logger outside a run."""
+    from prefect import get_run_logger
+
+    try:
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("batchflows")
+
+
 _LANES: dict[tuple[str, int], Lane] = {}
 _LANES_LOCK = threading.Lock()
 

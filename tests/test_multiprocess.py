@@ -1,0 +1,121 @@
+"""Several processes against one Prefect API and one sandbox: shared limits, kill -9 and resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+JOB = str(Path(__file__).with_name("phase_job.py"))
+
+
+def _spawn(sb: Any, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PREFECT_API_URL": _api_url(), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    cmd = [sys.executable, JOB, "--host", sb.host, "--token", sb.token, *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 240) -> dict[str, int]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _ids(sb: Any) -> list[str]:
+    return [i for r in sb.requests("chat") for i in r.get("ids") or []]
+
+
+def test_two_runs_share_a_limit_of_three(prefect_api: None, sb: Any) -> None:
+    sb.set_faults("chat", latency_ms=100)
+    runs = [_spawn(sb, "--rows", "24", "--concurrency", "3", "--service", "shared3", "--prefix", p) for p in "ab"]
+    results = [_finish(p) for p in runs]
+    stats = sb.stats()["chat"]
+    assert [r["ok"] for r in results] == [24, 24]
+    assert stats["calls"] == 48
+    assert stats["max_in_flight"] == 3  # measured at the sandbox: never 6
+
+
+def test_genie_rpm_holds_across_two_concurrent_scoring_runs(
+    prefect_api: None, sb: Any, workspace_block: str, tmp_path: Path
+) -> None:
+    from importlib import resources
+
+    import yaml
+
+    source = resources.files("sandbox").joinpath("data/benchmarks.yaml").read_text()
+    benchmarks = tmp_path / "six.yaml"
+    benchmarks.write_text(yaml.safe_dump(yaml.safe_load(source)[:6], allow_unicode=True))
+    env = {**os.environ, "PREFECT_API_URL": str(_api_url()), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    command = [
+        str(Path(sys.executable).with_name("batchflows")),
+        "score",
+        "--benchmarks",
+        str(benchmarks),
+        "--space-id",
+        "retail",
+        "--warehouse-id",
+        "sandbox-warehouse",
+        "--workspace-block",
+        workspace_block,
+        "--genie-rpm",
+        "60",
+        "--genie-concurrent",
+        "3",
+        "--fresh",
+        "--json",
+        "--set",
+        "genie_poll_initial=0.05",
+    ]
+    runs = [
+        subprocess.Popen(
+            [*command, "--output-dir", str(tmp_path / name)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for name in "ab"
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err[-3000:]
+    starts = sorted(r["t"] for r in sb.requests("genie"))
+    assert len(starts) == 12  # six questions asked by each run
+    # 60 per minute is one a second, whichever run asks: so no 60 s window can hold more than 60
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) > 0.8, gaps
+
+
+def test_kill_9_half_way_then_rerun_repeats_no_finished_row(prefect_api: None, sb: Any, tmp_path: Path) -> None:
+    from blocks.ledger import RowLedger
+
+    ledger = str(tmp_path / "ledger.sqlite")
+    sb.set_faults("chat", latency_ms=100)
+    args = ("--rows", "200", "--concurrency", "5", "--service", "kill", "--ledger", ledger)
+    proc = _spawn(sb, *args)
+    deadline = time.monotonic() + 120
+    while sb.stats()["chat"]["calls"] < 100:
+        assert proc.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = _ids(sb)
+    finished = {k for k in (f"row-{i}" for i in range(200)) if RowLedger(path=ledger).get_many("job", "v1", [k])}
+    assert 90 <= len(finished) < 200
+
+    sb.reset()
+    result = _finish(_spawn(sb, *args), timeout=300)
+    second = _ids(sb)
+    assert result == {"ok": 200, "cached": len(finished)}
+    assert not finished & set(second)  # zero repeated calls for finished rows
+    assert sorted(second) == sorted(f"row-{i}" for i in range(200) if f"row-{i}" not in finished)
+    # what was repeated at all is only what was in flight when the process died
+    assert len(set(first) & set(second)) <= 5
