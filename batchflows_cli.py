@@ -101,7 +101,9 @@ def score(
     except BenchmarkFileError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    with _workspace(use_sandbox, workspace_block) as block_name:
+    from tasks import progress
+
+    with _workspace(use_sandbox, workspace_block) as block_name, _Bars() as bars, progress.listening(bars):
         from flows.score import score as score_flow
 
         summary = score_flow(
@@ -118,6 +120,38 @@ def score(
         console.print_json(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=str))
         return
     _print_scorecard(summary)
+
+
+class _Bars:
+    """One rich progress bar per phase, fed by the phases' progress events."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bars = Progress(
+            TextColumn("{task.description:>8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[red]{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def started(self, phase: str, total: int) -> None:
+        self.tasks[phase] = self.bars.add_task(phase, total=total, failed=0)
+
+    def advanced(self, phase: str, done: int, failed: bool) -> None:
+        task = self.tasks[phase]
+        failures = self.bars.tasks[task].fields["failed"] + (done if failed else 0)
+        self.bars.update(task, advance=done, failed=failures)
+
+    def __enter__(self) -> _Bars:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.bars.stop()
 
 
 class _workspace:
@@ -155,6 +189,13 @@ def _print_scorecard(summary: dict[str, Any]) -> None:
         table.add_row(row["id"], f"[{style}]{row['verdict']}[/{style}]", row["stage"], str(row["reason"])[:200])
     console.print(table)
     console.print(f"Verdicts: {summary['verdicts']}")
+    console.print(
+        "Phases: "
+        + "; ".join(
+            f"{p['phase']} {p['succeeded']}/{p['total']} ok, {p['cached']} cached, {p['calls']} calls, {p['seconds']} s"
+            for p in summary["phases"]
+        )
+    )
     console.print(
         f"Judge: {summary['judged']} undecided cases in {summary['judge_calls']} LLM calls; "
         f"circuit {summary['circuit_state']}; {len(summary['failures'])} failure records; "

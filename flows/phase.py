@@ -16,6 +16,9 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from blocks.breaker import CircuitBreaker
+from blocks.ledger import RowLedger
+from blocks.workspace import DatabricksWorkspace
+from tasks import progress
 from tasks.limits import ensure_service_limits, hold
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, lane, run_logger, run_rows
 
@@ -51,7 +54,23 @@ def run_chunk(
         breaker=spec.breaker,
         cache=spec.cache,
         sequential=spec.sequential,
+        on_done=_progress_of(spec.name),
     )
+
+
+def _progress_of(phase: str) -> Callable[[RowOutcome], None]:
+    def report(outcome: RowOutcome) -> None:
+        if outcome.status != "deferred":  # deferred rows are reported when the fallback settles them
+            progress.advanced(phase, failed=outcome.status == "failed")
+
+    return report
+
+
+def load_blocks(workspace_block: str | None, ledger_block: str | None) -> tuple[DatabricksWorkspace, RowLedger]:
+    """The saved blocks by name, or the defaults (databricks-sdk env/profile; ~/.batchflows ledger)."""
+    workspace = DatabricksWorkspace.load(workspace_block) if workspace_block else DatabricksWorkspace()
+    ledger = RowLedger.load(ledger_block) if ledger_block else RowLedger()
+    return workspace, ledger  # type: ignore[return-value]
 
 
 def chunk_rows(rows: Sequence[Row], concurrency: int, max_chunks: int = 8) -> list[list[Row]]:
@@ -70,7 +89,9 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
         cached = spec.cache.ledger.get_many(spec.cache.step, spec.cache.version, [r.key for r in rows])
         outcomes = {k: RowOutcome(k, "ok", v, cached=True) for k, v in cached.items()}
     pending = [r for r in rows if r.key not in outcomes]
+    progress.started(spec.name, len(rows))
     if outcomes:
+        progress.advanced(spec.name, len(outcomes))
         log.info(f"{spec.name}: {len(outcomes)}/{len(rows)} rows from cache, {len(pending)} to call")
     if not pending:
         return outcomes
@@ -110,7 +131,14 @@ def sequential_fallback(
         while i < len(rows):
             row = rows[i]
             outcome = run_rows(
-                [row], call, lane=single, policy=spec.policy, log=log, breaker=spec.breaker, cache=spec.cache
+                [row],
+                call,
+                lane=single,
+                policy=spec.policy,
+                log=log,
+                breaker=spec.breaker,
+                cache=spec.cache,
+                on_done=_progress_of(spec.name),
             )[0]
             if outcome.status != "deferred":
                 outcomes[row.key] = outcome
@@ -121,6 +149,7 @@ def sequential_fallback(
             wait = spec.breaker.seconds_until_probe() if spec.breaker else 0.0
             if waited + wait > spec.fallback_max_wait_s:
                 log.error(f"Circuit still OPEN after waiting {waited:.0f}s: {len(rows) - i} rows recorded as failed")
+                progress.advanced(spec.name, len(rows) - i, failed=True)
                 for rest in rows[i:]:
                     outcomes[rest.key] = RowOutcome(
                         rest.key,

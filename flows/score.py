@@ -17,7 +17,7 @@ from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
 from blocks.settings import ScoreSettings
 from blocks.workspace import DatabricksWorkspace
-from flows.phase import PhaseSpec, run_phase
+from flows.phase import PhaseSpec, load_blocks, run_phase
 from tasks.benchmarks import Benchmark, load_benchmarks
 from tasks.calls import ask_genie, run_sql
 from tasks.compare import compare, order_matters
@@ -26,12 +26,6 @@ from tasks.report import publish, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome
 
 VERDICTS = ("correct", "incorrect", "genie_error", "sql_error", "no_sql", "timeout", "judge_error")
-
-
-def _blocks(workspace_block: str | None, ledger_block: str | None) -> tuple[DatabricksWorkspace, RowLedger]:
-    workspace = DatabricksWorkspace.load(workspace_block) if workspace_block else DatabricksWorkspace()
-    ledger = RowLedger.load(ledger_block) if ledger_block else RowLedger()
-    return workspace, ledger  # type: ignore[return-value]
 
 
 @flow(
@@ -69,7 +63,7 @@ def score(
     settings = settings or ScoreSettings()
     started = time.monotonic()
     items = load_benchmarks(benchmarks) if isinstance(benchmarks, str) else list(benchmarks)
-    workspace, ledger = _blocks(workspace_block, ledger_block)
+    workspace, ledger = load_blocks(workspace_block, ledger_block)
     genie_client = workspace.client(settings.genie_timeout)
     space = genie_client.genie.get_space(space_id)
     run_id = str(FlowRunContext.get().flow_run.id) if fresh else ""  # type: ignore[union-attr]
@@ -108,6 +102,7 @@ def score(
         ),
     )
     answered = sum(1 for o in answers.values() if o.status == "ok")
+    phases = [_phase_figures("genie", answers, t1)]
     log.info(
         f"Batch complete: {answered}/{len(items)} succeeded in {time.monotonic() - t1:.1f}s "
         f"(circuit: {breaker.current_state().lower()})"
@@ -133,6 +128,7 @@ def score(
     sql_rows = [Row(key, i, sql) for i, (key, sql) in enumerate(statements.items())]
     results = run_phase(sql_spec, sql_rows, lambda sql: run_sql(sql_client, warehouse_id, sql, settings.sql_timeout))
     ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
+    phases.append({**_phase_figures("sql", results, t2), "succeeded": ran})
     log.info(f"Phase 2 complete: {ran}/{len(sql_rows)} SQL executions succeeded in {time.monotonic() - t2:.1f}s")
 
     # Compare, then Phase 3: judge what the comparison cannot decide
@@ -145,12 +141,33 @@ def score(
         undecided, items, answers, genie_rows, results, warehouse_id, settings, workspace, ledger, sequential
     )
     passed = sum(1 for r in report if r["verdict"] == "correct")
+    phases.append(
+        {
+            "phase": "judge",
+            "total": len(undecided),
+            "succeeded": sum(1 for r in undecided if r["verdict"] != "judge_error"),
+            "cached": 0,
+            "calls": judge_calls,
+            "seconds": round(time.monotonic() - t3, 2),
+        }
+    )
     log.info(
         f"Phase 3 complete: {passed}/{len(report)} evaluations passed "
         f"({len(undecided)} judged in {judge_calls} LLM calls, {time.monotonic() - t3:.1f}s)"
     )
 
-    return _finish(report, items, answers, breaker, output_dir, started, judge_calls, len(undecided), settings)
+    return _finish(report, answers, breaker, output_dir, started, phases, settings)
+
+
+def _phase_figures(name: str, outcomes: dict[str, RowOutcome], since: float) -> dict[str, Any]:
+    return {
+        "phase": name,
+        "total": len(outcomes),
+        "succeeded": sum(1 for o in outcomes.values() if o.status == "ok"),
+        "cached": sum(1 for o in outcomes.values() if o.cached),
+        "calls": sum(o.attempts for o in outcomes.values()),
+        "seconds": round(time.monotonic() - since, 2),
+    }
 
 
 def _decide(
@@ -278,13 +295,11 @@ def _judge(
 
 def _finish(
     report: list[dict[str, Any]],
-    items: list[Benchmark],
     answers: dict[str, RowOutcome],
     breaker: CircuitBreaker,
     output_dir: str,
     started: float,
-    judge_calls: int,
-    judged: int,
+    phases: list[dict[str, Any]],
     settings: ScoreSettings,
 ) -> dict[str, Any]:
     counts = Counter(r["verdict"] for r in report)
@@ -306,8 +321,9 @@ def _finish(
         "total": total,
         "score": round(counts["correct"] / total, 4) if total else 0.0,
         "verdicts": {v: counts.get(v, 0) for v in VERDICTS},
-        "judged": judged,
-        "judge_calls": judge_calls,
+        "judged": phases[-1]["total"],
+        "judge_calls": phases[-1]["calls"],
+        "phases": phases,
         "failures": failures,
         "circuit_events": breaker.events,
         "circuit_state": breaker.current_state(),
@@ -341,6 +357,11 @@ def _markdown(summary: dict[str, Any]) -> str:
         "|---|---|",
     ]
     lines += [f"| {v} | {n} |" for v, n in summary["verdicts"].items()]
+    lines += ["", "| phase | succeeded | from cache | calls | seconds |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {p['phase']} | {p['succeeded']}/{p['total']} | {p['cached']} | {p['calls']} | {p['seconds']} |"
+        for p in summary["phases"]
+    ]
     lines += ["", f"Circuit breaker: {summary['circuit_state']}"]
     lines += [f"- {event}" for event in summary["circuit_events"]]
     if summary["failures"]:

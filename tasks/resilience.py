@@ -146,17 +146,22 @@ def run_rows(
     cache: Cache | None = None,
     sleep: Callable[[float], None] = time.sleep,
     sequential: bool = False,
+    on_done: Callable[[RowOutcome], None] | None = None,
 ) -> list[RowOutcome]:
     """Run `call(row.payload)` for every row, `lane.concurrency` at a time (one at a time if `sequential`).
 
     A row whose call keeps failing comes back `failed`; a row not tried because the breaker was open
-    comes back `deferred`. Successful values are written to `cache` as soon as they arrive.
+    comes back `deferred`. Successful values are written to `cache` as soon as they arrive; `on_done` is
+    told of each outcome as soon as it is known.
     """
     if not rows:
         return []
 
     def one(row: Row) -> RowOutcome:
-        return _run_one(row, call, lane, policy, log, breaker, cache, sleep)
+        outcome = _run_one(row, call, lane, policy, log, breaker, cache, sleep)
+        if on_done is not None:
+            on_done(outcome)
+        return outcome
 
     if sequential or len(rows) == 1:
         return [one(row) for row in rows]
@@ -179,7 +184,7 @@ def _run_one(
     attempt, started = 0, time.monotonic()
     while True:
         if lane.rate_limit:
-            _take_rate_slot(lane.rate_limit)
+            take_rate_slot(lane.rate_limit)
         error: BatchflowsError | None = None
         with lane:
             # checked once the slot is ours: calls queued behind the one that opened the circuit must not go
@@ -226,7 +231,7 @@ def _run_one(
         sleep(delay)
 
 
-def _take_rate_slot(name: str) -> None:
+def take_rate_slot(name: str) -> None:
     from prefect.concurrency.sync import rate_limit
 
     rate_limit(name, strict=True)

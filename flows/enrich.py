@@ -1,0 +1,264 @@
+"""Enrich rows with LLM output: per-row cache first, then batches of up to 20 uncached rows per call,
+validated element by element; failed batches fall back to one row per call; a shared requests-per-minute
+limit; the rows back with their new columns, status and error, and the seed's summary.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from flows.phase import PhaseSpec, load_blocks, run_phase
+from tasks.calls import run_sql
+from tasks.enrich import (
+    MAX_BATCH,
+    PROMPT_VERSION,
+    InputError,
+    check_rows,
+    enrich_batch,
+    field_specs,
+    load_schema,
+    pack,
+    read_rows,
+    schema_of,
+)
+from tasks.limits import ensure_service_limits
+from tasks.report import publish, stable_key, write_frame
+from tasks.resilience import Cache, RetryPolicy, Row, run_logger, take_rate_slot
+
+DEFAULT_INSTRUCTIONS = (
+    "For each item, write a one-line tldr of its text and say whether mastering it is a matter of "
+    "practice or needs an expert."
+)
+
+
+class EnrichSettings(BaseModel):
+    """How the enrichment calls its endpoint. Every key can be set from the CLI (--set KEY=VALUE)."""
+
+    endpoint: str = Field("databricks-meta-llama-3-3-70b-instruct", description="chat serving endpoint")
+    batch_size: int = Field(20, ge=1, le=MAX_BATCH, description="rows per call at most")
+    max_batch_tokens: int = Field(6000, ge=100, description="estimated prompt tokens per call at most")
+    rpm: float = Field(15, ge=0, description="calls per minute, shared by all runs (0: no limit)")
+    max_concurrent: int = Field(4, ge=1, le=64, description="calls in flight at once")
+    retry_attempts: int = Field(2, ge=0, le=10)
+    retry_delay: float = Field(5, ge=0, description="first retry delay, seconds (doubles each retry)")
+    timeout: float = Field(30, gt=0, le=600, description="seconds per call")
+
+
+@flow(name="enrich-rows", task_runner=ThreadPoolTaskRunner(max_workers=16), persist_result=False)  # type: ignore[arg-type]
+def enrich(
+    text_columns: list[str],
+    input_path: str | None = None,
+    query: str | None = None,
+    warehouse_id: str | None = None,
+    id_column: str | None = None,
+    schema_path: str | None = None,
+    instructions: str = DEFAULT_INSTRUCTIONS,
+    settings: EnrichSettings | None = None,
+    workspace_block: str | None = None,
+    ledger_block: str | None = None,
+    output_dir: str = "out",
+) -> dict[str, Any]:
+    """Add LLM-generated columns to rows read from a file or a warehouse query.
+
+    Args:
+        text_columns: the columns sent to the model.
+        input_path: CSV, JSONL, JSON or Parquet file of rows (or use `query`).
+        query: a SQL query on `warehouse_id` whose result is the rows.
+        warehouse_id: the warehouse that runs `query`.
+        id_column: the rows' id column (default: a hash of the row's text).
+        schema_path: JSON schema file of the new columns (default: tldr of at most 12 words and challenge
+            practice|expert).
+        instructions: what the model is asked to do for each row.
+        settings: endpoint, batch size, token budget per call, rpm, concurrency, retries, timeout.
+        workspace_block: saved DatabricksWorkspace block (default: databricks-sdk's env/profile).
+        ledger_block: saved RowLedger block holding the per-row cache (default: ~/.batchflows).
+        output_dir: where the enriched rows go (Parquet and CSV).
+    """
+    log = run_logger()
+    settings = settings or EnrichSettings()
+    started = time.monotonic()
+    workspace, ledger = load_blocks(workspace_block, ledger_block)
+    client = workspace.client(settings.timeout)
+    frame = _input(client, input_path, query, warehouse_id, settings)
+    model = load_schema(schema_path)
+    items, errors = check_rows(frame, id_column, text_columns)
+    for error in errors:
+        log.warning(f"Skipped: {error['error']}")
+
+    # Phase 1: the per-row cache. A row's key is its content with everything that shapes its answer.
+    version = stable_key(PROMPT_VERSION, settings.endpoint, schema_of(model), instructions)
+    cache = Cache(ledger, "enrich", version)
+    keys = {item["id"]: stable_key(item["text"]) for item in items}
+    cached = cache.ledger.get_many("enrich", version, set(keys.values()))
+    todo = [item for item in items if keys[item["id"]] not in cached]
+    log.info(f"Cache hits: {len(items) - len(todo)}/{len(items)}")
+    log.info(f"Rows to enrich: {len(todo)}")
+
+    # Phase 2: batches of uncached rows; each valid element is cached the moment it arrives
+    rate_limit = ensure_service_limits("llm", settings.max_concurrent, settings.rpm)
+    batches = pack(todo, settings.batch_size, settings.max_batch_tokens)
+    log.info(f"Processing {len(batches)} batches (batch size: {settings.batch_size})")
+    results: dict[str, dict[str, Any]] = {}
+    calls = tokens = 0
+
+    def call(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        answer = enrich_batch(
+            client,
+            settings.endpoint,
+            batch,
+            model,
+            instructions,
+            before_call=(lambda: take_rate_slot(rate_limit)) if rate_limit else None,
+        )
+        for row_id, fields in answer["good"].items():
+            cache.ledger.put("enrich", version, keys[row_id], fields)
+        return answer
+
+    policy = RetryPolicy(retries=settings.retry_attempts, base_delay_s=settings.retry_delay)
+    spec = PhaseSpec("enrich", "llm", settings.max_concurrent, policy, rpm=settings.rpm)
+    rows = [Row(stable_key([i["id"] for i in b]), n, b) for n, b in enumerate(batches)]
+    failed_batches: list[list[dict[str, Any]]] = []
+    outcomes = run_phase(spec, rows, call)
+    for row in rows:
+        outcome = outcomes[row.key]
+        if outcome.status == "ok":
+            calls += outcome.value["calls"]
+            tokens += outcome.value["tokens"]
+            results.update({i: {"fields": f} for i, f in outcome.value["good"].items()})
+            results.update({i: {"error": f"invalid answer: {p}"} for i, p in outcome.value["problems"].items()})
+            log.info(f"✓ Batch {row.index + 1} enriched: {len(outcome.value['good'])}/{len(row.payload)} rows")
+        else:
+            calls += outcome.attempts
+            log.error(f"Batch {row.index + 1} failed: {outcome.message}")
+            failed_batches.append(row.payload)
+
+    # Phase 3: the seed's fallback: rows of failed batches, one per call
+    singles = [item for batch in failed_batches for item in batch]
+    if singles:
+        log.info(f"Falling back to individual processing for {len(singles)} rows")
+        one_spec = PhaseSpec("enrich-single", "llm", settings.max_concurrent, policy, rpm=settings.rpm)
+        one_rows = [Row(f"single-{i['id']}", i["position"], [i]) for i in singles]
+        one_outcomes = run_phase(one_spec, one_rows, call)
+        for row in one_rows:
+            outcome = one_outcomes[row.key]
+            item_id = row.payload[0]["id"]
+            if outcome.status == "ok":
+                calls += outcome.value["calls"]
+                tokens += outcome.value["tokens"]
+                if item_id in outcome.value["good"]:
+                    results[item_id] = {"fields": outcome.value["good"][item_id]}
+                else:
+                    results[item_id] = {"error": f"invalid answer: {outcome.value['problems'][item_id]}"}
+            else:
+                calls += outcome.attempts
+                results[item_id] = {"error": f"{outcome.error_kind}: {outcome.message}"}
+
+    return _finish(frame, model, items, errors, keys, cached, results, calls, tokens, started, output_dir)
+
+
+def _input(
+    client: Any, input_path: str | None, query: str | None, warehouse_id: str | None, settings: EnrichSettings
+) -> pd.DataFrame:
+    if bool(input_path) == bool(query):
+        raise InputError("give exactly one of an input file or a SQL query")
+    if input_path:
+        return _checked(read_rows(input_path), input_path)
+    if not warehouse_id:
+        raise InputError("a SQL query needs a warehouse id")
+    result = run_sql(client, warehouse_id, str(query), settings.timeout * 4)
+    if "error" in result:
+        raise InputError(f"the input query failed: {result['error']}")
+    if result["truncated"]:
+        raise InputError(
+            f"the input query returned more than {result['row_count']} rows, the inline result limit; "
+            "export the rows to a file (or narrow the query) so none is silently left out"
+        )
+    return _checked(pd.DataFrame(result["rows"], columns=result["columns"]), "the query")
+
+
+def _checked(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    if frame.empty:
+        raise InputError(f"{source} has no rows")
+    return frame
+
+
+def _finish(
+    frame: pd.DataFrame,
+    model: type[BaseModel],
+    items: list[dict[str, Any]],
+    errors: list[dict[str, Any]],
+    keys: dict[str, str],
+    cached: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+    calls: int,
+    tokens: int,
+    started: float,
+    output_dir: str,
+) -> dict[str, Any]:
+    fields = list(field_specs(model))
+    columns: dict[str, list[Any]] = {f: [None] * len(frame) for f in fields}
+    columns.update(status=["invalid_input"] * len(frame), error=[None] * len(frame), cached=[False] * len(frame))
+    for error in errors:
+        columns["error"][error["position"] - 1] = error["error"]
+    failures = [
+        {"row_key": e["id"], "phase": "input", "error_kind": "invalid_input", "message": e["error"]} for e in errors
+    ]
+    for item in items:
+        at = item["position"] - 1
+        key = keys[item["id"]]
+        found = {"fields": cached[key], "cached": True} if key in cached else results.get(item["id"], {})
+        if "fields" in found:
+            for f in fields:
+                columns[f][at] = found["fields"].get(f)
+            columns["status"][at] = "ok"
+            columns["cached"][at] = bool(found.get("cached"))
+        else:
+            message = found.get("error", "no answer")
+            columns["status"][at], columns["error"][at] = "failed", message
+            failures.append({"row_key": item["id"], "phase": "enrich", "error_kind": "failed", "message": message})
+    out = frame.copy()
+    for name, values in columns.items():
+        out[name if name not in frame.columns else f"enriched_{name}"] = values
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    files = write_frame(out, Path(output_dir) / f"enrich-{stamp}", "enriched")
+    hits = sum(columns["cached"])
+    ok = columns["status"].count("ok")
+    summary = {
+        "total": len(frame),
+        "cache_hits": hits,
+        "newly_enriched": ok - hits,
+        "failed": len(frame) - ok,
+        "success_rate": round(ok / len(frame), 4) if len(frame) else 0.0,
+        "api_calls": calls,
+        "tokens": tokens,
+        "wall_time_s": round(time.monotonic() - started, 2),
+        "failures": failures,
+        "files": files,
+    }
+    report = "\n".join(
+        [
+            "=" * 60,
+            "ENRICHMENT SUMMARY",
+            "=" * 60,
+            f"Total rows: {summary['total']}",
+            f"Cache hits: {hits}",
+            f"Newly enriched: {summary['newly_enriched']}",
+            f"Failed: {summary['failed']}",
+            f"Success rate: {summary['success_rate']:.1%}",
+            f"API calls: {calls}",
+            f"Tokens: {tokens}",
+            f"Wall time: {summary['wall_time_s']} s",
+            "=" * 60,
+        ]
+    )
+    run_logger().info("\n" + report)
+    publish("enrichment", failures[:1000], f"```\n{report}\n```\n\nRows: `{files['parquet']}`")
+    return summary
