@@ -82,11 +82,7 @@ def score(
         "sql_max_concurrent": sql_concurrent,
         "genie_rpm": genie_rpm,
     }
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = value.strip()
+    overrides.update(_key_values(set_))
     try:
         settings = score_settings(preset, **overrides)
     except ValueError as exc:
@@ -120,6 +116,75 @@ def score(
         console.print_json(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=str))
         return
     _print_scorecard(summary)
+
+
+@app.command()
+def enrich(
+    text_columns: Annotated[str, typer.Option("--text-columns", help="comma-separated columns sent to the model")],
+    input_path: Annotated[Path | None, typer.Option("--input", help="rows file: CSV, JSONL, JSON or Parquet")] = None,
+    query: Annotated[str | None, typer.Option(help="SQL query whose result is the rows (instead of --input)")] = None,
+    warehouse_id: Annotated[str | None, typer.Option(help="warehouse that runs --query")] = None,
+    id_column: Annotated[str | None, typer.Option(help="id column (default: a hash of the row's text)")] = None,
+    schema: Annotated[
+        Path | None, typer.Option(help="JSON schema of the new columns (default: tldr, challenge)")
+    ] = None,
+    instructions: Annotated[str | None, typer.Option(help="what to ask the model for each row")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="any setting, KEY=VALUE (repeatable)")] = None,
+    use_sandbox: Annotated[bool, typer.Option("--sandbox", help="run against an embedded sandbox workspace")] = False,
+    workspace_block: Annotated[str | None, typer.Option(help="saved DatabricksWorkspace block to use")] = None,
+    output_dir: Annotated[Path, typer.Option(help="where the enriched rows go")] = Path("out"),
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Add LLM-generated columns to rows: 20 rows per call, validated, cached per row, rate-limited."""
+    from pydantic import ValidationError
+
+    from flows.enrich import DEFAULT_INSTRUCTIONS, EnrichSettings
+    from flows.enrich import enrich as enrich_flow
+    from tasks.enrich import InputError
+
+    try:
+        settings = EnrichSettings(**_key_values(set_))
+    except ValidationError as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    from tasks import progress
+
+    with _workspace(use_sandbox, workspace_block) as block_name, _Bars() as bars, progress.listening(bars):
+        try:
+            summary = enrich_flow(
+                [c.strip() for c in text_columns.split(",") if c.strip()],
+                input_path=str(input_path) if input_path else None,
+                query=query,
+                warehouse_id=warehouse_id or (SANDBOX_WAREHOUSE if use_sandbox else None),
+                id_column=id_column,
+                schema_path=str(schema) if schema else None,
+                instructions=instructions or DEFAULT_INSTRUCTIONS,
+                settings=settings,
+                workspace_block=block_name,
+                output_dir=str(output_dir),
+            )
+        except InputError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+    if json_out:
+        console.print_json(json.dumps(summary, default=str))
+        return
+    console.print(
+        f"Total rows: {summary['total']}; cache hits: {summary['cache_hits']}; newly enriched: "
+        f"{summary['newly_enriched']}; failed: {summary['failed']}; success rate: {summary['success_rate']:.1%}; "
+        f"API calls: {summary['api_calls']}; tokens: {summary['tokens']}; {summary['wall_time_s']} s"
+    )
+    console.print(f"Rows: {summary['files']['parquet']} and {summary['files']['csv']}")
+
+
+def _key_values(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 class _Bars:

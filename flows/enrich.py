@@ -31,7 +31,7 @@ from tasks.enrich import (
 )
 from tasks.limits import ensure_service_limits
 from tasks.report import publish, stable_key, write_frame
-from tasks.resilience import Cache, RetryPolicy, Row, run_logger, take_rate_slot
+from tasks.resilience import Cache, RetryPolicy, Row, run_logger
 
 DEFAULT_INSTRUCTIONS = (
     "For each item, write a one-line tldr of its text and say whether mastering it is a matter of "
@@ -116,7 +116,7 @@ def enrich(
             batch,
             model,
             instructions,
-            before_call=(lambda: take_rate_slot(rate_limit)) if rate_limit else None,
+            before_call=rate_limit,
         )
         for row_id, fields in answer["good"].items():
             cache.ledger.put("enrich", version, keys[row_id], fields)

@@ -19,7 +19,7 @@ from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
 from blocks.workspace import DatabricksWorkspace
 from tasks import progress
-from tasks.limits import ensure_service_limits, hold
+from tasks.limits import RateLimit, ensure_service_limits, hold
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, lane, run_logger, run_rows
 
 
@@ -41,7 +41,7 @@ class PhaseSpec:
 
 @task(task_run_name="{phase}-rows-{first}", cache_policy=NO_CACHE, persist_result=False)
 def run_chunk(
-    rows: list[Row], call: Callable[[Any], Any], phase: str, first: int, spec: PhaseSpec, rate_limit: str | None
+    rows: list[Row], call: Callable[[Any], Any], phase: str, first: int, spec: PhaseSpec, rate_limit: RateLimit | None
 ) -> list[RowOutcome]:
     """One chunk of a phase: its rows' calls, concurrently, through the phase's shared lane."""
     concurrency = 1 if spec.sequential else spec.concurrency
@@ -118,7 +118,7 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
 
 @flow(name="sequential-fallback", flow_run_name="{spec.name}-fallback", validate_parameters=False, persist_result=False)
 def sequential_fallback(
-    spec: PhaseSpec, rows: list[Row], call: Callable[[Any], Any], rate_limit: str | None
+    spec: PhaseSpec, rows: list[Row], call: Callable[[Any], Any], rate_limit: RateLimit | None
 ) -> dict[str, RowOutcome]:
     """What the breaker stopped, one row at a time with a pause between rows, waiting for the circuit to
     allow a probe (HALF_OPEN) for at most `fallback_max_wait_s` in all. What still fails is recorded."""

@@ -83,7 +83,7 @@ class Lane:
     name: str
     concurrency: int
     semaphore: threading.BoundedSemaphore
-    rate_limit: str | None = None
+    rate_limit: Callable[[], None] | None = None  # waits for the service's rate limit, before each call
     in_flight: int = 0
     peak: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -115,7 +115,7 @@ _LANES: dict[tuple[str, int], Lane] = {}
 _LANES_LOCK = threading.Lock()
 
 
-def lane(name: str, concurrency: int, rate_limit: str | None = None) -> Lane:
+def lane(name: str, concurrency: int, rate_limit: Callable[[], None] | None = None) -> Lane:
     """The process-wide lane for `name` at this concurrency (shared by every chunk and run in the process)."""
     with _LANES_LOCK:
         key = (name, concurrency)
@@ -183,8 +183,8 @@ def _run_one(
 ) -> RowOutcome:
     attempt, started = 0, time.monotonic()
     while True:
-        if lane.rate_limit:
-            take_rate_slot(lane.rate_limit)
+        if lane.rate_limit is not None:
+            lane.rate_limit()
         error: BatchflowsError | None = None
         with lane:
             # checked once the slot is ours: calls queued behind the one that opened the circuit must not go
@@ -229,9 +229,3 @@ def _run_one(
         delay = policy.delay(attempt, error.retry_after_s if isinstance(error, RateLimited) else None)
         log.info(f"[{row.index}] Retrying in {delay:.3g}s...")
         sleep(delay)
-
-
-def take_rate_slot(name: str) -> None:
-    from prefect.concurrency.sync import rate_limit
-
-    rate_limit(name, strict=True)
