@@ -177,6 +177,25 @@ def enrich(
     console.print(f"Rows: {summary['files']['parquet']} and {summary['files']['csv']}")
 
 
+@app.command()
+def serve(
+    limit: Annotated[int, typer.Option(help="flow runs at once in this process")] = 4,
+) -> None:
+    """Serve the jobs as deployments (no work pool needed): run them from the Prefect UI with typed forms."""
+    from prefect import serve as prefect_serve
+
+    from flows.enrich import enrich as enrich_flow
+    from flows.score import score as score_flow
+
+    deployments: list[Any] = [  # sync context: to_deployment returns the deployment, not a coroutine
+        score_flow.to_deployment(
+            name="score", description="Score a Genie space against benchmark questions.", tags=["batchflows"]
+        ),
+        enrich_flow.to_deployment(name="enrich", description="Add LLM-generated columns to rows.", tags=["batchflows"]),
+    ]
+    prefect_serve(*deployments, limit=limit)
+
+
 def _key_values(items: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:

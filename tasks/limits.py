@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -78,9 +79,10 @@ def ensure_service_limits(service: str, concurrency_limit: int, rpm: float = 0) 
 
     Returns the rate limit (or None when there is none).
     """
-    for limit in reclaim_dead_leases():
-        run_logger().warning(f"Released the slots of {limit} still held by a run that died")
     ensure_limit(limit_name(service), concurrency_limit)
+    freed = reclaim(limit_name(service))
+    if freed:
+        run_logger().warning(f"Gave back {freed} slot(s) of {limit_name(service)} left taken by runs that died")
     if rpm <= 0:
         return None
     # one slot that decays at rpm/60 per second: at most `rpm` calls start in any 60 s window
@@ -95,12 +97,12 @@ def hold(service: str, occupy: int) -> Iterator[None]:
     The slots are leased for Prefect's minimum of 60 s and renewed while the phase runs. A process killed
     with -9 cannot release them: the server takes them back when the lease lapses (about 75 s with
     `prefect server`; never with the ephemeral API, which runs no repossessor). So each lease is also
-    noted in BATCHFLOWS_HOME, and the next run on this machine releases the leases of dead processes
-    at once (`reclaim_dead_leases`).
+    noted in BATCHFLOWS_HOME, and the next run on this machine gives back the slots of dead processes
+    at once (`reclaim`).
     """
     response = acquire_concurrency_slots_with_lease([limit_name(service)], occupy, lease_duration=LEASE_S, strict=True)
     note = _lease_dir() / f"{response.lease_id}.json"
-    note.write_text(json.dumps({"pid": os.getpid(), "api": _api_url(), "limit": limit_name(service)}))
+    note.write_text(json.dumps({"pid": os.getpid(), "api": _api_url(), "limit": limit_name(service), "occupy": occupy}))
     try:
         with maintain_concurrency_lease(response.lease_id, LEASE_S):
             yield
@@ -109,22 +111,41 @@ def hold(service: str, occupy: int) -> Iterator[None]:
         note.unlink(missing_ok=True)
 
 
-def reclaim_dead_leases() -> list[str]:
-    """Release the slots still leased by batchflows processes of this machine that have died; returns the
-    names of the limits whose slots came back."""
-    freed = []
+def reclaim(name: str) -> int:
+    """Give back the slots of limit `name` that no live run holds; returns how many came back.
+
+    Leases of batchflows processes of this machine that died are released at once. With the ephemeral
+    API (no PREFECT_API_URL) leases live only in the memory of each process's own API server, so a dead
+    process's slots would stay taken in the shared database for good: there every holder is on this
+    machine and has a note, so the slots beyond the live notes' total are given back.
+    """
+    freed, held = 0, 0
+    for note, info in _notes(name):
+        if _alive(int(info.get("pid", 0))):
+            held += int(info.get("occupy", 0))
+            continue
+        with contextlib.suppress(Exception):  # lapsed, revoked, or unknown to this API server
+            release_concurrency_slots_with_lease(UUID(note.stem))
+            freed += int(info.get("occupy", 0))
+        note.unlink(missing_ok=True)
+    if PREFECT_API_URL.value():
+        return freed
+    with get_client(sync_client=True) as client:
+        active = client.read_global_concurrency_limit_by_name(name).active_slots
+        if active > held:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=held))
+            freed += active - held
+    return freed
+
+
+def _notes(name: str) -> Iterator[tuple[Path, dict[str, Any]]]:
     for note in _lease_dir().glob("*.json"):
         try:
             info = json.loads(note.read_text())
         except (OSError, ValueError):
             continue
-        if info.get("api") != _api_url() or _alive(int(info.get("pid", 0))):
-            continue
-        with contextlib.suppress(Exception):  # already released or lapsed: nothing held any more
-            release_concurrency_slots_with_lease(UUID(note.stem))
-        note.unlink(missing_ok=True)
-        freed.append(str(info.get("limit")))
-    return freed
+        if info.get("api") == _api_url() and info.get("limit") == name:
+            yield note, info
 
 
 def _alive(pid: int) -> bool:

@@ -179,3 +179,15 @@ def _write(tmp_path: Path, frame: pd.DataFrame) -> str:
     path = tmp_path / "rows.csv"
     frame.to_csv(path, index=False)
     return str(path)
+
+
+def test_the_deployment_form_is_typed():
+    """The Prefect UI renders a flow's form from this schema: settings fields with types, limits, defaults."""
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(enrich).model_dump()
+    settings = schema["definitions"]["EnrichSettings"]["properties"]
+    assert settings["batch_size"]["type"] == "integer" and settings["batch_size"]["maximum"] == 50
+    assert settings["rpm"]["default"] == 15 and "description" in settings["rpm"]
+    assert schema["properties"]["text_columns"]["type"] == "array"
+    assert "text_columns" in schema["required"]
