@@ -36,15 +36,42 @@ def sandbox(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0: a free one)")] = 8765,
     token: Annotated[str | None, typer.Option(help="token clients must send (default: a random one)")] = None,
     seed: Annotated[int, typer.Option(help="seed of Genie's answers and of random faults")] = 0,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="your tables: a folder of Parquet/CSV files (subfolders = schemas) or a DuckDB file"),
+    ] = None,
+    genie_answers: Annotated[
+        Path | None, typer.Option(help="recorded Genie answers, JSONL: question, sql or text, delay_ms?, error?")
+    ] = None,
 ) -> None:
     """Run the sandbox workspace until Ctrl-C; prints DATABRICKS_HOST and DATABRICKS_TOKEN to use."""
     from sandbox import Sandbox, SandboxError
+    from sandbox.userdata import UserDataError
 
     try:
-        sb = Sandbox(port=port, token=token, seed=seed).start()
-    except SandboxError as exc:
+        t0 = time.monotonic()
+        sb = Sandbox(
+            port=port,
+            token=token,
+            seed=seed,
+            data=str(data) if data else None,
+            genie_answers=str(genie_answers) if genie_answers else None,
+        )
+        loaded = time.monotonic() - t0
+        sb.start()
+    except (SandboxError, UserDataError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    for problem in sb.problems:
+        console.print(f"[yellow]not loaded:[/yellow] {problem}")
+    if data:
+        tables = sb.workspace.warehouse.user_tables
+        console.print(
+            f"Loaded {len(tables)} table(s) from {data} in {loaded:.1f} s: {', '.join(tables)} "
+            f"(unqualified names resolve in {sb.workspace.warehouse.default_namespace})"
+        )
+    if genie_answers:
+        console.print(f"Genie replays {len(sb.workspace.genie.recorded)} recorded answers (any space; or 'rehearsal')")
     console.print(
         f"Sandbox workspace on {sb.host}\n  export DATABRICKS_HOST={sb.host}\n"
         f"  export DATABRICKS_TOKEN={sb.token}\n"

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from sandbox import models
 from sandbox.faults import GROUPS, FaultMiddleware, FaultSpec, Ledger
 from sandbox.genie import AnswerMix, Genie
+from sandbox.userdata import load_answers
 from sandbox.warehouse import ROW_CAP, Warehouse
 
 CHAT_ENDPOINTS = ("databricks-meta-llama-3-3-70b-instruct", "databricks-claude-sonnet-4")
@@ -39,11 +40,18 @@ class Workspace:
         faults: dict[str, FaultSpec] | None = None,
         mix: AnswerMix | None = None,
         allow_writes: bool = False,
+        data: str | None = None,
+        genie_answers: str | None = None,
     ) -> None:
         self.token = token
         self.ledger = Ledger(seed, faults)
-        self.warehouse = Warehouse(allow_writes=allow_writes)
+        self.warehouse = Warehouse(allow_writes=allow_writes, data=data)
         self.genie = Genie(seed, mix)
+        self.problems = list(self.warehouse.load_problems)
+        if genie_answers:
+            answers, problems = load_answers(genie_answers)
+            self.genie.replay(answers)
+            self.problems += [f"{genie_answers}: {p}" for p in problems]
 
     @staticmethod
     def group_of_endpoint(name: str) -> str | None:

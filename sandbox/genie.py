@@ -217,6 +217,14 @@ class Genie:
         brain = list(self.brain.values())
         self.create_space("retail", "Retail sales", warehouse_id, full_configuration(brain))
         self.create_space("retail-bare", "Retail sales (unconfigured)", warehouse_id, bare_configuration())
+        self.replaying = False
+
+    def replay(self, answers: list[dict[str, Any]], warehouse_id: str = "sandbox-warehouse") -> None:
+        """Answer exactly these recorded answers (any space), and a "no recorded answer" text otherwise.
+        Adds the space `rehearsal` for them."""
+        self.recorded = {normalise_question(a["question"]): a for a in answers}
+        self.replaying = True
+        self.create_space("rehearsal", "Recorded answers", warehouse_id, bare_configuration())
 
     def create_space(
         self,
@@ -265,7 +273,9 @@ class Genie:
         if recorded is not None:
             if recorded.get("sql"):
                 return "recorded", recorded["sql"], None
-            return "recorded", None, recorded.get("text", "")
+            return "recorded", None, recorded.get("text") or ""
+        if self.replaying:
+            return "text", None, "No recorded answer for this question."
         entry = self.brain.get(key)
         if entry is None:
             return "text", None, "I could not find data in this space that answers that question."

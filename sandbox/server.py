@@ -61,9 +61,12 @@ class Sandbox(_Admin):
         faults: dict[str, FaultSpec] | None = None,
         mix: AnswerMix | None = None,
         allow_writes: bool = False,
+        data: str | None = None,
+        genie_answers: str | None = None,
     ) -> None:
         self.token = token or f"dapi-sandbox-{secrets.token_hex(8)}"
-        self.workspace = Workspace(self.token, seed, faults, mix, allow_writes)
+        self.workspace = Workspace(self.token, seed, faults, mix, allow_writes, data, genie_answers)
+        self.problems = self.workspace.problems  # files or answer lines that could not be used
         self._socket = _bind(port)
         self.port = self._socket.getsockname()[1]
         self.host = f"http://127.0.0.1:{self.port}"
@@ -113,9 +116,13 @@ class SandboxProcess(_Admin):
             sb.set_faults("chat", latency_ms=200)
     """
 
-    def __init__(self, seed: int = 0, token: str | None = None) -> None:
+    def __init__(
+        self, seed: int = 0, token: str | None = None, data: str | None = None, genie_answers: str | None = None
+    ) -> None:
         self.token = token or f"dapi-sandbox-{secrets.token_hex(8)}"
         self._args = [sys.executable, "-m", "sandbox", "--port", "0", "--token", self.token, "--seed", str(seed)]
+        self._args += ["--data", data] if data else []
+        self._args += ["--genie-answers", genie_answers] if genie_answers else []
         self._proc: subprocess.Popen[str] | None = None
 
     def start(self) -> SandboxProcess:

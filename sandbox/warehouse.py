@@ -13,6 +13,7 @@ import sqlglot
 from sqlglot import exp
 
 from sandbox import domain
+from sandbox.userdata import load_tables
 
 WRITE_ROOTS = tuple(
     getattr(exp, name)
@@ -88,12 +89,16 @@ class Statement:
 class Warehouse:
     """One in-memory DuckDB database with the sample tables (or a user's), queried from many threads."""
 
-    def __init__(self, seed: int = 7, allow_writes: bool = False) -> None:
+    def __init__(self, seed: int = 7, allow_writes: bool = False, data: str | None = None) -> None:
         self._conn = duckdb.connect()
         domain.load_into(self._conn, seed)
         self.allow_writes = allow_writes
         self.warehouse_ids = {"sandbox-warehouse"}
         self.default_namespace = f"{domain.CATALOG}.{domain.SCHEMA}"
+        self.user_tables: list[str] = []
+        self.load_problems: list[str] = []
+        if data:
+            self.default_namespace, self.user_tables, self.load_problems = load_tables(self._conn, data)
         self._statements: dict[str, Statement] = {}
         self._lock = threading.Lock()
 
