@@ -205,12 +205,70 @@ def enrich(
 
 
 @app.command()
+def analyse(
+    input_path: Annotated[Path | None, typer.Option("--input", help="items file: CSV, JSONL, JSON or Parquet")] = None,
+    query: Annotated[str | None, typer.Option(help="SQL query whose result is the items (instead of --input)")] = None,
+    warehouse_id: Annotated[str | None, typer.Option(help="warehouse that runs --query")] = None,
+    id_column: Annotated[str, typer.Option(help="id column")] = "id",
+    position_column: Annotated[str, typer.Option(help="order column")] = "position",
+    text_column: Annotated[str, typer.Option(help="text column")] = "text",
+    batch_size: Annotated[int | None, typer.Option(help="items analysed at once (default 10)")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="one item at a time (same output)")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="any setting, KEY=VALUE (repeatable)")] = None,
+    use_sandbox: Annotated[bool, typer.Option("--sandbox", help="run against an embedded sandbox workspace")] = False,
+    workspace_block: Annotated[str | None, typer.Option(help="saved DatabricksWorkspace block to use")] = None,
+    output_dir: Annotated[Path, typer.Option(help="where the report goes")] = Path("out"),
+) -> None:
+    """Analyse ordered items in parallel, then merge fragments with the item before them, in order."""
+    from pydantic import ValidationError
+
+    from flows.analyse import AnalyseSettings
+    from flows.analyse import analyse as analyse_flow
+    from tasks.enrich import InputError
+
+    values: dict[str, Any] = _key_values(set_)
+    if batch_size is not None:
+        values["batch_size"] = batch_size
+    try:
+        settings = AnalyseSettings(**values)
+    except ValidationError as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    from tasks import progress
+
+    with _workspace(use_sandbox, workspace_block) as block_name, _Bars() as bars, progress.listening(bars):
+        try:
+            summary = analyse_flow(
+                input_path=str(input_path) if input_path else None,
+                query=query,
+                warehouse_id=warehouse_id or (SANDBOX_WAREHOUSE if use_sandbox else None),
+                id_column=id_column,
+                position_column=position_column,
+                text_column=text_column,
+                settings=settings,
+                sequential=sequential,
+                workspace_block=block_name,
+                output_dir=str(output_dir),
+            )
+        except InputError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+    console.print(
+        f"{summary['items']} items: {summary['analysed']} analysed ({summary['cached']} cached), "
+        f"{summary['failed']} failed; {summary['groups']} groups; analysis {summary['analysis_s']} s, "
+        f"run {summary['wall_time_s']} s"
+    )
+    console.print(f"Report: {summary['files']['csv']}; groups: {summary['files']['groups']}")
+
+
+@app.command()
 def serve(
     limit: Annotated[int, typer.Option(help="flow runs at once in this process")] = 4,
 ) -> None:
     """Serve the jobs as deployments (no work pool needed): run them from the Prefect UI with typed forms."""
     from prefect import serve as prefect_serve
 
+    from flows.analyse import analyse as analyse_flow
     from flows.enrich import enrich as enrich_flow
     from flows.score import score as score_flow
 
@@ -219,6 +277,9 @@ def serve(
             name="score", description="Score a Genie space against benchmark questions.", tags=["batchflows"]
         ),
         enrich_flow.to_deployment(name="enrich", description="Add LLM-generated columns to rows.", tags=["batchflows"]),
+        analyse_flow.to_deployment(
+            name="analyse", description="Analyse ordered items, then merge fragments.", tags=["batchflows"]
+        ),
     ]
     prefect_serve(*deployments, limit=limit)
 

@@ -87,7 +87,7 @@ def enrich(
     started = time.monotonic()
     workspace, ledger = load_blocks(workspace_block, ledger_block)
     client = workspace.client(settings.timeout)
-    frame = _input(client, input_path, query, warehouse_id, settings)
+    frame = read_input(client, input_path, query, warehouse_id, settings.timeout)
     model = load_schema(schema_path)
     items, errors = check_rows(frame, id_column, text_columns)
     for error in errors:
@@ -164,16 +164,17 @@ def enrich(
     return _finish(frame, model, items, errors, keys, cached, results, calls, tokens, started, output_dir)
 
 
-def _input(
-    client: Any, input_path: str | None, query: str | None, warehouse_id: str | None, settings: EnrichSettings
+def read_input(
+    client: Any, input_path: str | None, query: str | None, warehouse_id: str | None, timeout_s: float
 ) -> pd.DataFrame:
+    """Rows from a file or from a warehouse query (refused when the result was cut at the inline limit)."""
     if bool(input_path) == bool(query):
         raise InputError("give exactly one of an input file or a SQL query")
     if input_path:
         return _checked(read_rows(input_path), input_path)
     if not warehouse_id:
         raise InputError("a SQL query needs a warehouse id")
-    result = run_sql(client, warehouse_id, str(query), settings.timeout * 4)
+    result = run_sql(client, warehouse_id, str(query), timeout_s * 4)
     if "error" in result:
         raise InputError(f"the input query failed: {result['error']}")
     if result["truncated"]:
