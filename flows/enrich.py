@@ -15,7 +15,8 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from flows.phase import PhaseSpec, load_blocks, run_phase
+from flows.batched import BatchedJob, BatchedResult, run_batched
+from flows.phase import load_blocks
 from tasks.calls import run_sql
 from tasks.enrich import (
     MAX_BATCH,
@@ -29,9 +30,8 @@ from tasks.enrich import (
     read_rows,
     schema_of,
 )
-from tasks.limits import ensure_service_limits
 from tasks.report import publish, stable_key, write_frame
-from tasks.resilience import Cache, RetryPolicy, Row, run_logger
+from tasks.resilience import Cache, RetryPolicy, run_logger
 
 DEFAULT_INSTRUCTIONS = (
     "For each item, write a one-line tldr of its text and say whether mastering it is a matter of "
@@ -93,75 +93,25 @@ def enrich(
     for error in errors:
         log.warning(f"Skipped: {error['error']}")
 
-    # Phase 1: the per-row cache. A row's key is its content with everything that shapes its answer.
     version = stable_key(PROMPT_VERSION, settings.endpoint, schema_of(model), instructions)
-    cache = Cache(ledger, "enrich", version)
-    keys = {item["id"]: stable_key(item["text"]) for item in items}
-    cached = cache.ledger.get_many("enrich", version, set(keys.values()))
-    todo = [item for item in items if keys[item["id"]] not in cached]
-    log.info(f"Cache hits: {len(items) - len(todo)}/{len(items)}")
-    log.info(f"Rows to enrich: {len(todo)}")
-
-    # Phase 2: batches of uncached rows; each valid element is cached the moment it arrives
-    rate_limit = ensure_service_limits("llm", settings.max_concurrent, settings.rpm)
-    batches = pack(todo, settings.batch_size, settings.max_batch_tokens)
-    log.info(f"Processing {len(batches)} batches (batch size: {settings.batch_size})")
-    results: dict[str, dict[str, Any]] = {}
-    calls = tokens = 0
-
-    def call(batch: list[dict[str, Any]]) -> dict[str, Any]:
-        answer = enrich_batch(
-            client,
-            settings.endpoint,
-            batch,
-            model,
-            instructions,
-            before_call=rate_limit,
-        )
-        for row_id, fields in answer["good"].items():
-            cache.ledger.put("enrich", version, keys[row_id], fields)
-        return answer
-
-    policy = RetryPolicy(retries=settings.retry_attempts, base_delay_s=settings.retry_delay)
-    spec = PhaseSpec("enrich", "llm", settings.max_concurrent, policy, rpm=settings.rpm)
-    rows = [Row(stable_key([i["id"] for i in b]), n, b) for n, b in enumerate(batches)]
-    failed_batches: list[list[dict[str, Any]]] = []
-    outcomes = run_phase(spec, rows, call)
-    for row in rows:
-        outcome = outcomes[row.key]
-        if outcome.status == "ok":
-            calls += outcome.value["calls"]
-            tokens += outcome.value["tokens"]
-            results.update({i: {"fields": f} for i, f in outcome.value["good"].items()})
-            results.update({i: {"error": f"invalid answer: {p}"} for i, p in outcome.value["problems"].items()})
-            log.info(f"✓ Batch {row.index + 1} enriched: {len(outcome.value['good'])}/{len(row.payload)} rows")
-        else:
-            calls += outcome.attempts
-            log.error(f"Batch {row.index + 1} failed: {outcome.message}")
-            failed_batches.append(row.payload)
-
-    # Phase 3: the seed's fallback: rows of failed batches, one per call
-    singles = [item for batch in failed_batches for item in batch]
-    if singles:
-        log.info(f"Falling back to individual processing for {len(singles)} rows")
-        one_spec = PhaseSpec("enrich-single", "llm", settings.max_concurrent, policy, rpm=settings.rpm)
-        one_rows = [Row(f"single-{i['id']}", i["position"], [i]) for i in singles]
-        one_outcomes = run_phase(one_spec, one_rows, call)
-        for row in one_rows:
-            outcome = one_outcomes[row.key]
-            item_id = row.payload[0]["id"]
-            if outcome.status == "ok":
-                calls += outcome.value["calls"]
-                tokens += outcome.value["tokens"]
-                if item_id in outcome.value["good"]:
-                    results[item_id] = {"fields": outcome.value["good"][item_id]}
-                else:
-                    results[item_id] = {"error": f"invalid answer: {outcome.value['problems'][item_id]}"}
-            else:
-                calls += outcome.attempts
-                results[item_id] = {"error": f"{outcome.error_kind}: {outcome.message}"}
-
-    return _finish(frame, model, items, errors, keys, cached, results, calls, tokens, started, output_dir)
+    job = BatchedJob(
+        "enrich",
+        "llm",
+        Cache(ledger, "enrich", version),
+        settings.max_concurrent,
+        RetryPolicy(retries=settings.retry_attempts, base_delay_s=settings.retry_delay),
+        settings.rpm,
+    )
+    result = run_batched(
+        job,
+        items,
+        key=lambda item: stable_key(item["text"]),
+        pack=lambda todo: pack(todo, settings.batch_size, settings.max_batch_tokens),
+        call=lambda batch, before_call: enrich_batch(
+            client, settings.endpoint, batch, model, instructions, before_call=before_call
+        ),
+    )
+    return _finish(frame, model, items, errors, result, started, output_dir)
 
 
 def read_input(
@@ -196,11 +146,7 @@ def _finish(
     model: type[BaseModel],
     items: list[dict[str, Any]],
     errors: list[dict[str, Any]],
-    keys: dict[str, str],
-    cached: dict[str, Any],
-    results: dict[str, dict[str, Any]],
-    calls: int,
-    tokens: int,
+    result: BatchedResult,
     started: float,
     output_dir: str,
 ) -> dict[str, Any]:
@@ -214,15 +160,13 @@ def _finish(
     ]
     for item in items:
         at = item["position"] - 1
-        key = keys[item["id"]]
-        found = {"fields": cached[key], "cached": True} if key in cached else results.get(item["id"], {})
-        if "fields" in found:
+        if item["id"] in result.values:
             for f in fields:
-                columns[f][at] = found["fields"].get(f)
+                columns[f][at] = result.values[item["id"]].get(f)
             columns["status"][at] = "ok"
-            columns["cached"][at] = bool(found.get("cached"))
+            columns["cached"][at] = item["id"] in result.cached
         else:
-            message = found.get("error", "no answer")
+            message = result.errors.get(item["id"], "no answer")
             columns["status"][at], columns["error"][at] = "failed", message
             failures.append({"row_key": item["id"], "phase": "enrich", "error_kind": "failed", "message": message})
     out = frame.copy()
@@ -238,8 +182,8 @@ def _finish(
         "newly_enriched": ok - hits,
         "failed": len(frame) - ok,
         "success_rate": round(ok / len(frame), 4) if len(frame) else 0.0,
-        "api_calls": calls,
-        "tokens": tokens,
+        "api_calls": result.calls,
+        "tokens": result.tokens,
         "wall_time_s": round(time.monotonic() - started, 2),
         "failures": failures,
         "files": files,
@@ -254,8 +198,8 @@ def _finish(
             f"Newly enriched: {summary['newly_enriched']}",
             f"Failed: {summary['failed']}",
             f"Success rate: {summary['success_rate']:.1%}",
-            f"API calls: {calls}",
-            f"Tokens: {tokens}",
+            f"API calls: {result.calls}",
+            f"Tokens: {result.tokens}",
             f"Wall time: {summary['wall_time_s']} s",
             "=" * 60,
         ]

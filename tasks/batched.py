@@ -7,9 +7,19 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 from tasks.errors import InvalidResponse
+
+
+class BatchAnswer(TypedDict):
+    """What one batched call (with its re-asks) came back with."""
+
+    good: dict[str, Any]  # item id -> valid answer
+    problems: dict[str, str]  # item id -> why it has none
+    calls: int
+    tokens: int
+
 
 Validator = Callable[[dict[str, Any]], str | None]  # returns a problem, or None when the element is valid
 

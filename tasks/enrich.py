@@ -14,7 +14,7 @@ import pandas as pd
 from databricks.sdk import WorkspaceClient
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from tasks.batched import ask_validated
+from tasks.batched import BatchAnswer, ask_validated
 from tasks.calls import chat
 from tasks.report import stable_key
 
@@ -220,7 +220,7 @@ def enrich_batch(
     model: type[BaseModel],
     instructions: str,
     before_call: Callable[[], None] | None = None,
-) -> dict[str, Any]:
+) -> BatchAnswer:
     """Enrich one batch. Invalid or missing elements are asked again alone (then recorded as problems).
 
     Returns {"good": {id: fields}, "problems": {id: message}, "calls": n, "tokens": n}.

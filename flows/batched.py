@@ -1,0 +1,114 @@
+"""Many items, few calls: the machinery the enrichment and embedding jobs share.
+
+Per-item cache first (an item's key is its content with everything that shapes its answer), then
+batches of the uncached items only, as one phase; each good answer is cached the moment it arrives; the
+items of a batch that failed after its retries go through a second phase one item per call (the seed's
+fallback); what still fails is an error per item, never a lost row.
+
+A job supplies `call(batch, before_call) -> BatchAnswer`: the answers by item id, the problems by item id,
+and the number of calls and tokens it took (`before_call` is the rate limit, for calls after the first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flows.phase import PhaseSpec, run_phase
+from tasks.batched import BatchAnswer
+from tasks.limits import ensure_service_limits
+from tasks.report import stable_key
+from tasks.resilience import Cache, RetryPolicy, Row, run_logger
+
+
+@dataclass
+class BatchedJob:
+    name: str  # phase name in logs and progress ("enrich", "embed")
+    service: str  # the global limits it shares ("llm", "embeddings")
+    cache: Cache
+    concurrency: int
+    policy: RetryPolicy
+    rpm: float = 0
+
+
+@dataclass
+class BatchedResult:
+    values: dict[str, Any] = field(default_factory=dict)  # item id -> answer (new or cached)
+    errors: dict[str, str] = field(default_factory=dict)  # item id -> why it has no answer
+    cached: set[str] = field(default_factory=set)  # ids answered from the cache
+    batches: int = 0
+    calls: int = 0
+    tokens: int = 0
+
+
+def pending(
+    job: BatchedJob, items: list[dict[str, Any]], key: Callable[[dict[str, Any]], str]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(cached answers by item id, items still to send)."""
+    keys = {item["id"]: key(item) for item in items}
+    found = job.cache.ledger.get_many(job.cache.step, job.cache.version, set(keys.values()))
+    cached = {i: found[k] for i, k in keys.items() if k in found}
+    return cached, [item for item in items if item["id"] not in cached]
+
+
+def run_batched(
+    job: BatchedJob,
+    items: list[dict[str, Any]],
+    key: Callable[[dict[str, Any]], str],
+    pack: Callable[[list[dict[str, Any]]], list[list[dict[str, Any]]]],
+    call: Callable[[list[dict[str, Any]], Callable[[], None] | None], BatchAnswer],
+) -> BatchedResult:
+    """Answer every item (each has an "id"): from the cache, in batches, or alone after a batch failed."""
+    log = run_logger()
+    cached, todo = pending(job, items, key)
+    result = BatchedResult(values=dict(cached), cached=set(cached))
+    log.info(f"Cache hits: {len(cached)}/{len(items)}")
+    log.info(f"Rows to {job.name}: {len(todo)}")
+    if not todo:
+        return result
+    rate_limit = ensure_service_limits(job.service, job.concurrency, job.rpm)
+
+    def send(batch: list[dict[str, Any]]) -> BatchAnswer:
+        answer = call(batch, rate_limit)
+        for item_id, value in answer["good"].items():
+            job.cache.ledger.put(job.cache.step, job.cache.version, key(by_id[item_id]), value)
+        return answer
+
+    by_id = {item["id"]: item for item in todo}
+    batches = pack(todo)
+    result.batches = len(batches)
+    log.info(f"Processing {len(batches)} batches")
+    spec = PhaseSpec(job.name, job.service, job.concurrency, job.policy, rpm=job.rpm)
+    rows = [Row(stable_key([i["id"] for i in b]), n + 1, b) for n, b in enumerate(batches)]
+    failed: list[dict[str, Any]] = []
+    outcomes = run_phase(spec, rows, send)
+    for row in rows:
+        outcome = outcomes[row.key]
+        if outcome.status == "ok":
+            _take(result, outcome.value)
+            log.info(f"✓ Batch {row.index}/{len(rows)}: {len(outcome.value['good'])}/{len(row.payload)} items")
+        else:
+            result.calls += outcome.attempts
+            log.error(f"Batch {row.index}/{len(rows)} failed: {outcome.message}")
+            failed += row.payload
+    if failed:
+        log.info(f"Falling back to individual processing for {len(failed)} items")
+        one_spec = PhaseSpec(f"{job.name}-single", job.service, job.concurrency, job.policy, rpm=job.rpm)
+        one_rows = [Row(f"single-{i['id']}", n + 1, [i]) for n, i in enumerate(failed)]
+        one_outcomes = run_phase(one_spec, one_rows, send)
+        for row in one_rows:
+            outcome = one_outcomes[row.key]
+            if outcome.status == "ok":
+                _take(result, outcome.value)
+            else:
+                result.calls += outcome.attempts
+                result.errors[row.payload[0]["id"]] = f"{outcome.error_kind}: {outcome.message}"
+    return result
+
+
+def _take(result: BatchedResult, answer: BatchAnswer) -> None:
+    result.calls += answer["calls"]
+    result.tokens += answer["tokens"]
+    result.values.update(answer["good"])
+    result.errors.update({i: f"invalid answer: {p}" for i, p in answer["problems"].items()})
