@@ -39,6 +39,8 @@ TABLE_COMMENTS = {
     "orders": "One row per order: customer, store (null for online orders), date, status and channel.",
     "order_items": "Order lines: product, quantity, unit price paid and discount rate (0-0.3).",
 }
+SYSTEM_CATALOG = "databricks_system"  # DuckDB reserves "system" (and "information_schema" in every catalog)
+INFO = f"{SYSTEM_CATALOG}.info"  # the warehouse maps Databricks' system.information_schema here
 FOREIGN_KEYS = [
     ("orders", "customer_id", "customers", "customer_id"),
     ("orders", "store_id", "stores", "store_id"),
@@ -106,4 +108,46 @@ def load_into(conn: duckdb.DuckDBPyConnection, seed: int = 7) -> None:
         conn.execute(f"COMMENT ON TABLE {CATALOG}.{SCHEMA}.{name} IS '{TABLE_COMMENTS[name]}'")
     for table, column, ref_table, ref_column in FOREIGN_KEYS:
         conn.execute(f"COMMENT ON COLUMN {CATALOG}.{SCHEMA}.{table}.{column} IS 'References {ref_table}.{ref_column}'")
+    _information_schema(conn)
     conn.execute(f"USE {CATALOG}.{SCHEMA}")
+
+
+def _information_schema(conn: duckdb.DuckDBPyConnection) -> None:
+    """`system.information_schema` as Databricks has it: tables and columns (live views over every catalog,
+    the user's too) and the foreign keys of the sample tables as constraints."""
+    conn.execute(f"ATTACH ':memory:' AS {SYSTEM_CATALOG}")
+    conn.execute(f"CREATE SCHEMA {INFO}")
+    conn.execute(
+        f"CREATE VIEW {INFO}.tables AS SELECT database_name AS table_catalog, schema_name AS table_schema, "
+        f"table_name, comment FROM duckdb_tables() WHERE database_name <> '{SYSTEM_CATALOG}'"
+    )
+    conn.execute(
+        f"CREATE VIEW {INFO}.columns AS SELECT database_name AS table_catalog, "
+        "schema_name AS table_schema, table_name, column_name, data_type, column_index AS ordinal_position, "
+        f"comment FROM duckdb_columns() WHERE database_name <> '{SYSTEM_CATALOG}'"
+    )
+    conn.execute(
+        f"CREATE TABLE {INFO}.table_constraints (constraint_catalog VARCHAR, "
+        "constraint_schema VARCHAR, constraint_name VARCHAR, table_catalog VARCHAR, table_schema VARCHAR, "
+        "table_name VARCHAR, constraint_type VARCHAR)"
+    )
+    for usage in ("key_column_usage", "constraint_column_usage"):
+        conn.execute(
+            f"CREATE TABLE {INFO}.{usage} (constraint_catalog VARCHAR, constraint_schema VARCHAR, "
+            "constraint_name VARCHAR, table_catalog VARCHAR, table_schema VARCHAR, table_name VARCHAR, "
+            "column_name VARCHAR, ordinal_position INTEGER)"
+        )
+    for table, column, ref_table, ref_column in FOREIGN_KEYS:
+        name = f"{table}_{column}_fk"
+        conn.execute(
+            f"INSERT INTO {INFO}.table_constraints VALUES (?, ?, ?, ?, ?, ?, 'FOREIGN KEY')",
+            [CATALOG, SCHEMA, name, CATALOG, SCHEMA, table],
+        )
+        conn.execute(
+            f"INSERT INTO {INFO}.key_column_usage VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+            [CATALOG, SCHEMA, name, CATALOG, SCHEMA, table, column],
+        )
+        conn.execute(
+            f"INSERT INTO {INFO}.constraint_column_usage VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+            [CATALOG, SCHEMA, name, CATALOG, SCHEMA, ref_table, ref_column],
+        )

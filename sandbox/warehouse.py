@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -86,6 +87,9 @@ class Statement:
         return body
 
 
+_SYSTEM = re.compile(r"\bsystem\s*\.\s*information_schema\b", re.IGNORECASE)
+
+
 class Warehouse:
     """One in-memory DuckDB database with the sample tables (or a user's), queried from many threads."""
 
@@ -123,7 +127,7 @@ class Warehouse:
         cursor = self._conn.cursor()
         try:
             cursor.execute(f"USE {self.default_namespace}")
-            relation = cursor.execute(sql)
+            relation = cursor.execute(_SYSTEM.sub(domain.INFO, sql))
             columns = [(d[0], str(d[1])) for d in relation.description or []]
             fetch = row_limit + 1 if row_limit else None
             rows = relation.fetchmany(fetch) if fetch else relation.fetchall()
