@@ -1,0 +1,217 @@
+"""Embedding pieces: documents from a schema's metadata or a file, the cost estimate, one batched
+embedding call validated per item, and the local vector store (DuckDB) with its search.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from databricks.sdk import WorkspaceClient
+
+from tasks.batched import BatchAnswer
+from tasks.calls import run_sql
+from tasks.enrich import InputError, estimate_tokens
+
+TOKENIZER = "estimate: 4 characters a token (no tokenizer ships its vocabulary offline; tiktoken downloads)"
+
+
+class BudgetExceeded(RuntimeError):
+    """The run's estimated cost is over its budget: stopped before the first call."""
+
+
+def _q(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def schema_documents(
+    client: WorkspaceClient, warehouse_id: str, catalog: str, schema: str, timeout_s: float
+) -> list[dict[str, Any]]:
+    """One document per table (its comment and columns) and one per foreign key, from the warehouse's
+    system.information_schema."""
+    where = f"table_catalog = {_q(catalog)} AND table_schema = {_q(schema)}"
+    tables = _rows(
+        client,
+        warehouse_id,
+        f"SELECT table_name, comment FROM system.information_schema.tables WHERE {where}",
+        timeout_s,
+    )
+    columns = _rows(
+        client,
+        warehouse_id,
+        "SELECT table_name, column_name, data_type, comment FROM system.information_schema.columns "
+        f"WHERE {where} ORDER BY table_name, ordinal_position",
+        timeout_s,
+    )
+    keys = _rows(
+        client,
+        warehouse_id,
+        "SELECT kcu.table_name, kcu.column_name, ccu.table_name, ccu.column_name "
+        "FROM system.information_schema.table_constraints AS tc "
+        "JOIN system.information_schema.key_column_usage AS kcu ON tc.constraint_name = kcu.constraint_name "
+        "JOIN system.information_schema.constraint_column_usage AS ccu ON tc.constraint_name = ccu.constraint_name "
+        f"WHERE tc.constraint_type = 'FOREIGN KEY' AND tc.table_catalog = {_q(catalog)} "
+        f"AND tc.table_schema = {_q(schema)} ORDER BY 1, 2",
+        timeout_s,
+    )
+    if not tables:
+        raise InputError(f"no tables in {catalog}.{schema} (or no access to its information_schema)")
+    comments = {t: c or "" for t, c in tables}
+    docs = []
+    for table, comment in sorted(comments.items()):
+        cols = [f"{name} ({kind}{': ' + c if c else ''})" for t, name, kind, c in columns if t == table]
+        text = f"Table {catalog}.{schema}.{table}. {comment} Columns: {', '.join(cols)}."
+        docs.append({"id": f"table:{table}", "kind": "table", "text": text.replace("  ", " ")})
+    for table, column, ref_table, ref_column in keys:
+        text = (
+            f"Relationship: {table}.{column} references {ref_table}.{ref_column}; join {table} to {ref_table} "
+            f"on {table}.{column} = {ref_table}.{ref_column}. {table}: {comments.get(table, '')} "
+            f"{ref_table}: {comments.get(ref_table, '')}"
+        )
+        docs.append(
+            {"id": f"relationship:{table}.{column}->{ref_table}.{ref_column}", "kind": "relationship", "text": text}
+        )
+    return docs
+
+
+def _rows(client: WorkspaceClient, warehouse_id: str, sql: str, timeout_s: float) -> list[list[Any]]:
+    result = run_sql(client, warehouse_id, sql, timeout_s)
+    if "error" in result:
+        raise InputError(f"reading the schema's metadata failed: {result['error']}")
+    return [list(r) for r in result["rows"]]
+
+
+def check_documents(
+    docs: list[dict[str, Any]], max_item_tokens: int, chunk_oversized: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(documents to embed, per-item errors): empty texts and duplicate ids are errors; a text over
+    `max_item_tokens` is an error, or split into numbered chunks when `chunk_oversized`."""
+    ok: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for n, doc in enumerate(docs, start=1):
+        doc_id, text = str(doc.get("id") or "").strip(), str(doc.get("text") or "").strip()
+        kind = str(doc.get("kind") or "document")
+        tokens = estimate_tokens(text)
+        if not doc_id:
+            errors.append({"id": f"item {n}", "kind": kind, "error": f"item {n}: empty id"})
+        elif doc_id in seen:
+            errors.append({"id": doc_id, "kind": kind, "error": f"item {n}: duplicate id {doc_id!r}"})
+        elif not text:
+            errors.append({"id": doc_id, "kind": kind, "error": f"item {n} (id {doc_id}): empty text"})
+        elif tokens > max_item_tokens and not chunk_oversized:
+            errors.append(
+                {
+                    "id": doc_id,
+                    "kind": kind,
+                    "error": f"item {n} (id {doc_id}): ~{tokens} tokens, over the endpoint's {max_item_tokens} "
+                    "(set chunk_oversized to split it)",
+                }
+            )
+        else:
+            seen.add(doc_id)
+            if tokens <= max_item_tokens:
+                ok.append({"id": doc_id, "kind": kind, "text": text})
+                continue
+            size = max_item_tokens * 4
+            pieces = [text[i : i + size] for i in range(0, len(text), size)]
+            ok += [{"id": f"{doc_id}#{p}", "kind": kind, "text": piece} for p, piece in enumerate(pieces, start=1)]
+    return ok, errors
+
+
+def estimate(docs: list[dict[str, Any]], batch_size: int, price_per_million: float) -> dict[str, Any]:
+    """The seed's cost estimation: what the pending documents would take and cost."""
+    tokens = sum(estimate_tokens(d["text"]) for d in docs)
+    kinds: dict[str, int] = {}
+    for d in docs:
+        kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
+    cost = tokens / 1e6 * price_per_million
+    return {
+        "pending": len(docs),
+        "pending_by_kind": kinds,
+        "estimated_batches": math.ceil(len(docs) / batch_size),
+        "estimated_tokens": tokens,
+        "estimated_cost_usd": round(cost, 6),
+        "cost_per_item_usd": round(cost / len(docs), 8) if docs else 0.0,
+        "price_per_million_tokens_usd": price_per_million,
+        "tokenizer": TOKENIZER,
+    }
+
+
+def embed_batch(
+    client: WorkspaceClient, endpoint: str, batch: list[dict[str, Any]], before_call: Callable[[], None] | None = None
+) -> BatchAnswer:
+    """One call for a batch; each item's vector is checked (present once, same length, finite numbers)."""
+    del before_call  # a single call per batch: the phase took its rate slot already
+    response = client.serving_endpoints.query(name=endpoint, input=[d["text"] for d in batch])
+    by_index: dict[int, list[float]] = {}
+    twice: set[int] = set()
+    for element in response.data or []:
+        if element.index is None or element.embedding is None:
+            continue
+        if element.index in by_index:
+            twice.add(element.index)
+        by_index[element.index] = element.embedding
+    dims = {len(v) for v in by_index.values()}
+    width = max(dims, key=lambda d: sum(len(v) == d for v in by_index.values())) if dims else 0
+    good: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for i, doc in enumerate(batch):
+        vector = by_index.get(i)
+        if vector is None:
+            problems[doc["id"]] = "no vector for this input in the reply"
+        elif i in twice:
+            problems[doc["id"]] = "two vectors for this input in the reply"
+        elif len(vector) != width or not all(math.isfinite(x) for x in vector):
+            problems[doc["id"]] = f"vector of length {len(vector)} (others {width}) or not finite"
+        else:
+            good[doc["id"]] = vector
+    tokens = response.usage.total_tokens if response.usage and response.usage.total_tokens else 0
+    return {"good": good, "problems": problems, "calls": 1, "tokens": tokens}
+
+
+class VectorStore:
+    """Vectors and metadata in a local DuckDB file, searched with its list cosine similarity.
+
+    Example:
+        store = VectorStore("vectors.duckdb"); store.upsert("databricks-gte-large-en", docs, vectors)
+        store.search("databricks-gte-large-en", query_vector, k=5)
+    """
+
+    def __init__(self, path: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        with self._connect() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS embeddings (model VARCHAR, id VARCHAR, kind VARCHAR, text VARCHAR, "
+                "vector FLOAT[], PRIMARY KEY (model, id))"
+            )
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        return duckdb.connect(self.path)
+
+    def upsert(self, model: str, docs: list[dict[str, Any]], vectors: dict[str, list[float]]) -> int:
+        rows = [(model, d["id"], d["kind"], d["text"], vectors[d["id"]]) for d in docs if d["id"] in vectors]
+        if not rows:
+            return 0
+        with self._lock, self._connect() as conn:
+            conn.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def count(self, model: str) -> int:
+        with self._lock, self._connect() as conn:
+            return int(conn.execute("SELECT count(*) FROM embeddings WHERE model = ?", [model]).fetchone()[0])  # type: ignore[index]
+
+    def search(self, model: str, vector: list[float], k: int = 5) -> list[dict[str, Any]]:
+        with self._lock, self._connect() as conn:
+            rows = conn.execute(
+                "SELECT id, kind, text, list_cosine_similarity(vector, ?::FLOAT[]) AS score FROM embeddings "
+                "WHERE model = ? ORDER BY score DESC, id LIMIT ?",
+                [vector, model, k],
+            ).fetchall()
+        return [{"id": r[0], "kind": r[1], "text": r[2], "score": round(float(r[3]), 4)} for r in rows]

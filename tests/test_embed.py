@@ -1,0 +1,111 @@
+"""Document embedding against the sandbox: batches of 100, cache, fallback, budget, store and search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blocks.workspace import DatabricksWorkspace
+from flows.embed import EmbedSettings, embed
+from tasks.embed import BudgetExceeded, VectorStore, check_documents
+
+
+def _docs(tmp_path: Path, n: int) -> str:
+    path = tmp_path / "docs.jsonl"
+    words = ["revenue", "customer", "inventory", "shipping", "refund", "discount", "store", "payment"]
+    path.write_text(
+        "\n".join(
+            json.dumps(
+                {"id": f"d{i}", "kind": "note", "text": f"Note {i} about {words[i % 8]} and {words[(i * 3) % 8]}"}
+            )
+            for i in range(n)
+        )
+    )
+    return str(path)
+
+
+def _run(tmp_path: Path, workspace_block: str, ledger_block: str, **kw: Any) -> dict[str, Any]:
+    if "input_path" not in kw:
+        kw["input_path"] = _docs(tmp_path, 250)
+    return embed(
+        settings=kw.pop("settings", EmbedSettings(retry_delay=0.05)),
+        store_path=str(tmp_path / "vectors.duckdb"),
+        workspace_block=workspace_block,
+        ledger_block=ledger_block,
+        output_dir=str(tmp_path / "out"),
+        **kw,
+    )
+
+
+def _sizes(sb: Any) -> list[int]:
+    return sorted((r["inputs"] for r in sb.requests("embeddings") if "inputs" in r), reverse=True)
+
+
+def test_250_documents_take_3_calls_then_none(sb, workspace_block, ledger_block, tmp_path):
+    first = _run(tmp_path, workspace_block, ledger_block)
+    assert _sizes(sb) == [100, 100, 50]
+    assert (first["successful"], first["api_calls"], first["stored"]) == (250, 3, 250)
+    assert first["by_kind"] == {"note": {"processed": 250, "successful": 250, "success_rate": 1.0}}
+    assert first["estimate"]["estimated_batches"] == 3 and first["tokens"] > 0
+    sb.reset()
+    second = _run(tmp_path, workspace_block, ledger_block)
+    assert sb.stats()["embeddings"]["calls"] == 0
+    assert (second["successful"], second["cache_hits"], second["api_calls"]) == (250, 250, 0)
+
+
+def test_a_failing_batch_falls_back_to_single_items(sb, workspace_block, ledger_block, tmp_path):
+    settings = EmbedSettings(batch_size=5, max_concurrent=1, retry_attempts=3, retry_delay=0.05)
+    sb.set_faults("embeddings", script=["500"] * 4)  # the first batch's four attempts
+    result = _run(tmp_path, workspace_block, ledger_block, input_path=_docs(tmp_path, 12), settings=settings)
+    assert sb.stats()["embeddings"]["calls"] == 4 + 2 + 5
+    assert _sizes(sb) == [5, 2, 1, 1, 1, 1, 1]
+    assert (result["successful"], result["api_calls"]) == (12, 11)
+
+
+def test_over_budget_or_estimate_only_makes_no_call(sb, workspace_block, ledger_block, tmp_path):
+    plan = _run(tmp_path, workspace_block, ledger_block, estimate_only=True)["estimate"]
+    assert (plan["pending"], plan["estimated_batches"]) == (250, 3)
+    assert plan["estimated_cost_usd"] == pytest.approx(plan["estimated_tokens"] / 1e6 * 0.13, abs=1e-6)
+    with pytest.raises(BudgetExceeded, match="over the budget max_cost_usd"):
+        _run(
+            tmp_path, workspace_block, ledger_block, settings=EmbedSettings(max_cost_usd=plan["estimated_cost_usd"] / 2)
+        )
+    assert sb.stats()["embeddings"]["calls"] == 0
+
+
+def test_schema_documentation_is_embedded_and_searchable(sb, workspace_block, ledger_block, tmp_path):
+    result = _run(tmp_path, workspace_block, ledger_block, input_path=None, warehouse_id="sandbox-warehouse")
+    kinds = result["by_kind"]
+    assert (kinds["table"]["successful"], kinds["relationship"]["successful"]) == (5, 4)
+    assert _sizes(sb) == [9]
+    store = VectorStore(str(tmp_path / "vectors.duckdb"))
+    client = DatabricksWorkspace(host=sb.host, token=sb.token).client(10)
+
+    def top(query: str, k: int = 3) -> list[str]:
+        vector = client.serving_endpoints.query(name="databricks-gte-large-en", input=[query]).data[0].embedding
+        return [hit["id"] for hit in store.search("databricks-gte-large-en", vector, k)]
+
+    assert top("order lines with product quantity, unit price and discount")[0] == "table:order_items"
+    assert top("physical stores with their city and opening date")[0] == "table:stores"
+    assert "relationship:orders.customer_id->customers.customer_id" in top("join orders to customers on customer_id", 2)
+
+
+def test_bad_documents_are_reported_and_long_ones_chunked_when_asked():
+    docs = [
+        {"id": "a", "text": "fine"},
+        {"id": "a", "text": "again"},
+        {"id": "b", "text": "  "},
+        {"id": "c", "text": "x" * 400},
+    ]
+    ok, errors = check_documents(docs, max_item_tokens=50, chunk_oversized=False)
+    assert [d["id"] for d in ok] == ["a"]
+    assert [e["error"] for e in errors] == [
+        "item 2: duplicate id 'a'",
+        "item 3 (id b): empty text",
+        "item 4 (id c): ~100 tokens, over the endpoint's 50 (set chunk_oversized to split it)",
+    ]
+    ok, _ = check_documents(docs, max_item_tokens=50, chunk_oversized=True)
+    assert [d["id"] for d in ok] == ["a", "c#1", "c#2"]
