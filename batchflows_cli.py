@@ -262,6 +262,108 @@ def analyse(
 
 
 @app.command()
+def embed(
+    input_path: Annotated[Path | None, typer.Option("--input", help="documents file with id, text (, kind)")] = None,
+    catalog: Annotated[str, typer.Option(help="without --input: the catalog to document")] = "samples",
+    schema: Annotated[
+        str, typer.Option(help="without --input: the schema whose tables and keys are documented")
+    ] = "retail",
+    warehouse_id: Annotated[str | None, typer.Option(help="warehouse that reads the information_schema")] = None,
+    estimate_only: Annotated[bool, typer.Option("--estimate", help="report tokens and cost, call nothing")] = False,
+    max_cost: Annotated[float | None, typer.Option(help="refuse to run over this estimated cost, USD")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="any setting, KEY=VALUE (repeatable)")] = None,
+    store: Annotated[Path | None, typer.Option(help="vector store file (default ~/.batchflows/vectors.duckdb)")] = None,
+    use_sandbox: Annotated[bool, typer.Option("--sandbox", help="run against an embedded sandbox workspace")] = False,
+    workspace_block: Annotated[str | None, typer.Option(help="saved DatabricksWorkspace block to use")] = None,
+    output_dir: Annotated[Path, typer.Option(help="where the per-item results go")] = Path("out"),
+) -> None:
+    """Embed documents 100 per call into a searchable store, after a cost estimate and within a budget."""
+    from pydantic import ValidationError
+
+    from flows.embed import EmbedSettings
+    from flows.embed import embed as embed_flow
+    from tasks.embed import BudgetExceeded
+    from tasks.enrich import InputError
+
+    values: dict[str, Any] = _key_values(set_)
+    if max_cost is not None:
+        values["max_cost_usd"] = max_cost
+    try:
+        settings = EmbedSettings(**values)
+    except ValidationError as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    from tasks import progress
+
+    with _workspace(use_sandbox, workspace_block) as block_name, _Bars() as bars, progress.listening(bars):
+        try:
+            summary = embed_flow(
+                input_path=str(input_path) if input_path else None,
+                catalog=catalog,
+                schema_name=schema,
+                warehouse_id=warehouse_id or (SANDBOX_WAREHOUSE if use_sandbox else None),
+                settings=settings,
+                estimate_only=estimate_only,
+                store_path=str(store) if store else None,
+                workspace_block=block_name,
+                output_dir=str(output_dir),
+            )
+        except (InputError, BudgetExceeded) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+    plan = summary["estimate"]
+    console.print(
+        f"Estimate: {plan['pending']} pending {plan['pending_by_kind']}, {plan['estimated_batches']} batches, "
+        f"~{plan['estimated_tokens']} tokens, ${plan['estimated_cost_usd']:.4f} "
+        f"(${plan['cost_per_item_usd']:.6f} per item; {plan['tokenizer']})"
+    )
+    if estimate_only:
+        return
+    console.print(
+        f"Embedded {summary['successful']}/{summary['processed']} ({summary['cache_hits']} cached) in "
+        f"{summary['api_calls']} calls, {summary['tokens']} tokens, {summary['wall_time_s']} s; by kind: "
+        f"{summary['by_kind']}"
+    )
+    console.print(f"Vectors: {summary['store']}; results: {summary['files']['csv']}")
+
+
+@app.command()
+def search(
+    text: Annotated[str, typer.Argument(help="what to look for")],
+    k: Annotated[int, typer.Option(help="how many items")] = 5,
+    endpoint: Annotated[str, typer.Option(help="the embedding endpoint the store was built with")] = (
+        "databricks-gte-large-en"
+    ),
+    store: Annotated[Path | None, typer.Option(help="vector store file (default ~/.batchflows/vectors.duckdb)")] = None,
+    use_sandbox: Annotated[
+        bool, typer.Option("--sandbox", help="embed TEXT with an embedded sandbox workspace")
+    ] = False,
+    workspace_block: Annotated[str | None, typer.Option(help="saved DatabricksWorkspace block to use")] = None,
+) -> None:
+    """The stored items nearest to TEXT (cosine similarity of their embeddings)."""
+    from flows.embed import default_store
+    from flows.phase import load_blocks
+    from tasks.embed import VectorStore
+
+    path = str(store) if store else default_store()
+    if not Path(path).exists():
+        console.print(f"[red]error:[/red] no vector store at {path}; run `batchflows embed` first")
+        raise typer.Exit(2)
+    with _workspace(use_sandbox, workspace_block) as block_name:
+        workspace, _ = load_blocks(block_name, None)
+        response = workspace.client(60).serving_endpoints.query(name=endpoint, input=[text])
+    vector = response.data[0].embedding if response.data else None
+    if not vector:
+        console.print(f"[red]error:[/red] {endpoint} returned no embedding")
+        raise typer.Exit(2)
+    hits = VectorStore(path).search(endpoint, vector, k)
+    if not hits:
+        console.print(f"no items stored for {endpoint} in {path}")
+    for hit in hits:
+        console.print(f"{hit['score']:.4f}  {hit['id']}  {hit['text'][:100]}")
+
+
+@app.command()
 def serve(
     limit: Annotated[int, typer.Option(help="flow runs at once in this process")] = 4,
 ) -> None:
@@ -269,6 +371,7 @@ def serve(
     from prefect import serve as prefect_serve
 
     from flows.analyse import analyse as analyse_flow
+    from flows.embed import embed as embed_flow
     from flows.enrich import enrich as enrich_flow
     from flows.score import score as score_flow
 
@@ -280,6 +383,7 @@ def serve(
         analyse_flow.to_deployment(
             name="analyse", description="Analyse ordered items, then merge fragments.", tags=["batchflows"]
         ),
+        embed_flow.to_deployment(name="embed", description="Embed documents into a vector store.", tags=["batchflows"]),
     ]
     prefect_serve(*deployments, limit=limit)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pandas as pd
 from databricks.sdk import WorkspaceClient
 
 from tasks.batched import BatchAnswer
@@ -196,12 +197,24 @@ class VectorStore:
         return duckdb.connect(self.path)
 
     def upsert(self, model: str, docs: list[dict[str, Any]], vectors: dict[str, list[float]]) -> int:
-        rows = [(model, d["id"], d["kind"], d["text"], vectors[d["id"]]) for d in docs if d["id"] in vectors]
-        if not rows:
+        kept = [d for d in docs if d["id"] in vectors]
+        if not kept:
             return 0
-        with self._lock, self._connect() as conn:
-            conn.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?, ?, ?)", rows)
-        return len(rows)
+        frame = pd.DataFrame(
+            {
+                "model": model,
+                "id": [d["id"] for d in kept],
+                "kind": [d["kind"] for d in kept],
+                "text": [d["text"] for d in kept],
+                "vector": [vectors[d["id"]] for d in kept],
+            }
+        )
+        with self._lock, self._connect() as conn:  # one bulk insert: executemany takes ~5 ms a row here
+            conn.register("incoming", frame)
+            conn.execute(
+                "INSERT OR REPLACE INTO embeddings SELECT model, id, kind, text, vector::FLOAT[] FROM incoming"
+            )
+        return len(kept)
 
     def count(self, model: str) -> int:
         with self._lock, self._connect() as conn:

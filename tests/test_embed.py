@@ -85,7 +85,9 @@ def test_schema_documentation_is_embedded_and_searchable(sb, workspace_block, le
     client = DatabricksWorkspace(host=sb.host, token=sb.token).client(10)
 
     def top(query: str, k: int = 3) -> list[str]:
-        vector = client.serving_endpoints.query(name="databricks-gte-large-en", input=[query]).data[0].embedding
+        response = client.serving_endpoints.query(name="databricks-gte-large-en", input=[query])
+        vector = response.data[0].embedding if response.data else None
+        assert vector
         return [hit["id"] for hit in store.search("databricks-gte-large-en", vector, k)]
 
     assert top("order lines with product quantity, unit price and discount")[0] == "table:order_items"
