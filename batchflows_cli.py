@@ -6,8 +6,10 @@ import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -163,36 +165,23 @@ def enrich(
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Add LLM-generated columns to rows: 20 rows per call, validated, cached per row, rate-limited."""
-    from pydantic import ValidationError
-
     from flows.enrich import DEFAULT_INSTRUCTIONS, EnrichSettings
     from flows.enrich import enrich as enrich_flow
-    from tasks.enrich import InputError
 
-    try:
-        settings = EnrichSettings(**_key_values(set_))
-    except ValidationError as exc:
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    from tasks import progress
-
-    with _workspace(use_sandbox, workspace_block) as block_name, _Bars() as bars, progress.listening(bars):
-        try:
-            summary = enrich_flow(
-                [c.strip() for c in text_columns.split(",") if c.strip()],
-                input_path=str(input_path) if input_path else None,
-                query=query,
-                warehouse_id=warehouse_id or (SANDBOX_WAREHOUSE if use_sandbox else None),
-                id_column=id_column,
-                schema_path=str(schema) if schema else None,
-                instructions=instructions or DEFAULT_INSTRUCTIONS,
-                settings=settings,
-                workspace_block=block_name,
-                output_dir=str(output_dir),
-            )
-        except InputError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from exc
+    settings = _settings(EnrichSettings, set_)
+    with _job(use_sandbox, workspace_block) as block_name:
+        summary = enrich_flow(
+            [c.strip() for c in text_columns.split(",") if c.strip()],
+            input_path=str(input_path) if input_path else None,
+            query=query,
+            warehouse_id=warehouse_id or (SANDBOX_WAREHOUSE if use_sandbox else None),
+            id_column=id_column,
+            schema_path=str(schema) if schema else None,
+            instructions=instructions or DEFAULT_INSTRUCTIONS,
+            settings=settings,
+            workspace_block=block_name,
+            output_dir=str(output_dir),
+        )
     if json_out:
         console.print_json(json.dumps(summary, default=str))
         return
@@ -220,39 +209,23 @@ def analyse(
     output_dir: Annotated[Path, typer.Option(help="where the report goes")] = Path("out"),
 ) -> None:
     """Analyse ordered items in parallel, then merge fragments with the item before them, in order."""
-    from pydantic import ValidationError
-
     from flows.analyse import AnalyseSettings
     from flows.analyse import analyse as analyse_flow
-    from tasks.enrich import InputError
 
-    values: dict[str, Any] = _key_values(set_)
-    if batch_size is not None:
-        values["batch_size"] = batch_size
-    try:
-        settings = AnalyseSettings(**values)
-    except ValidationError as exc:
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    from tasks import progress
-
-    with _workspace(use_sandbox, workspace_block) as block_name, _Bars() as bars, progress.listening(bars):
-        try:
-            summary = analyse_flow(
-                input_path=str(input_path) if input_path else None,
-                query=query,
-                warehouse_id=warehouse_id or (SANDBOX_WAREHOUSE if use_sandbox else None),
-                id_column=id_column,
-                position_column=position_column,
-                text_column=text_column,
-                settings=settings,
-                sequential=sequential,
-                workspace_block=block_name,
-                output_dir=str(output_dir),
-            )
-        except InputError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from exc
+    settings = _settings(AnalyseSettings, set_, batch_size=batch_size)
+    with _job(use_sandbox, workspace_block) as block_name:
+        summary = analyse_flow(
+            input_path=str(input_path) if input_path else None,
+            query=query,
+            warehouse_id=warehouse_id or (SANDBOX_WAREHOUSE if use_sandbox else None),
+            id_column=id_column,
+            position_column=position_column,
+            text_column=text_column,
+            settings=settings,
+            sequential=sequential,
+            workspace_block=block_name,
+            output_dir=str(output_dir),
+        )
     console.print(
         f"{summary['items']} items: {summary['analysed']} analysed ({summary['cached']} cached), "
         f"{summary['failed']} failed; {summary['groups']} groups; analysis {summary['analysis_s']} s, "
@@ -278,39 +251,22 @@ def embed(
     output_dir: Annotated[Path, typer.Option(help="where the per-item results go")] = Path("out"),
 ) -> None:
     """Embed documents 100 per call into a searchable store, after a cost estimate and within a budget."""
-    from pydantic import ValidationError
-
     from flows.embed import EmbedSettings
     from flows.embed import embed as embed_flow
-    from tasks.embed import BudgetExceeded
-    from tasks.enrich import InputError
 
-    values: dict[str, Any] = _key_values(set_)
-    if max_cost is not None:
-        values["max_cost_usd"] = max_cost
-    try:
-        settings = EmbedSettings(**values)
-    except ValidationError as exc:
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    from tasks import progress
-
-    with _workspace(use_sandbox, workspace_block) as block_name, _Bars() as bars, progress.listening(bars):
-        try:
-            summary = embed_flow(
-                input_path=str(input_path) if input_path else None,
-                catalog=catalog,
-                schema_name=schema,
-                warehouse_id=warehouse_id or (SANDBOX_WAREHOUSE if use_sandbox else None),
-                settings=settings,
-                estimate_only=estimate_only,
-                store_path=str(store) if store else None,
-                workspace_block=block_name,
-                output_dir=str(output_dir),
-            )
-        except (InputError, BudgetExceeded) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from exc
+    settings = _settings(EmbedSettings, set_, max_cost_usd=max_cost)
+    with _job(use_sandbox, workspace_block) as block_name:
+        summary = embed_flow(
+            input_path=str(input_path) if input_path else None,
+            catalog=catalog,
+            schema_name=schema,
+            warehouse_id=warehouse_id or (SANDBOX_WAREHOUSE if use_sandbox else None),
+            settings=settings,
+            estimate_only=estimate_only,
+            store_path=str(store) if store else None,
+            workspace_block=block_name,
+            output_dir=str(output_dir),
+        )
     plan = summary["estimate"]
     console.print(
         f"Estimate: {plan['pending']} pending {plan['pending_by_kind']}, {plan['estimated_batches']} batches, "
@@ -386,6 +342,34 @@ def serve(
         embed_flow.to_deployment(name="embed", description="Embed documents into a vector store.", tags=["batchflows"]),
     ]
     prefect_serve(*deployments, limit=limit)
+
+
+def _settings(model: Any, set_: list[str] | None, **explicit: Any) -> Any:
+    """A job's settings model from --set KEY=VALUE pairs and explicit flags; exit 2 naming a bad value."""
+    from pydantic import ValidationError
+
+    values = {**_key_values(set_), **{k: v for k, v in explicit.items() if v is not None}}
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@contextlib.contextmanager
+def _job(use_sandbox: bool, workspace_block: str | None) -> Iterator[str | None]:
+    """Around a job's run: the workspace block (or an embedded sandbox), progress bars, and a clean exit 2
+    for inputs the job refuses."""
+    from tasks import progress
+    from tasks.embed import BudgetExceeded
+    from tasks.enrich import InputError
+
+    with _workspace(use_sandbox, workspace_block) as block_name, _Bars() as bars, progress.listening(bars):
+        try:
+            yield block_name
+        except (InputError, BudgetExceeded) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
 
 
 def _key_values(items: list[str] | None) -> dict[str, str]:
