@@ -45,6 +45,7 @@ def sandbox(
     genie_answers: Annotated[
         Path | None, typer.Option(help="recorded Genie answers, JSONL: question, sql or text, delay_ms?, error?")
     ] = None,
+    allow_writes: Annotated[bool, typer.Option(help="let statements write (e.g. a vector table)")] = False,
 ) -> None:
     """Run the sandbox workspace until Ctrl-C; prints DATABRICKS_HOST and DATABRICKS_TOKEN to use."""
     from sandbox import Sandbox, SandboxError
@@ -58,6 +59,7 @@ def sandbox(
             seed=seed,
             data=str(data) if data else None,
             genie_answers=str(genie_answers) if genie_answers else None,
+            allow_writes=allow_writes,
         )
         loaded = time.monotonic() - t0
         sb.start()
@@ -246,6 +248,9 @@ def embed(
     max_cost: Annotated[float | None, typer.Option(help="refuse to run over this estimated cost, USD")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="any setting, KEY=VALUE (repeatable)")] = None,
     store: Annotated[Path | None, typer.Option(help="vector store file (default ~/.batchflows/vectors.duckdb)")] = None,
+    store_table: Annotated[
+        str | None, typer.Option(help="instead, a table on the warehouse for the vectors, e.g. main.docs.vectors")
+    ] = None,
     use_sandbox: Annotated[bool, typer.Option("--sandbox", help="run against an embedded sandbox workspace")] = False,
     workspace_block: Annotated[str | None, typer.Option(help="saved DatabricksWorkspace block to use")] = None,
     output_dir: Annotated[Path, typer.Option(help="where the per-item results go")] = Path("out"),
@@ -255,7 +260,7 @@ def embed(
     from flows.embed import embed as embed_flow
 
     settings = _settings(EmbedSettings, set_, max_cost_usd=max_cost)
-    with _job(use_sandbox, workspace_block) as block_name:
+    with _job(use_sandbox, workspace_block, allow_writes=bool(store_table)) as block_name:
         summary = embed_flow(
             input_path=str(input_path) if input_path else None,
             catalog=catalog,
@@ -264,6 +269,7 @@ def embed(
             settings=settings,
             estimate_only=estimate_only,
             store_path=str(store) if store else None,
+            store_table=store_table,
             workspace_block=block_name,
             output_dir=str(output_dir),
         )
@@ -291,6 +297,8 @@ def search(
         "databricks-gte-large-en"
     ),
     store: Annotated[Path | None, typer.Option(help="vector store file (default ~/.batchflows/vectors.duckdb)")] = None,
+    store_table: Annotated[str | None, typer.Option(help="instead, the warehouse table holding the vectors")] = None,
+    warehouse_id: Annotated[str | None, typer.Option(help="the warehouse of --store-table")] = None,
     use_sandbox: Annotated[
         bool, typer.Option("--sandbox", help="embed TEXT with an embedded sandbox workspace")
     ] = False,
@@ -299,20 +307,27 @@ def search(
     """The stored items nearest to TEXT (cosine similarity of their embeddings)."""
     from flows.embed import default_store
     from flows.phase import load_blocks
-    from tasks.embed import VectorStore
+    from tasks.embed import DeltaVectorStore, VectorStore
 
     path = str(store) if store else default_store()
-    if not Path(path).exists():
+    if not store_table and not Path(path).exists():
         console.print(f"[red]error:[/red] no vector store at {path}; run `batchflows embed` first")
         raise typer.Exit(2)
+    if store_table and not (warehouse_id or use_sandbox):
+        raise typer.BadParameter("--store-table needs --warehouse-id")
     with _workspace(use_sandbox, workspace_block) as block_name:
         workspace, _ = load_blocks(block_name, None)
-        response = workspace.client(60).serving_endpoints.query(name=endpoint, input=[text])
-    vector = response.data[0].embedding if response.data else None
-    if not vector:
-        console.print(f"[red]error:[/red] {endpoint} returned no embedding")
-        raise typer.Exit(2)
-    hits = VectorStore(path).search(endpoint, vector, k)
+        client = workspace.client(60)
+        response = client.serving_endpoints.query(name=endpoint, input=[text])
+        vector = response.data[0].embedding if response.data else None
+        if not vector:
+            console.print(f"[red]error:[/red] {endpoint} returned no embedding")
+            raise typer.Exit(2)
+        if store_table:
+            table_store = DeltaVectorStore(client, warehouse_id or SANDBOX_WAREHOUSE, store_table)
+            hits = table_store.search(endpoint, vector, k)
+        else:
+            hits = VectorStore(path).search(endpoint, vector, k)
     if not hits:
         console.print(f"no items stored for {endpoint} in {path}")
     for hit in hits:
@@ -357,14 +372,18 @@ def _settings(model: Any, set_: list[str] | None, **explicit: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _job(use_sandbox: bool, workspace_block: str | None) -> Iterator[str | None]:
+def _job(use_sandbox: bool, workspace_block: str | None, allow_writes: bool = False) -> Iterator[str | None]:
     """Around a job's run: the workspace block (or an embedded sandbox), progress bars, and a clean exit 2
     for inputs the job refuses."""
     from tasks import progress
     from tasks.embed import BudgetExceeded
     from tasks.enrich import InputError
 
-    with _workspace(use_sandbox, workspace_block) as block_name, _Bars() as bars, progress.listening(bars):
+    with (
+        _workspace(use_sandbox, workspace_block, allow_writes) as block_name,
+        _Bars() as bars,
+        progress.listening(bars),
+    ):
         try:
             yield block_name
         except (InputError, BudgetExceeded) as exc:
@@ -417,8 +436,8 @@ class _Bars:
 class _workspace:
     """The block name to use; with --sandbox, a running embedded sandbox saved as block 'sandbox'."""
 
-    def __init__(self, use_sandbox: bool, block: str | None) -> None:
-        self.use_sandbox, self.block = use_sandbox, block
+    def __init__(self, use_sandbox: bool, block: str | None, allow_writes: bool = False) -> None:
+        self.use_sandbox, self.block, self.allow_writes = use_sandbox, block, allow_writes
         self.sb: Any = None
 
     def __enter__(self) -> str | None:
@@ -427,7 +446,7 @@ class _workspace:
         from blocks.workspace import DatabricksWorkspace
         from sandbox import Sandbox
 
-        self.sb = Sandbox(port=0).start()
+        self.sb = Sandbox(port=0, allow_writes=self.allow_writes).start()
         self.sb.set_faults("genie", latency_ms=800, latency_jitter_ms=400)
         self.sb.set_faults("sql", latency_ms=150, latency_jitter_ms=100)
         self.sb.set_faults("chat", latency_ms=400)

@@ -19,7 +19,15 @@ from blocks.ledger import default_home
 from flows.batched import BatchedJob, pending, run_batched
 from flows.enrich import read_input
 from flows.phase import load_blocks
-from tasks.embed import BudgetExceeded, VectorStore, check_documents, embed_batch, estimate, schema_documents
+from tasks.embed import (
+    BudgetExceeded,
+    DeltaVectorStore,
+    VectorStore,
+    check_documents,
+    embed_batch,
+    estimate,
+    schema_documents,
+)
 from tasks.enrich import InputError
 from tasks.report import publish, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, run_logger
@@ -54,6 +62,7 @@ def embed(
     settings: EmbedSettings | None = None,
     estimate_only: bool = False,
     store_path: str | None = None,
+    store_table: str | None = None,
     workspace_block: str | None = None,
     ledger_block: str | None = None,
     output_dir: str = "out",
@@ -69,6 +78,7 @@ def embed(
         settings: endpoint, batch size, retries, price, budget, item size limit.
         estimate_only: report the estimate (pending items, batches, tokens, cost) and call nothing.
         store_path: the DuckDB file holding the vectors (default: ~/.batchflows/vectors.duckdb).
+        store_table: instead, a table on `warehouse_id` (e.g. a Delta table main.docs.vectors) for the vectors.
         workspace_block: saved DatabricksWorkspace block (default: databricks-sdk's env/profile).
         ledger_block: saved RowLedger block holding finished items (default: ~/.batchflows).
         output_dir: where the per-item results go.
@@ -121,6 +131,13 @@ def embed(
         log.error(message)
         raise BudgetExceeded(message)
 
+    if store_table and not warehouse_id:
+        raise InputError("a vector table needs the warehouse id that writes it")
+    store: VectorStore | DeltaVectorStore = (
+        DeltaVectorStore(client, str(warehouse_id), store_table, settings.timeout)
+        if store_table
+        else VectorStore(store_path or default_store())
+    )
     result = run_batched(
         job,
         docs,
@@ -128,7 +145,6 @@ def embed(
         pack=lambda items: [items[i : i + settings.batch_size] for i in range(0, len(items), settings.batch_size)],
         call=lambda batch, before_call: embed_batch(client, settings.endpoint, batch, before_call),
     )
-    store = VectorStore(store_path or default_store())
     stored = store.upsert(settings.endpoint, docs, result.values)
     return _finish(docs, errors, result, plan, stored, store.path, started, output_dir)
 

@@ -4,6 +4,7 @@ embedding call validated per item, and the local vector store (DuckDB) with its 
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Callable
@@ -228,3 +229,63 @@ class VectorStore:
                 [vector, model, k],
             ).fetchall()
         return [{"id": r[0], "kind": r[1], "text": r[2], "score": round(float(r[3]), 4)} for r in rows]
+
+
+class StoreError(RuntimeError):
+    """The warehouse refused a statement of the Delta vector store."""
+
+
+class DeltaVectorStore:
+    """Vectors in a table of a Databricks SQL warehouse (a Delta table on Databricks), written and read
+    through the Statement Execution API. Vectors are stored as JSON text, which every warehouse can hold
+    and `from_json` turns into an array. Search reads the model's rows inline and ranks them here, so it
+    suits tables whose rows fit one inline result (25 MiB on Databricks: some thousands of 1,024-dimension
+    vectors); beyond that a Vector Search index is the tool.
+    """
+
+    WRITE_ROWS = 200  # rows per INSERT statement (about 2 MB of SQL at 1,024 dimensions)
+
+    def __init__(self, client: WorkspaceClient, warehouse_id: str, table: str, timeout_s: float = 120) -> None:
+        self.client, self.warehouse_id, self.table, self.timeout_s = client, warehouse_id, table, timeout_s
+        self.path = f"{table} on warehouse {warehouse_id}"
+        self._sql(
+            f"CREATE TABLE IF NOT EXISTS {table} (model STRING, id STRING, kind STRING, text STRING, vector STRING)"
+        )
+
+    def _sql(self, sql: str, row_limit: int = 1) -> dict[str, Any]:
+        result = run_sql(self.client, self.warehouse_id, sql, self.timeout_s, row_limit=row_limit)
+        if "error" in result:
+            raise StoreError(f"vector table {self.table}: {result['error']}")
+        return result
+
+    def upsert(self, model: str, docs: list[dict[str, Any]], vectors: dict[str, list[float]]) -> int:
+        kept = [d for d in docs if d["id"] in vectors]
+        for start in range(0, len(kept), self.WRITE_ROWS):
+            part = kept[start : start + self.WRITE_ROWS]
+            ids = ", ".join(_q(d["id"]) for d in part)
+            self._sql(f"DELETE FROM {self.table} WHERE model = {_q(model)} AND id IN ({ids})")
+            values = ", ".join(
+                f"({_q(model)}, {_q(d['id'])}, {_q(d['kind'])}, {_q(d['text'])}, {_q(json.dumps(vectors[d['id']]))})"
+                for d in part
+            )
+            self._sql(f"INSERT INTO {self.table} VALUES {values}")
+        return len(kept)
+
+    def count(self, model: str) -> int:
+        return int(self._sql(f"SELECT count(*) FROM {self.table} WHERE model = {_q(model)}")["rows"][0][0])
+
+    def search(self, model: str, vector: list[float], k: int = 5, max_rows: int = 1_000_000) -> list[dict[str, Any]]:
+        result = self._sql(
+            f"SELECT id, kind, text, vector FROM {self.table} WHERE model = {_q(model)}", row_limit=max_rows
+        )
+        if result["truncated"]:
+            raise StoreError(f"{self.table} holds over {max_rows} rows for {model}: search it with Vector Search")
+        scored = [(_cosine(vector, json.loads(v)), i, kind, text) for i, kind, text, v in result["rows"]]
+        scored.sort(key=lambda s: (-s[0], s[1]))
+        return [{"id": i, "kind": kind, "text": text, "score": round(score, 4)} for score, i, kind, text in scored[:k]]
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=False))
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norm if norm else 0.0

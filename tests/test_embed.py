@@ -111,3 +111,45 @@ def test_bad_documents_are_reported_and_long_ones_chunked_when_asked():
     ]
     ok, _ = check_documents(docs, max_item_tokens=50, chunk_oversized=True)
     assert [d["id"] for d in ok] == ["a", "c#1", "c#2"]
+
+
+def test_vectors_in_a_warehouse_table_are_searchable(prefect_api, tmp_path):
+    from sandbox import Sandbox
+    from tasks.embed import DeltaVectorStore, StoreError
+
+    with Sandbox(allow_writes=True) as writable:
+        DatabricksWorkspace(host=writable.host, token=writable.token).save("writable-sandbox", overwrite=True)
+        from blocks.ledger import RowLedger
+
+        RowLedger(path=str(tmp_path / "ledger.sqlite")).save("delta-ledger", overwrite=True)
+        result = embed(
+            warehouse_id="sandbox-warehouse",
+            store_table="samples.main.doc_vectors",
+            workspace_block="writable-sandbox",
+            ledger_block="delta-ledger",
+            output_dir=str(tmp_path / "out"),
+        )
+        assert result["stored"] == 9
+        client = DatabricksWorkspace(host=writable.host, token=writable.token).client(10)
+        store = DeltaVectorStore(client, "sandbox-warehouse", "samples.main.doc_vectors")
+        assert store.count("databricks-gte-large-en") == 9
+        response = client.serving_endpoints.query(
+            name="databricks-gte-large-en", input=["order lines with product quantity, unit price and discount"]
+        )
+        vector = response.data[0].embedding if response.data else None
+        assert vector and store.search("databricks-gte-large-en", vector, 1)[0]["id"] == "table:order_items"
+        # a rerun replaces rows instead of adding them
+        embed(
+            warehouse_id="sandbox-warehouse",
+            store_table="samples.main.doc_vectors",
+            workspace_block="writable-sandbox",
+            ledger_block="delta-ledger",
+            output_dir=str(tmp_path / "out"),
+        )
+        assert store.count("databricks-gte-large-en") == 9
+    with Sandbox() as read_only, pytest.raises(StoreError, match="read-only"):
+        DeltaVectorStore(
+            DatabricksWorkspace(host=read_only.host, token=read_only.token).client(10),
+            "sandbox-warehouse",
+            "samples.main.doc_vectors",
+        )
