@@ -149,6 +149,10 @@ def embed(
     return _finish(docs, errors, result, plan, stored, store.path, started, output_dir)
 
 
+def _seed_counts(kind: str, counts: dict[str, Any]) -> dict[str, int]:
+    return {f"total_{kind}s_processed": counts["processed"], f"successful_{kind}s": counts["successful"]}
+
+
 def _key(doc: dict[str, Any]) -> str:
     return stable_key(doc["text"])
 
@@ -199,7 +203,16 @@ def _finish(
     )
     files = write_frame(frame, Path(output_dir) / f"embed-{stamp}", "results")
     successful = sum(results.values())
+    kinds = {d["id"]: d["kind"] for d in [*docs, *errors]}
     summary = {
+        **{
+            f"{kind}_processing_results": {i: ok for i, ok in results.items() if kinds[i] == kind}
+            for kind in sorted(by_kind)
+        },
+        "summary": {
+            **{k: v for kind, n in sorted(by_kind.items()) for k, v in _seed_counts(kind, n).items()},
+            "overall_success_rate": round(successful / len(results), 4) if results else 0.0,
+        },
         "results": results,
         "processed": len(results),
         "successful": successful,
@@ -216,6 +229,8 @@ def _finish(
         "wall_time_s": round(time.monotonic() - started, 2),
         "files": files,
     }
+    (Path(files["csv"]).parent / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    files["json"] = str(Path(files["csv"]).parent / "summary.json")
     lines = [
         "# Embedding results",
         "",

@@ -132,7 +132,22 @@ def estimate(docs: list[dict[str, Any]], batch_size: int, price_per_million: flo
     for d in docs:
         kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
     cost = tokens / 1e6 * price_per_million
+    by_kind_cost: dict[str, float] = {}
+    for d in docs:
+        by_kind_cost[d["kind"]] = (
+            by_kind_cost.get(d["kind"], 0.0) + estimate_tokens(d["text"]) / 1e6 * price_per_million
+        )
+    seed_shape = {  # the seed's processing statistics and cost estimation responses
+        **{f"pending_{kind}s": n for kind, n in kinds.items()},
+        "total_pending": len(docs),
+        **{f"estimated_{kind}_cost": round(c, 6) for kind, c in by_kind_cost.items()},
+        "total_estimated_cost": round(cost, 6),
+        "batch_size": batch_size,
+        "total_texts": len(docs),
+        "cost_per_text": round(cost / len(docs), 8) if docs else 0.0,
+    }
     return {
+        **seed_shape,
         "pending": len(docs),
         "pending_by_kind": kinds,
         "estimated_batches": math.ceil(len(docs) / batch_size),

@@ -80,6 +80,15 @@ def test_schema_documentation_is_embedded_and_searchable(sb, workspace_block, le
     result = _run(tmp_path, workspace_block, ledger_block, input_path=None, warehouse_id="sandbox-warehouse")
     kinds = result["by_kind"]
     assert (kinds["table"]["successful"], kinds["relationship"]["successful"]) == (5, 4)
+    assert result["table_processing_results"]["table:orders"] is True
+    assert result["summary"] == {
+        "total_relationships_processed": 4,
+        "successful_relationships": 4,
+        "total_tables_processed": 5,
+        "successful_tables": 5,
+        "overall_success_rate": 1.0,
+    }
+    assert (result["estimate"]["pending_tables"], result["estimate"]["pending_relationships"]) == (5, 4)
     assert _sizes(sb) == [9]
     store = VectorStore(str(tmp_path / "vectors.duckdb"))
     client = DatabricksWorkspace(host=sb.host, token=sb.token).client(10)
