@@ -120,15 +120,17 @@ def reclaim(name: str) -> int:
     machine and has a note, so the slots beyond the live notes' total are given back.
     """
     freed, held = 0, 0
+    shared_server = bool(PREFECT_API_URL.value())
     for note, info in _notes(name):
         if _alive(int(info.get("pid", 0))):
             held += int(info.get("occupy", 0))
             continue
-        with contextlib.suppress(Exception):  # lapsed, revoked, or unknown to this API server
-            release_concurrency_slots_with_lease(UUID(note.stem))
-            freed += int(info.get("occupy", 0))
+        if shared_server:  # the server knows the lease: release it (unless it lapsed already)
+            with contextlib.suppress(Exception):
+                release_concurrency_slots_with_lease(UUID(note.stem))
+                freed += int(info.get("occupy", 0))
         note.unlink(missing_ok=True)
-    if PREFECT_API_URL.value():
+    if shared_server:
         return freed
     with get_client(sync_client=True) as client:
         active = client.read_global_concurrency_limit_by_name(name).active_slots

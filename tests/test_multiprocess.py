@@ -119,3 +119,27 @@ def test_kill_9_half_way_then_rerun_repeats_no_finished_row(prefect_api: None, s
     assert sorted(second) == sorted(f"row-{i}" for i in range(200) if f"row-{i}" not in finished)
     # what was repeated at all is only what was in flight when the process died
     assert len(set(first) & set(second)) <= 5
+
+
+def test_with_the_ephemeral_api_a_killed_runs_slots_come_back(sb: Any, tmp_path: Path) -> None:
+    """Without PREFECT_API_URL each process has its own API server over one SQLite database, and a lease
+    dies with its process: the next run must give the dead run's slots back, not wait for ever."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "PREFECT__FLOW_RUN_ID"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), BATCHFLOWS_HOME=str(tmp_path / "home"))
+    env["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    cmd = [sys.executable, JOB, "--host", sb.host, "--token", sb.token, "--concurrency", "4", "--service", "ephem"]
+    sb.set_faults("chat", latency_ms=100)
+    first = subprocess.Popen(
+        [*cmd, "--rows", "400"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while sb.stats()["chat"]["calls"] < 8:
+        assert first.poll() is None and time.monotonic() < deadline, "the first run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    second = subprocess.Popen([*cmd, "--rows", "8"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = second.communicate(timeout=180)
+    assert second.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["ok"] == 8
+    assert "Gave back 4 slot(s) of batchflows-ephem" in err
