@@ -15,8 +15,8 @@ from typing import Any
 JOB = str(Path(__file__).with_name("phase_job.py"))
 
 
-def _spawn(sb: Any, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PREFECT_API_URL": _api_url(), "PREFECT_LOGGING_LEVEL": "WARNING"}
+def _spawn(sb: Any, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = env or {**os.environ, "PREFECT_API_URL": _api_url(), "PREFECT_LOGGING_LEVEL": "WARNING"}
     cmd = [sys.executable, JOB, "--host", sb.host, "--token", sb.token, *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -31,6 +31,16 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 240) -> dict[str, int]
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _kill_after(sb: Any, proc: subprocess.Popen[str], calls: int) -> None:
+    """kill -9 `proc` once the sandbox has answered `calls` chat calls."""
+    deadline = time.monotonic() + 120
+    while sb.stats()["chat"]["calls"] < calls:
+        assert proc.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _ids(sb: Any) -> list[str]:
@@ -100,13 +110,7 @@ def test_kill_9_half_way_then_rerun_repeats_no_finished_row(prefect_api: None, s
     ledger = str(tmp_path / "ledger.sqlite")
     sb.set_faults("chat", latency_ms=100)
     args = ("--rows", "200", "--concurrency", "5", "--service", "kill", "--ledger", ledger)
-    proc = _spawn(sb, *args)
-    deadline = time.monotonic() + 120
-    while sb.stats()["chat"]["calls"] < 100:
-        assert proc.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_after(sb, _spawn(sb, *args), 100)
     first = _ids(sb)
     finished = {k for k in (f"row-{i}" for i in range(200)) if RowLedger(path=ledger).get_many("job", "v1", [k])}
     assert 90 <= len(finished) < 200
@@ -127,18 +131,10 @@ def test_with_the_ephemeral_api_a_killed_runs_slots_come_back(sb: Any, tmp_path:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "PREFECT__FLOW_RUN_ID"}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), BATCHFLOWS_HOME=str(tmp_path / "home"))
     env["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    cmd = [sys.executable, JOB, "--host", sb.host, "--token", sb.token, "--concurrency", "4", "--service", "ephem"]
+    args = ("--concurrency", "4", "--service", "ephem")
     sb.set_faults("chat", latency_ms=100)
-    first = subprocess.Popen(
-        [*cmd, "--rows", "400"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 120
-    while sb.stats()["chat"]["calls"] < 8:
-        assert first.poll() is None and time.monotonic() < deadline, "the first run ended before it could be killed"
-        time.sleep(0.02)
-    os.kill(first.pid, signal.SIGKILL)
-    first.wait()
-    second = subprocess.Popen([*cmd, "--rows", "8"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _kill_after(sb, _spawn(sb, *args, "--rows", "400", env=env), 8)
+    second = _spawn(sb, *args, "--rows", "8", env=env)
     out, err = second.communicate(timeout=180)
     assert second.returncode == 0, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["ok"] == 8
