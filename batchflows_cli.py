@@ -149,6 +149,26 @@ def score(
     _print_scorecard(summary)
 
 
+@app.command("rerun-failed")
+def rerun_failed_command(
+    report: Annotated[Path, typer.Argument(help="an earlier scoring report folder (out/score-...)")],
+    kinds: Annotated[
+        str | None, typer.Option(help="only these verdicts or error kinds, comma-separated (e.g. genie_error,timeout)")
+    ] = None,
+    fresh: Annotated[bool, typer.Option(help="ask Genie again even for answers in the ledger")] = False,
+    use_sandbox: Annotated[bool, typer.Option("--sandbox", help="run against an embedded sandbox workspace")] = False,
+) -> None:
+    """Score again only the rows an earlier run could not judge, and merge them into its report."""
+    from flows.rerun import rerun_failed
+
+    with _job(use_sandbox, None):
+        summary = rerun_failed(str(report), kinds=kinds.split(",") if kinds else None, fresh=fresh)
+    console.print(
+        f"Rerun {summary['rerun']} failed rows: {summary.get('fixed', 0)} now judged, "
+        f"{summary.get('still_failed', 0)} still failed; merged report {summary['files']['csv']}"
+    )
+
+
 @app.command()
 def enrich(
     text_columns: Annotated[str, typer.Option("--text-columns", help="comma-separated columns sent to the model")],

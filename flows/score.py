@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from datetime import datetime
@@ -26,6 +27,7 @@ from tasks.report import publish, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome
 
 VERDICTS = ("correct", "incorrect", "genie_error", "sql_error", "no_sql", "timeout", "judge_error")
+FAILED = ("genie_error", "sql_error", "timeout", "judge_error")  # no verdict on the answer: worth a rerun
 
 
 @flow(
@@ -156,7 +158,14 @@ def score(
         f"({len(undecided)} judged in {judge_calls} LLM calls, {time.monotonic() - t3:.1f}s)"
     )
 
-    return _finish(report, answers, breaker, output_dir, started, phases, settings)
+    run = {
+        "space_id": space_id,
+        "warehouse_id": warehouse_id,
+        "workspace_block": workspace_block,
+        "ledger_block": ledger_block,
+        "breaker_block": breaker_block,
+    }
+    return _finish(report, answers, breaker, output_dir, started, phases, settings, run)
 
 
 def _phase_figures(name: str, outcomes: dict[str, RowOutcome], since: float) -> dict[str, Any]:
@@ -301,6 +310,7 @@ def _finish(
     started: float,
     phases: list[dict[str, Any]],
     settings: ScoreSettings,
+    run: dict[str, Any],
 ) -> dict[str, Any]:
     counts = Counter(r["verdict"] for r in report)
     total = len(report)
@@ -313,10 +323,13 @@ def _finish(
             "attempts": r["attempts"],
         }
         for r in report
-        if r["verdict"] not in ("correct", "incorrect", "no_sql")
+        if r["verdict"] in FAILED
     ]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     files = write_frame(pd.DataFrame(report), Path(output_dir) / f"score-{stamp}", "scorecard")
+    # what `rerun-failed` needs to run the failed rows again the same way
+    run_file = Path(files["csv"]).with_name("run.json")
+    run_file.write_text(json.dumps({**run, "settings": settings.model_dump()}, indent=1))
     summary = {
         "total": total,
         "score": round(counts["correct"] / total, 4) if total else 0.0,
@@ -367,8 +380,9 @@ def _markdown(summary: dict[str, Any]) -> str:
     if summary["failures"]:
         lines += [
             "",
-            f"{len(summary['failures'])} rows failed. Run the same command again: finished rows are reused "
-            "from the ledger, so only these are called again.",
+            f"{len(summary['failures'])} rows failed. Rerun just these with "
+            f"`batchflows rerun-failed {Path(summary['files']['csv']).parent}` (finished rows come from the "
+            "ledger, so only these are called again).",
         ]
     lines += ["", f"Report: `{summary['files']['csv']}`"]
     return "\n".join(lines)

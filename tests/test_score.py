@@ -156,3 +156,26 @@ def test_invalid_settings_are_rejected_with_the_field_name():
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         score_settings("fast")
     assert score_settings("conservative", sql_max_concurrent=7).genie_max_concurrent == 2
+
+
+def test_rerun_failed_calls_only_the_failed_rows_and_merges(sb, workspace_block, ledger_block, tmp_path):
+    from pathlib import Path
+
+    from flows.rerun import rerun_failed
+    from flows.score import _markdown
+
+    sb.set_faults("genie", script=["500"] * 4)  # the first four questions fail; no retries
+    first = _score(workspace_block, ledger_block, tmp_path, genie_retry_attempts=0, genie_max_concurrent=1)
+    genie_failed = {r["id"] for r in first["rows"] if r["verdict"] == "genie_error"}
+    assert len(genie_failed) == 4
+    report = Path(first["files"]["csv"]).parent
+    assert f"batchflows rerun-failed {report}" in _markdown(first)  # the scorecard artifact says how
+    sb.reset()
+    merged = rerun_failed(str(report), kinds=["genie_error"])
+    assert sb.stats()["genie"]["calls"] == 4  # exactly the failed rows, nothing that had an answer
+    assert merged["rerun"] == 4 and merged["fixed"] == 4 and merged["total"] == 32
+    rows = {r["id"]: r for r in merged["rows"]}
+    assert not any(rows[i]["verdict"] == "genie_error" for i in genie_failed)
+    assert {i for i, r in rows.items() if r["rerun"]} == genie_failed
+    # rows not rerun keep their earlier verdicts
+    assert all(rows[r["id"]]["verdict"] == r["verdict"] for r in first["rows"] if r["id"] not in genie_failed)

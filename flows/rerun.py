@@ -1,0 +1,92 @@
+"""Rerun only the failed rows of an earlier scoring run, reusing every cached success, and merge the new
+verdicts into the earlier report so there is one up-to-date result.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow
+
+from blocks.settings import ScoreSettings
+from flows.score import FAILED, score
+from tasks.benchmarks import Benchmark
+from tasks.enrich import InputError
+from tasks.report import publish, write_frame
+from tasks.resilience import run_logger
+
+
+@flow(name="rerun-failed", persist_result=False)
+def rerun_failed(
+    report: str,
+    kinds: list[str] | None = None,
+    settings: ScoreSettings | None = None,
+    fresh: bool = False,
+    output_dir: str | None = None,
+) -> dict[str, Any]:
+    """Score again the benchmarks an earlier run could not judge (genie_error, sql_error, timeout,
+    judge_error), then merge.
+
+    Args:
+        report: the earlier run's report folder (out/score-…, holding scorecard.parquet and run.json).
+        kinds: only rows whose verdict or error kind is one of these (default: every failed verdict).
+        settings: other settings for the rerun (default: the earlier run's).
+        fresh: ask Genie again even for answers in the ledger (e.g. after fixing the space).
+        output_dir: where the rerun's and the merged reports go (default: next to the earlier report).
+    """
+    log = run_logger()
+    folder = Path(report)
+    try:
+        earlier = pd.read_parquet(folder / "scorecard.parquet")
+        run = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{report} is not a scoring report folder (scorecard.parquet and run.json): {exc}") from exc
+    rows = earlier.to_dict("records")
+    wanted = set(kinds or FAILED)
+    failed = [r for r in rows if r["verdict"] in FAILED and (r["verdict"] in wanted or r["error_kind"] in wanted)]
+    log.info(f"{len(failed)} of {len(rows)} rows to rerun ({', '.join(sorted(wanted))})")
+    out = output_dir or str(folder.parent)
+    if not failed:
+        return {"rerun": 0, "total": len(rows), "files": {"csv": str(folder / "scorecard.csv")}}
+    items = [Benchmark(id=r["id"], question=r["question"], expected_sql=r["expected_sql"]) for r in failed]
+    again = score(
+        items,
+        run["space_id"],
+        run["warehouse_id"],
+        settings or ScoreSettings(**run["settings"]),
+        workspace_block=run["workspace_block"],
+        ledger_block=run["ledger_block"],
+        breaker_block=run["breaker_block"],
+        output_dir=out,
+        fresh=fresh,
+    )
+    new = {r["id"]: r for r in again["rows"]}
+    merged = [{**r, **new[r["id"]], "rerun": True} if r["id"] in new else {**r, "rerun": False} for r in rows]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    files = write_frame(pd.DataFrame(merged), Path(out) / f"score-merged-{stamp}", "scorecard")
+    Path(files["csv"]).with_name("run.json").write_text(json.dumps(run, indent=1))
+    counts = Counter(r["verdict"] for r in merged)
+    fixed = sum(1 for r in failed if new[r["id"]]["verdict"] not in FAILED)
+    summary = {
+        "rerun": len(failed),
+        "fixed": fixed,
+        "still_failed": len(failed) - fixed,
+        "total": len(merged),
+        "score": round(counts["correct"] / len(merged), 4),
+        "verdicts": dict(counts),
+        "rows": merged,
+        "files": files,
+    }
+    publish(
+        "scorecard-merged",
+        [{k: r[k] for k in ("id", "verdict", "stage", "reason", "rerun")} for r in merged],
+        f"# Merged scorecard: {summary['score']:.1%}\n\n{len(failed)} failed rows rerun: {fixed} now have a "
+        f"verdict, {summary['still_failed']} still failed.\n\nReport: `{files['csv']}`",
+    )
+    log.info(f"Rerun: {fixed}/{len(failed)} failed rows now judged; merged score {summary['score']:.1%}")
+    return summary
