@@ -397,7 +397,7 @@ def _job(use_sandbox: bool, workspace_block: str | None, allow_writes: bool = Fa
     for inputs the job refuses."""
     from tasks import progress
     from tasks.embed import BudgetExceeded
-    from tasks.enrich import InputError
+    from tasks.inputs import InputError
 
     with (
         _workspace(use_sandbox, workspace_block, allow_writes) as block_name,

@@ -15,10 +15,9 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from flows.enrich import read_input
 from flows.phase import PhaseSpec, load_blocks, run_phase
 from tasks.analyse import FAILED_ANALYSIS, PROMPT_VERSION, analyse_item, merge
-from tasks.enrich import InputError
+from tasks.inputs import InputError, read_input
 from tasks.report import publish, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, run_logger
 

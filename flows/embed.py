@@ -17,7 +17,6 @@ from pydantic import BaseModel, Field
 
 from blocks.ledger import default_home
 from flows.batched import BatchedJob, pending, run_batched
-from flows.enrich import read_input
 from flows.phase import load_blocks
 from tasks.embed import (
     BudgetExceeded,
@@ -28,7 +27,7 @@ from tasks.embed import (
     estimate,
     schema_documents,
 )
-from tasks.enrich import InputError
+from tasks.inputs import InputError, read_input
 from tasks.report import publish, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, run_logger
 

@@ -17,19 +17,17 @@ from pydantic import BaseModel, Field
 
 from flows.batched import BatchedJob, BatchedResult, run_batched
 from flows.phase import load_blocks
-from tasks.calls import run_sql
 from tasks.enrich import (
     MAX_BATCH,
     PROMPT_VERSION,
-    InputError,
     check_rows,
     enrich_batch,
     field_specs,
     load_schema,
     pack,
-    read_rows,
     schema_of,
 )
+from tasks.inputs import read_input
 from tasks.report import publish, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, run_logger
 
@@ -112,33 +110,6 @@ def enrich(
         ),
     )
     return _finish(frame, model, items, errors, result, started, output_dir)
-
-
-def read_input(
-    client: Any, input_path: str | None, query: str | None, warehouse_id: str | None, timeout_s: float
-) -> pd.DataFrame:
-    """Rows from a file or from a warehouse query (refused when the result was cut at the inline limit)."""
-    if bool(input_path) == bool(query):
-        raise InputError("give exactly one of an input file or a SQL query")
-    if input_path:
-        return _checked(read_rows(input_path), input_path)
-    if not warehouse_id:
-        raise InputError("a SQL query needs a warehouse id")
-    result = run_sql(client, warehouse_id, str(query), timeout_s * 4)
-    if "error" in result:
-        raise InputError(f"the input query failed: {result['error']}")
-    if result["truncated"]:
-        raise InputError(
-            f"the input query returned more than {result['row_count']} rows, the inline result limit; "
-            "export the rows to a file (or narrow the query) so none is silently left out"
-        )
-    return _checked(pd.DataFrame(result["rows"], columns=result["columns"]), "the query")
-
-
-def _checked(frame: pd.DataFrame, source: str) -> pd.DataFrame:
-    if frame.empty:
-        raise InputError(f"{source} has no rows")
-    return frame
 
 
 def _finish(

@@ -16,7 +16,7 @@ from prefect import flow
 from blocks.settings import ScoreSettings
 from flows.score import FAILED, score
 from tasks.benchmarks import Benchmark
-from tasks.enrich import InputError
+from tasks.inputs import InputError
 from tasks.report import publish, write_frame
 from tasks.resilience import run_logger
 

@@ -17,7 +17,8 @@ from databricks.sdk import WorkspaceClient
 
 from tasks.batched import BatchAnswer
 from tasks.calls import run_sql
-from tasks.enrich import InputError, estimate_tokens
+from tasks.enrich import estimate_tokens
+from tasks.inputs import InputError
 
 TOKENIZER = "estimate: 4 characters a token (no tokenizer ships its vocabulary offline; tiktoken downloads)"
 

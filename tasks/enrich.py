@@ -16,14 +16,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from tasks.batched import BatchAnswer, ask_validated
 from tasks.calls import chat
+from tasks.inputs import InputError
 from tasks.report import stable_key
 
 PROMPT_VERSION = "enrich-v1"
 MAX_BATCH = 50  # rows per call the prompt is written for
-
-
-class InputError(ValueError):
-    """Rows that cannot be read at all (file, query or columns); the message says which and why."""
 
 
 def max_words(limit: int) -> AfterValidator:
@@ -110,24 +107,6 @@ def field_specs(model: type[BaseModel]) -> dict[str, Any]:
             spec["max_words"] = prop["maxWords"]
         specs[name] = spec
     return specs
-
-
-def read_rows(path: str) -> pd.DataFrame:
-    """Rows from CSV, JSONL (or JSON array) or Parquet, every column kept as read."""
-    file = Path(path)
-    suffix = file.suffix.lower()
-    try:
-        if suffix == ".csv":
-            return pd.read_csv(file, dtype=str, keep_default_na=False)
-        if suffix in (".jsonl", ".ndjson"):
-            return pd.read_json(file, lines=True, dtype=False)
-        if suffix == ".json":
-            return pd.read_json(file, dtype=False)
-        if suffix == ".parquet":
-            return pd.read_parquet(file)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read rows from {path}: {exc}") from exc
-    raise InputError(f"{path}: unknown file type {suffix or '(none)'}; use .csv, .jsonl, .json or .parquet")
 
 
 def check_rows(

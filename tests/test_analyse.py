@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from flows.analyse import AnalyseSettings, analyse
-from tasks.enrich import InputError
+from tasks.inputs import InputError
 
 TEXTS = [
     "Prove that the sum of two even numbers is even.",
