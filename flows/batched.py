@@ -17,7 +17,7 @@ from typing import Any
 
 from flows.phase import PhaseSpec, run_phase
 from tasks.batched import BatchAnswer
-from tasks.limits import ensure_service_limits
+from tasks.limits import rate_limit_for
 from tasks.report import stable_key
 from tasks.resilience import Cache, RetryPolicy, Row, run_logger
 
@@ -42,6 +42,11 @@ class BatchedResult:
     tokens: int = 0
 
 
+def content_key(item: dict[str, Any]) -> str:
+    """An item's cache key: its text (the job's cache version holds everything else that shapes answers)."""
+    return stable_key(item["text"])
+
+
 def pending(
     job: BatchedJob, items: list[dict[str, Any]], key: Callable[[dict[str, Any]], str]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -54,20 +59,21 @@ def pending(
 
 def run_batched(
     job: BatchedJob,
-    items: list[dict[str, Any]],
+    cached: dict[str, Any],
+    todo: list[dict[str, Any]],
     key: Callable[[dict[str, Any]], str],
     pack: Callable[[list[dict[str, Any]]], list[list[dict[str, Any]]]],
     call: Callable[[list[dict[str, Any]], Callable[[], None] | None], BatchAnswer],
 ) -> BatchedResult:
-    """Answer every item (each has an "id"): from the cache, in batches, or alone after a batch failed."""
+    """Answer every item (each has an "id"): `cached` and `todo` as `pending` split them; the items to do
+    go in batches, or alone after their batch failed."""
     log = run_logger()
-    cached, todo = pending(job, items, key)
     result = BatchedResult(values=dict(cached), cached=set(cached))
-    log.info(f"Cache hits: {len(cached)}/{len(items)}")
+    log.info(f"Cache hits: {len(cached)}/{len(cached) + len(todo)}")
     log.info(f"Rows to {job.name}: {len(todo)}")
     if not todo:
         return result
-    rate_limit = ensure_service_limits(job.service, job.concurrency, job.rpm)
+    rate_limit = rate_limit_for(job.service, job.rpm)  # run_phase creates it before the first call
 
     def send(batch: list[dict[str, Any]]) -> BatchAnswer:
         answer = call(batch, rate_limit)

@@ -16,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from blocks.ledger import default_home
-from flows.batched import BatchedJob, pending, run_batched
+from flows.batched import BatchedJob, content_key, pending, run_batched
 from flows.phase import load_blocks
 from tasks.embed import (
     BudgetExceeded,
@@ -110,7 +110,7 @@ def embed(
         RetryPolicy(retries=settings.retry_attempts, base_delay_s=settings.retry_delay),
         settings.rpm,
     )
-    _, todo = pending(job, docs, _key)
+    cached, todo = pending(job, docs, content_key)
     plan = estimate(todo, settings.batch_size, settings.price_per_million_tokens)
     log.info(
         f"Processing statistics: {plan['pending']} pending ({_kinds(plan['pending_by_kind'])}), "
@@ -139,8 +139,9 @@ def embed(
     )
     result = run_batched(
         job,
-        docs,
-        key=_key,
+        cached,
+        todo,
+        key=content_key,
         pack=lambda items: [items[i : i + settings.batch_size] for i in range(0, len(items), settings.batch_size)],
         call=lambda batch, before_call: embed_batch(client, settings.endpoint, batch, before_call),
     )
@@ -150,10 +151,6 @@ def embed(
 
 def _seed_counts(kind: str, counts: dict[str, Any]) -> dict[str, int]:
     return {f"total_{kind}s_processed": counts["processed"], f"successful_{kind}s": counts["successful"]}
-
-
-def _key(doc: dict[str, Any]) -> str:
-    return stable_key(doc["text"])
 
 
 def _kinds(counts: dict[str, int]) -> str:

@@ -38,29 +38,17 @@ def rate_limit_name(service: str) -> str:
     return f"{PREFIX}-{service}-rpm"
 
 
-def ensure_limit(name: str, limit: int, slot_decay_per_second: float | None = None) -> None:
+def ensure_limit(name: str, limit: int, slot_decay_per_second: float = 0.0) -> None:
     """Create the global limit `name`, or update it to this limit, active, with this decay."""
+    wanted = {"limit": limit, "active": True, "slot_decay_per_second": slot_decay_per_second}
     with get_client(sync_client=True) as client:
         try:
             existing = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(
-                    name=name, limit=limit, active=True, slot_decay_per_second=slot_decay_per_second or 0.0
-                )
-            )
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, **wanted))
             return
-        if (existing.limit, existing.active, existing.slot_decay_per_second) != (
-            limit,
-            True,
-            slot_decay_per_second or 0.0,
-        ):
-            client.update_global_concurrency_limit(
-                name,
-                GlobalConcurrencyLimitUpdate(
-                    limit=limit, active=True, slot_decay_per_second=slot_decay_per_second or 0.0
-                ),
-            )
+        if any(getattr(existing, field) != value for field, value in wanted.items()):
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(**wanted))
 
 
 @dataclass(frozen=True)
@@ -72,6 +60,11 @@ class RateLimit:
 
     def __call__(self) -> None:
         take_rate_slot(self.name, 60 / self.per_minute)
+
+
+def rate_limit_for(service: str, rpm: float) -> RateLimit | None:
+    """The service's requests-per-minute limit as `ensure_service_limits` sets it up (no API call)."""
+    return RateLimit(rate_limit_name(service), rpm) if rpm > 0 else None
 
 
 def ensure_service_limits(service: str, concurrency_limit: int, rpm: float = 0) -> RateLimit | None:
@@ -87,7 +80,7 @@ def ensure_service_limits(service: str, concurrency_limit: int, rpm: float = 0) 
         return None
     # one slot that decays at rpm/60 per second: at most `rpm` calls start in any 60 s window
     ensure_limit(rate_limit_name(service), 1, rpm / 60)
-    return RateLimit(rate_limit_name(service), rpm)
+    return rate_limit_for(service, rpm)
 
 
 @contextlib.contextmanager
