@@ -128,20 +128,17 @@ def check_documents(
 
 def estimate(docs: list[dict[str, Any]], batch_size: int, price_per_million: float) -> dict[str, Any]:
     """The seed's cost estimation: what the pending documents would take and cost."""
-    tokens = sum(estimate_tokens(d["text"]) for d in docs)
     kinds: dict[str, int] = {}
+    kind_tokens: dict[str, int] = {}
     for d in docs:
         kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
+        kind_tokens[d["kind"]] = kind_tokens.get(d["kind"], 0) + estimate_tokens(d["text"])
+    tokens = sum(kind_tokens.values())
     cost = tokens / 1e6 * price_per_million
-    by_kind_cost: dict[str, float] = {}
-    for d in docs:
-        by_kind_cost[d["kind"]] = (
-            by_kind_cost.get(d["kind"], 0.0) + estimate_tokens(d["text"]) / 1e6 * price_per_million
-        )
     seed_shape = {  # the seed's processing statistics and cost estimation responses
         **{f"pending_{kind}s": n for kind, n in kinds.items()},
         "total_pending": len(docs),
-        **{f"estimated_{kind}_cost": round(c, 6) for kind, c in by_kind_cost.items()},
+        **{f"estimated_{kind}_cost": round(n / 1e6 * price_per_million, 6) for kind, n in kind_tokens.items()},
         "total_estimated_cost": round(cost, 6),
         "batch_size": batch_size,
         "total_texts": len(docs),
