@@ -128,9 +128,7 @@ def score(
     except BenchmarkFileError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    from tasks import progress
-
-    with _workspace(use_sandbox, workspace_block) as block_name, _Bars() as bars, progress.listening(bars):
+    with _job(use_sandbox, workspace_block) as block_name:
         from flows.score import score as score_flow
 
         summary = score_flow(
