@@ -41,6 +41,9 @@ def _kill_after(sb: Any, proc: subprocess.Popen[str], calls: int) -> None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # calls in flight at the kill still finish at the sandbox (and are logged then): let them land, so that
+    # they are counted with this run and not with the next
+    time.sleep(1)
 
 
 def _ids(sb: Any) -> list[str]:
