@@ -26,6 +26,7 @@ app = typer.Typer(
 console = Console()
 
 SANDBOX_SPACE = "retail"
+SANDBOX_BARE_SPACE = "retail-bare"  # what `improve --sandbox` improves: a space with no instructions yet
 SANDBOX_WAREHOUSE = "sandbox-warehouse"
 
 
@@ -145,6 +146,81 @@ def score(
         console.print_json(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=str))
         return
     _print_scorecard(summary)
+
+
+@app.command()
+def improve(
+    benchmarks: Annotated[Path | None, typer.Option(help="benchmarks file (JSON, YAML or CSV)")] = None,
+    space_id: Annotated[str | None, typer.Option(help="production Genie space to improve")] = None,
+    warehouse_id: Annotated[str | None, typer.Option(help="SQL warehouse for expected and Genie SQL")] = None,
+    iterations: Annotated[int | None, typer.Option(help="improvement rounds at most")] = None,
+    margin: Annotated[float | None, typer.Option(help="score gain (0-1) needed to promote")] = None,
+    no_cleanup: Annotated[bool, typer.Option("--no-cleanup", help="keep the dev copies")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="propose fixes only; touch no space")] = False,
+    preset: Annotated[str, typer.Option(help="scoring preset: default, conservative or aggressive")] = "default",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="improvement setting KEY=VALUE")] = None,
+    score_set: Annotated[list[str] | None, typer.Option("--score-set", help="scoring setting KEY=VALUE")] = None,
+    use_sandbox: Annotated[bool, typer.Option("--sandbox", help="run against an embedded sandbox workspace")] = False,
+    workspace_block: Annotated[str | None, typer.Option(help="saved DatabricksWorkspace block to use")] = None,
+    output_dir: Annotated[Path, typer.Option(help="where the reports go")] = Path("out"),
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Improve a Genie space from its failures: learn, propose fixes, try them on a dev copy, promote if better."""
+    from blocks.settings import score_settings
+    from flows.improve import ImproveError, ImproveSettings
+    from tasks.benchmarks import BenchmarkFileError, load_benchmarks
+
+    settings = _settings(ImproveSettings, set_, iterations=iterations, margin=margin)
+    try:
+        scoring = score_settings(preset, **_key_values(score_set))
+    except ValueError as exc:
+        console.print(f"[red]invalid scoring settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if not use_sandbox and not (benchmarks and space_id and warehouse_id):
+        raise typer.BadParameter("--benchmarks, --space-id and --warehouse-id are required (or use --sandbox)")
+    try:
+        items = load_benchmarks(benchmarks or _sample_benchmarks())
+    except BenchmarkFileError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    with _job(use_sandbox, workspace_block) as block_name:
+        from flows.improve import improve as improve_flow
+
+        try:
+            summary = improve_flow(
+                items,
+                space_id or SANDBOX_BARE_SPACE,
+                warehouse_id or SANDBOX_WAREHOUSE,
+                settings,
+                scoring,
+                cleanup=not no_cleanup,
+                dry_run=dry_run,
+                workspace_block=block_name,
+                output_dir=str(output_dir),
+            )
+        except ImproveError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+    if json_out:
+        console.print_json(json.dumps({k: v for k, v in summary.items() if k != "patterns"}, default=str))
+        return
+    table = Table(title=f"{summary['space_id']}: {summary['score_before']:.1%} -> {summary['score_after']:.1%}")
+    for column in ("iteration", "failing", "applied", "rejected", "before", "after", "flipped", "decision"):
+        table.add_column(column)
+    for r in summary["iterations"]:
+        after = r.get("score_after")
+        table.add_row(
+            str(r["iteration"]),
+            str(r["failing"]),
+            ", ".join(f"{c} {n}" for c, n in r["by_category"].items()),
+            str(len(r["rejected"])),
+            f"{r['score_before']:.1%}",
+            "" if after is None else f"{after:.1%}",
+            ", ".join(r.get("flipped", [])),
+            r.get("decision", ""),
+        )
+    console.print(table)
+    console.print(f"Stopped: {summary['stopped']}. Report: {summary['report']}")
 
 
 @app.command("rerun-failed")

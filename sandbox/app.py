@@ -341,9 +341,12 @@ def _chat(ws: Workspace, request: Request, name: str, body: dict[str, Any]) -> A
     prompt = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
     payload = models.find_payload(prompt)
     reply = models.answer(payload)
-    fault = ws.ledger.draw("chat", ("malformed", "missing_id", "extra_id", "bad_enum"))
+    task = (payload or {}).get("task")
+    only = ws.ledger.spec("chat").tasks
+    kinds = ("malformed", "missing_id", "extra_id", "bad_enum", "empty")
+    fault = ws.ledger.draw("chat", kinds) if not only or task in only else "ok"
     ids = [item.get("id") for item in (payload or {}).get("items", []) if isinstance(item, dict)]
-    ws.ledger.record("chat", request.url.path, 200, fault, endpoint=name, task=(payload or {}).get("task"), ids=ids)
+    ws.ledger.record("chat", request.url.path, 200, fault, endpoint=name, task=task, ids=ids)
     content = _corrupt(reply, fault) if isinstance(reply, list) else reply
     if not isinstance(content, str):
         content = json.dumps(content, ensure_ascii=False)
@@ -376,8 +379,25 @@ def _corrupt(reply: list[Any], fault: str) -> Any:
             if key in first:
                 first[key] = "not-a-valid-value"
                 break
+        for key in ("fixes", "patterns"):  # an improvement answer: its first fix or pattern
+            if first.get(key):
+                inner = dict(first[key][0])
+                inner["category" if key == "fixes" else "kind"] = "not-a-valid-value"
+                first[key] = [inner, *first[key][1:]]
         return [first, *reply[1:]]
+    if fault == "empty" and reply:
+        return [_blank(reply[0]), *reply[1:]]
     return reply
+
+
+def _blank(value: Any) -> Any:
+    """`value` with every string emptied, but for ids and enum-like keys (an answer with nothing in it)."""
+    if isinstance(value, dict):
+        keep = ("id", "category", "kind", "pattern", "snippet_type")
+        return {k: v if k in keep else _blank(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_blank(v) for v in value]
+    return "" if isinstance(value, str) else value
 
 
 def _admin_routes(app: FastAPI, ws: Workspace) -> None:

@@ -22,9 +22,20 @@ from pydantic import BaseModel, Field
 
 GROUPS = ("genie", "sql", "chat", "embeddings")
 TRANSPORT_FAULTS = ("429", "500", "503", "reset", "hang")
-CONTENT_FAULTS = ("malformed", "missing_id", "extra_id", "bad_enum", "genie_failed")
+CONTENT_FAULTS = ("malformed", "missing_id", "extra_id", "bad_enum", "empty", "genie_failed")
 FaultKind = Literal[
-    "ok", "429", "500", "503", "reset", "hang", "malformed", "missing_id", "extra_id", "bad_enum", "genie_failed"
+    "ok",
+    "429",
+    "500",
+    "503",
+    "reset",
+    "hang",
+    "malformed",
+    "missing_id",
+    "extra_id",
+    "bad_enum",
+    "empty",
+    "genie_failed",
 ]
 
 _PRIMARY = [
@@ -51,8 +62,12 @@ class FaultSpec(BaseModel):
     rate_missing_id: float = Field(0, ge=0, le=1)
     rate_extra_id: float = Field(0, ge=0, le=1)
     rate_bad_enum: float = Field(0, ge=0, le=1)
+    rate_empty: float = Field(0, ge=0, le=1, description="the reply's first element with every text blanked")
     rate_genie_failed: float = Field(0, ge=0, le=1)
     down: bool = Field(False, description="answer every primary request with 503")
+    tasks: list[str] = Field(
+        default_factory=list, description="chat only: the payload tasks content faults apply to (empty: all)"
+    )
     script: list[FaultKind] = Field(
         default_factory=list, description="faults for the next primary requests, in order, before rates apply"
     )

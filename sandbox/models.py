@@ -13,6 +13,8 @@ import math
 import re
 from typing import Any
 
+from sandbox import advisor
+
 EMBEDDING_DIM = 256
 _WORD = re.compile(r"\w+", re.UNICODE)
 _HARD_WORDS = {
@@ -57,6 +59,10 @@ def answer(payload: dict[str, Any] | None) -> Any:
         return [_enrich(item, payload.get("fields", {})) for item in items]
     if task == "analyse":
         return [_analyse(item) for item in items]
+    if task == "learn":
+        return [advisor.learn(item) for item in items]
+    if task == "propose":
+        return [advisor.propose(item, payload.get("patterns", []), payload.get("space", {})) for item in items]
     return f"Unknown task {task!r}."
 
 
