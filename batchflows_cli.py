@@ -225,7 +225,9 @@ def improve(
 
 @app.command("rerun-failed")
 def rerun_failed_command(
-    report: Annotated[Path, typer.Argument(help="an earlier scoring report folder (out/score-...)")],
+    report: Annotated[
+        str, typer.Argument(help="an earlier scoring run: its report folder (out/score-...) or flow run id")
+    ],
     kinds: Annotated[
         str | None, typer.Option(help="only these verdicts or error kinds, comma-separated (e.g. genie_error,timeout)")
     ] = None,
@@ -236,7 +238,7 @@ def rerun_failed_command(
     from flows.rerun import rerun_failed
 
     with _job(use_sandbox, None):
-        summary = rerun_failed(str(report), kinds=kinds.split(",") if kinds else None, fresh=fresh)
+        summary = rerun_failed(report, kinds=kinds.split(",") if kinds else None, fresh=fresh)
     console.print(
         f"Rerun {summary['rerun']} failed rows: {summary.get('fixed', 0)} now judged, "
         f"{summary.get('still_failed', 0)} still failed; merged report {summary['files']['csv']}"
@@ -428,29 +430,90 @@ def search(
         console.print(f"{hit['score']:.4f}  {hit['id']}  {hit['text'][:100]}")
 
 
+def _catalog(
+    workspace_block: str | None,
+    benchmarks: Path | None,
+    space_id: str | None,
+    warehouse_id: str | None,
+    cron: str | None,
+    interval: float | None,
+    score_set: list[str] | None,
+    output_dir: Path | None = None,
+) -> list[Any]:
+    from blocks.settings import ScoreSettings
+    from deployments.catalog import jobs
+
+    score: dict[str, Any] = {"benchmarks": str(benchmarks.resolve()) if benchmarks else None, "space_id": space_id}
+    score["warehouse_id"] = warehouse_id
+    if score_set:
+        score["settings"] = _settings(ScoreSettings, score_set).model_dump(exclude_defaults=True)
+    if (cron or interval) and not all(score.values()):
+        raise typer.BadParameter("a schedule needs --benchmarks, --space-id and --warehouse-id (the runs' parameters)")
+    out = str(output_dir.resolve()) if output_dir else None
+    return jobs(workspace_block, {k: v for k, v in score.items() if v}, cron, interval, out)
+
+
+_BLOCK = Annotated[str | None, typer.Option(help="saved DatabricksWorkspace block every deployment uses")]
+_BENCH = Annotated[Path | None, typer.Option(help="benchmarks file of the scheduled scoring")]
+_SPACE = Annotated[str | None, typer.Option(help="Genie space of the scheduled scoring")]
+_WAREHOUSE = Annotated[str | None, typer.Option(help="SQL warehouse of the scheduled scoring")]
+_CRON = Annotated[str | None, typer.Option(help="cron schedule of the scoring, e.g. '0 2 * * *' (nightly)")]
+_INTERVAL = Annotated[float | None, typer.Option(help="or: score every this many seconds")]
+_SCORE_SET = Annotated[
+    list[str] | None, typer.Option("--score-set", help="scoring setting of the deployment's defaults, KEY=VALUE")
+]
+
+
 @app.command()
 def serve(
     limit: Annotated[int, typer.Option(help="flow runs at once in this process")] = 4,
+    workspace_block: _BLOCK = None,
+    benchmarks: _BENCH = None,
+    space_id: _SPACE = None,
+    warehouse_id: _WAREHOUSE = None,
+    cron: _CRON = None,
+    interval: _INTERVAL = None,
+    score_set: _SCORE_SET = None,
 ) -> None:
-    """Serve the jobs as deployments (no work pool needed): run them from the Prefect UI with typed forms."""
+    """Serve every job as a deployment from this process (no work pool): run them from the Prefect UI with
+    typed forms, or on the scoring schedule."""
     from prefect import serve as prefect_serve
 
-    from flows.analyse import analyse as analyse_flow
-    from flows.embed import embed as embed_flow
-    from flows.enrich import enrich as enrich_flow
-    from flows.score import score as score_flow
+    from deployments.catalog import register_blocks, served
 
-    deployments: list[Any] = [  # sync context: to_deployment returns the deployment, not a coroutine
-        score_flow.to_deployment(
-            name="score", description="Score a Genie space against benchmark questions.", tags=["batchflows"]
-        ),
-        enrich_flow.to_deployment(name="enrich", description="Add LLM-generated columns to rows.", tags=["batchflows"]),
-        analyse_flow.to_deployment(
-            name="analyse", description="Analyse ordered items, then merge fragments.", tags=["batchflows"]
-        ),
-        embed_flow.to_deployment(name="embed", description="Embed documents into a vector store.", tags=["batchflows"]),
-    ]
-    prefect_serve(*deployments, limit=limit)
+    register_blocks()
+    catalog = _catalog(workspace_block, benchmarks, space_id, warehouse_id, cron, interval, score_set)
+    prefect_serve(*served(catalog), limit=limit)
+
+
+@app.command()
+def deploy(
+    pool: Annotated[str, typer.Option(help="process work pool (created if missing)")] = "batchflows",
+    workspace_block: _BLOCK = None,
+    benchmarks: _BENCH = None,
+    space_id: _SPACE = None,
+    warehouse_id: _WAREHOUSE = None,
+    cron: _CRON = None,
+    interval: _INTERVAL = None,
+    score_set: _SCORE_SET = None,
+    output_dir: Annotated[Path | None, typer.Option(help="where every job's reports go (default: ./out)")] = None,
+) -> None:
+    """Deploy every job to a process work pool, with this checkout as the code; start workers with
+    `prefect worker start --pool POOL`. Also registers the block types and saves the scoring presets."""
+    from deployments.catalog import deploy as deploy_all
+    from deployments.catalog import register_blocks
+
+    blocks = register_blocks()
+    catalog = _catalog(workspace_block, benchmarks, space_id, warehouse_id, cron, interval, score_set, output_dir)
+    ids = deploy_all(catalog, pool)
+    table = Table(title=f"Deployments on work pool {pool!r}")
+    table.add_column("deployment")
+    table.add_column("id")
+    for name, deployment_id in ids.items():
+        table.add_row(name, deployment_id)
+    console.print(table)
+    console.print(f"Blocks registered: {', '.join(blocks)}")
+    console.print(f"Start a worker: prefect worker start --pool {pool}")
 
 
 def _settings(model: Any, set_: list[str] | None, **explicit: Any) -> Any:

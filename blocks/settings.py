@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JUDGE_MAX_CHUNK = 50  # items per judge call the default endpoint handles within its context window
@@ -85,3 +86,22 @@ def score_settings(preset: str = "default", **overrides: object) -> ScoreSetting
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return ScoreSettings.model_validate(values)
+
+
+class ScorePreset(Block):
+    """Scoring settings saved under a name, to pick in a deployment's form (`settings_block`) or edit in the
+    UI. `batchflows deploy` saves the three built-in presets as score-default, score-conservative and
+    score-aggressive."""
+
+    _block_type_name = "batchflows score preset"
+    _description = "Concurrency, retries, timeouts, circuit breaker and judge settings for scoring a Genie space."
+
+    settings: ScoreSettings = Field(default_factory=ScoreSettings, description="the scoring settings")
+
+
+def save_presets() -> list[str]:
+    names = []
+    for name in PRESETS:
+        ScorePreset(settings=score_settings(name)).save(f"score-{name}", overwrite=True)
+        names.append(f"score-{name}")
+    return names

@@ -83,6 +83,7 @@ def improve(
     workspace_block: str | None = None,
     ledger_block: str | None = None,
     output_dir: str = "out",
+    breaker_block: str = "genie-breaker",
 ) -> dict[str, Any]:
     """Raise a Genie space's benchmark score by fixing its configuration, safely.
 
@@ -97,6 +98,7 @@ def improve(
         workspace_block: saved DatabricksWorkspace block (default: databricks-sdk's env/profile).
         ledger_block: saved RowLedger block (default: ~/.batchflows/ledger.sqlite).
         output_dir: where the reports go.
+        breaker_block: name of the CircuitBreaker block guarding Genie during each scoring.
     """
     log = run_logger()
     settings = settings or ImproveSettings()
@@ -121,6 +123,7 @@ def improve(
             workspace_block=workspace_block,
             ledger_block=ledger_block,
             output_dir=str(out / folder),
+            breaker_block=breaker_block,
         )
 
     current = rescore(space_id, "production")

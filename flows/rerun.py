@@ -5,6 +5,7 @@ verdicts into the earlier report so there is one up-to-date result.
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +22,32 @@ from tasks.report import publish, write_frame
 from tasks.resilience import run_logger
 
 
+def find_report(report: str) -> Path:
+    """The report folder of `report`: a folder, or the flow run id of a scoring run (its folder is found under
+    that run's output_dir, which the Prefect API keeps among the run's parameters)."""
+    try:
+        run_id = uuid.UUID(report.strip())
+    except ValueError:
+        return Path(report)
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            flow_run = client.read_flow_run(run_id)
+        except ObjectNotFound as exc:
+            raise InputError(f"no flow run {run_id} in this Prefect API") from exc
+    output_dir = Path(flow_run.parameters.get("output_dir") or "out")
+    found = sorted(output_dir.glob(f"score-*-{str(run_id)[:8]}"))
+    found = [f for f in found if json.loads((f / "run.json").read_text()).get("flow_run_id") == str(run_id)]
+    if not found:
+        raise InputError(
+            f"flow run {run_id} ({flow_run.name}) left no scoring report under {output_dir.resolve()}: is it a "
+            "score-genie-space run, and does this machine see its output folder?"
+        )
+    return found[-1]
+
+
 @flow(name="rerun-failed", persist_result=False)
 def rerun_failed(
     report: str,
@@ -33,14 +60,15 @@ def rerun_failed(
     judge_error), then merge.
 
     Args:
-        report: the earlier run's report folder (out/score-…, holding scorecard.parquet and run.json).
+        report: the earlier scoring run: its flow run id, or its report folder (out/score-…, holding
+            scorecard.parquet and run.json).
         kinds: only rows whose verdict or error kind is one of these (default: every failed verdict).
         settings: other settings for the rerun (default: the earlier run's).
         fresh: ask Genie again even for answers in the ledger (e.g. after fixing the space).
         output_dir: where the rerun's and the merged reports go (default: next to the earlier report).
     """
     log = run_logger()
-    folder = Path(report)
+    folder = find_report(report)
     try:
         earlier = pd.read_parquet(folder / "scorecard.parquet")
         run = json.loads((folder / "run.json").read_text())

@@ -16,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
-from blocks.settings import ScoreSettings
+from blocks.settings import Preset, ScorePreset, ScoreSettings, score_settings
 from blocks.workspace import DatabricksWorkspace
 from flows.phase import PhaseSpec, load_blocks, run_phase
 from tasks.benchmarks import Benchmark, load_benchmarks
@@ -46,6 +46,8 @@ def score(
     output_dir: str = "out",
     fresh: bool = False,
     breaker_block: str = "genie-breaker",
+    preset: Preset = "default",
+    settings_block: str | None = None,
 ) -> dict[str, Any]:
     """Score `space_id` on the benchmarks (a file path or a list) and return the scorecard.
 
@@ -60,16 +62,19 @@ def score(
         output_dir: where the report's Parquet and CSV files go.
         fresh: ignore finished rows of earlier runs of the same inputs and ask everything again.
         breaker_block: name of the CircuitBreaker block guarding Genie (created CLOSED if missing).
+        preset: the built-in settings used when neither `settings` nor `settings_block` is given.
+        settings_block: name of a saved ScorePreset block (used when `settings` is not given).
     """
     log = get_run_logger()
-    settings = settings or ScoreSettings()
+    if settings is None:
+        settings = ScorePreset.load(settings_block).settings if settings_block else score_settings(preset)  # type: ignore[union-attr]
     started = time.monotonic()
     items = load_benchmarks(benchmarks) if isinstance(benchmarks, str) else list(benchmarks)
     workspace, ledger = load_blocks(workspace_block, ledger_block)
     genie_client = workspace.client(settings.genie_timeout)
     space = genie_client.genie.get_space(space_id)
-    run_id = str(FlowRunContext.get().flow_run.id) if fresh else ""  # type: ignore[union-attr]
-    session = stable_key(space_id, space.etag, warehouse_id, run_id)
+    flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
+    session = stable_key(space_id, space.etag, warehouse_id, flow_run_id if fresh else "")
 
     breaker = CircuitBreaker.load_or_create(
         breaker_block, settings.genie_circuit_threshold, settings.genie_circuit_cooldown
@@ -159,6 +164,7 @@ def score(
     )
 
     run = {
+        "flow_run_id": flow_run_id,
         "space_id": space_id,
         "warehouse_id": warehouse_id,
         "workspace_block": workspace_block,
@@ -326,11 +332,13 @@ def _finish(
         if r["verdict"] in FAILED
     ]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    files = write_frame(pd.DataFrame(report), Path(output_dir) / f"score-{stamp}", "scorecard")
+    folder = Path(output_dir) / f"score-{stamp}-{run['flow_run_id'][:8]}"  # rerun-failed finds it by run id
+    files = write_frame(pd.DataFrame(report), folder, "scorecard")
     # what `rerun-failed` needs to run the failed rows again the same way
     run_file = Path(files["csv"]).with_name("run.json")
     run_file.write_text(json.dumps({**run, "settings": settings.model_dump()}, indent=1))
     summary = {
+        "flow_run_id": run["flow_run_id"],
         "total": total,
         "score": round(counts["correct"] / total, 4) if total else 0.0,
         "verdicts": {v: counts.get(v, 0) for v in VERDICTS},
@@ -380,9 +388,10 @@ def _markdown(summary: dict[str, Any]) -> str:
     if summary["failures"]:
         lines += [
             "",
-            f"{len(summary['failures'])} rows failed. Rerun just these with "
-            f"`batchflows rerun-failed {Path(summary['files']['csv']).parent}` (finished rows come from the "
-            "ledger, so only these are called again).",
+            f"{len(summary['failures'])} rows failed. Rerun just these (finished rows come from the ledger, so "
+            "only these are called again):",
+            f"- terminal: `batchflows rerun-failed {Path(summary['files']['csv']).parent}`",
+            f"- Prefect UI: run the deployment `rerun-failed/rerun-failed` with report = `{summary['flow_run_id']}`",
         ]
     lines += ["", f"Report: `{summary['files']['csv']}`"]
     return "\n".join(lines)

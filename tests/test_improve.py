@@ -35,6 +35,10 @@ def _production(client: Any) -> str:
     return str(space.space_id)
 
 
+def _breaker() -> str:
+    return f"b-{uuid.uuid4().hex[:8]}"
+
+
 def _dev_copies(client: Any, space_id: str) -> list[str]:
     mark = DEV_MARK.format(space_id=space_id)
     spaces = client.genie.list_spaces().spaces or []
@@ -55,6 +59,7 @@ def _run(space_id: str, block: str, ledger: str, tmp_path: Path, **settings: Any
         workspace_block=block,
         ledger_block=ledger,
         output_dir=str(tmp_path),
+        breaker_block=_breaker(),
     )
 
 
@@ -128,6 +133,7 @@ def test_dry_run_touches_no_space(
         workspace_block=workspace_block,
         ledger_block=ledger_block,
         output_dir=str(tmp_path),
+        breaker_block=_breaker(),
     )
     assert summary["iterations"][0]["applied"] and not summary["promoted"]
     assert summary["stopped"].startswith("dry run")
@@ -153,6 +159,7 @@ def test_invalid_or_empty_fixes_are_rejected_and_recorded(
         workspace_block=workspace_block,
         ledger_block=ledger_block,
         output_dir=str(tmp_path),
+        breaker_block=_breaker(),
     )
     first = summary["iterations"][0]
     rejected = [r for r in first["rejected"] if problem in r["problem"]]
@@ -251,6 +258,7 @@ def test_dev_copy_is_removed_when_the_run_is_cancelled(
         dry_run=True,
         workspace_block=workspace_block,
         output_dir=str(tmp_path),
+        breaker_block=_breaker(),
     )
     assert summary["dry_run"] and _dev_copies(client, space_id) == []
 
@@ -266,3 +274,40 @@ def _wait_for_dev_copy(sb: Any, client: Any, space_id: str, proc: subprocess.Pop
             raise AssertionError(f"the run ended before creating a dev copy: {proc.communicate()[1][-2000:]}")
         time.sleep(0.1)
     raise AssertionError("no dev copy appeared")
+
+
+def test_a_dev_copy_that_breaks_passing_benchmarks_is_not_promoted(
+    sb: Any, client: Any, workspace_block: str, ledger_block: str, tmp_path: Path
+) -> None:
+    """Genie starts failing while the dev copy is scored: benchmarks that passed in production now fail."""
+    import threading
+
+    space_id = _production(client)
+    before = client.genie.get_space(space_id, include_serialized_space=True).serialized_space
+    sb.set_faults("genie", latency_ms=100)
+    outcome: dict[str, Any] = {}
+    scoring = SCORING.model_copy(update={"genie_retry_attempts": 0})
+    thread = threading.Thread(
+        target=lambda: outcome.update(
+            summary=improve(
+                BENCHMARKS,
+                space_id,
+                "sandbox-warehouse",
+                ImproveSettings(),
+                scoring,
+                workspace_block=workspace_block,
+                ledger_block=ledger_block,
+                output_dir=str(tmp_path),
+                breaker_block=_breaker(),
+            )
+        )
+    )
+    thread.start()
+    _wait_for_dev_copy(sb, client, space_id)
+    sb.set_faults("genie", latency_ms=100, rate_genie_failed=0.6)
+    thread.join(timeout=240)
+
+    first = outcome["summary"]["iterations"][0]
+    assert first["regressed"] and first["promoted"] is False, first["decision"]
+    assert client.genie.get_space(space_id, include_serialized_space=True).serialized_space == before
+    assert _dev_copies(client, space_id) == []

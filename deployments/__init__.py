@@ -1,0 +1,1 @@
+"""Deployments of the jobs: one catalog for `batchflows serve` and `batchflows deploy`."""

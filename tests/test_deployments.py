@@ -1,0 +1,252 @@
+"""Real components: a `prefect server` (SQLite, then PostgreSQL) on a free loopback port, `batchflows deploy`
+to a process work pool, workers, deployment runs against the sandbox, a schedule firing, the failed-rows
+rerun from its deployment, two workers sharing a global limit, and the UI in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deployments.local import BIN, Postgres, PrefectServer, ServerError, Worker
+from flows.score import FAILED
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "sandbox/data/benchmarks.yaml"
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    database = None
+    if request.param == "postgres":
+        try:
+            database = Postgres().start()
+        except ServerError as exc:
+            if "exit 3" in str(exc):
+                pytest.skip(f"PostgreSQL cannot be installed here: {exc}")
+            raise
+    prefect = PrefectServer(tmp_path_factory.mktemp(f"prefect-{request.param}"), database.url if database else None)
+    try:
+        yield prefect.start()
+    finally:
+        prefect.stop()
+        if database:
+            database.stop()
+
+
+def _api(server: PrefectServer) -> Any:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: server.api_url})
+
+
+def _deploy(server: PrefectServer, tmp: Path, pool: str, benchmarks: Path, *extra: str) -> None:
+    command = [str(BIN / "batchflows"), "deploy", "--pool", pool, "--workspace-block", "e2e-sandbox"]
+    command += ["--benchmarks", str(benchmarks), "--space-id", "retail", "--warehouse-id", "sandbox-warehouse"]
+    command += ["--output-dir", str(tmp / "out"), *extra]
+    done = subprocess.run(command, env=server.env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _wait(client: Any, run_id: Any, timeout_s: float = 240) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        if run.state and run.state.type.value in FINAL:
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"flow run {run_id} not finished after {timeout_s} s")
+
+
+def _start(name: str, **parameters: Any) -> Any:
+    """A flow run of deployment `name`, created without waiting for it."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(name, parameters=parameters, timeout=0)
+
+
+def _subset(tmp: Path, n: int) -> Path:
+    items = yaml.safe_load(BENCHMARKS.read_text())[:n]
+    path = tmp / f"benchmarks-{n}.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_scheduled_and_ad_hoc_runs_on_a_work_pool_then_rerun_of_failed_rows(
+    server: PrefectServer, sb: Any, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+    )
+
+    from blocks.breaker import CircuitBreaker
+    from blocks.workspace import DatabricksWorkspace
+    from flows.rerun import find_report
+
+    benchmarks = _subset(tmp_path, 6)
+    with _api(server):
+        DatabricksWorkspace(host=sb.host, token=sb.token).save("e2e-sandbox", overwrite=True)
+    _deploy(
+        server,
+        tmp_path,
+        "e2e",
+        benchmarks,
+        "--interval",
+        "20",
+        *(
+            "--score-set",
+            "genie_rpm=0",
+            "--score-set",
+            "genie_retry_attempts=0",
+            "--score-set",
+            "genie_poll_initial=0.2",
+        ),
+    )
+    home = {"BATCHFLOWS_HOME": str(tmp_path / "home")}
+    with Worker(server, "e2e", env=home), _api(server), get_client(sync_client=True) as client:
+        score = client.read_deployment_by_name("score-genie-space/score")
+        assert score.schedules and score.schedules[0].active
+        assert score.parameters["settings"]["genie_rpm"] == 0
+
+        # the schedule fires a run, which completes against the sandbox
+        deadline = time.monotonic() + 240
+        scheduled = None
+        while time.monotonic() < deadline and scheduled is None:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[score.id]))
+            )
+            done = [r for r in runs if r.auto_scheduled and r.state and r.state.type.value in FINAL]
+            scheduled = done[0] if done else None
+            time.sleep(1)
+        assert scheduled is not None and scheduled.state is not None, "no scheduled run finished"
+        assert scheduled.state.type.value == "COMPLETED", scheduled.state
+        client.pause_deployment(score.id)
+        for run in client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[score.id]))
+        ):
+            if run.state and run.state.type.value == "SCHEDULED":
+                client.delete_flow_run(run.id)
+        for _ in range(100):  # let a run the worker already picked up finish
+            busy = [
+                r
+                for r in client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[score.id]))
+                )
+                if r.state and r.state.type.value not in FINAL
+            ]
+            if not busy:
+                break
+            time.sleep(1)
+
+        # an ad-hoc run with 3 Genie questions failing (no retries): k = 3 failure records
+        sb.reset()
+        sb.set_faults("genie", script=["500", "500", "500"])
+        adhoc = _start("score-genie-space/score", space_id="retail-bare")
+        adhoc = _wait(client, adhoc.id)
+        assert adhoc.state.type.value == "COMPLETED", adhoc.state
+        folder = find_report(str(adhoc.id))
+        rows = json.loads((folder / "run.json").read_text())
+        assert rows["flow_run_id"] == str(adhoc.id)
+        import pandas as pd
+
+        card = pd.read_parquet(folder / "scorecard.parquet")
+        assert sorted(card["verdict"]).count("genie_error") == 3
+
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[adhoc.id]))
+        )
+        kinds = {(a.key, a.type) for a in artifacts}
+        assert {("scorecard-rows", "table"), ("scorecard-summary", "markdown")} <= kinds, kinds
+        markdown = str(next(a.data for a in artifacts if a.type == "markdown"))
+        assert "rerun-failed/rerun-failed" in markdown and str(adhoc.id) in markdown
+        breaker: Any = CircuitBreaker.load("genie-breaker")
+        assert breaker.current_state() == "CLOSED"
+
+        # the failed-rows rerun from its deployment, given the run id: exactly 3 Genie calls, none left failed
+        sb.reset()
+        rerun = _start("rerun-failed/rerun-failed", report=str(adhoc.id))
+        rerun = _wait(client, rerun.id)
+        assert rerun.state.type.value == "COMPLETED", rerun.state
+        assert sb.stats()["genie"]["calls"] == 3
+        merged = sorted((tmp_path / "out").glob("score-merged-*"))[-1]
+        verdicts = pd.read_parquet(merged / "scorecard.parquet")["verdict"]
+        assert len(verdicts) == 6 and not set(verdicts) & set(FAILED)
+
+        # blocks are registered for the UI, with the presets saved
+        types = {b.slug for b in client.read_block_types()}
+        assert {"batchflows-databricks-workspace", "batchflows-score-preset"} <= types, types
+        assert client.read_block_document_by_name("score-conservative", "batchflows-score-preset")
+
+        table = next(a for a in artifacts if a.type == "table")
+        _check_ui(server, tmp_path, score.id, table.id)
+
+
+def _check_ui(server: PrefectServer, tmp: Path, deployment_id: Any, artifact_id: Any) -> None:
+    """The deployment's run form shows our typed fields; the finished run shows its table artifact."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium here (apt-get install chromium) for the UI check")
+    shots = tmp / "ui"
+    shots.mkdir()
+    pages = {
+        "run-form": f"{server.url}/deployments/deployment/{deployment_id}/run",
+        "run-artifact": f"{server.url}/artifacts/artifact/{artifact_id}",
+    }
+    dom = {}
+    for name, url in pages.items():
+        base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,2000"]
+        base += ["--virtual-time-budget=15000", f"--user-data-dir={tmp / ('chrome-' + name)}"]
+        subprocess.run([*base, f"--screenshot={shots / name}.png", url], capture_output=True, timeout=120)
+        done = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+        dom[name] = done.stdout
+        assert (shots / f"{name}.png").stat().st_size > 10_000
+    assert "Genie questions in flight at once" in dom["run-form"]  # a ScoreSettings field's description
+    assert "space_id" in dom["run-form"].lower().replace(" ", "_")
+    assert "genie_error" in dom["run-artifact"]  # a verdict in the run's scorecard table
+
+
+def test_two_workers_on_one_pool_share_the_global_limit(server: PrefectServer, sb: Any, tmp_path: Path) -> None:
+    """Four scoring runs at once over two workers: Genie never sees more than genie_max_concurrent (3)."""
+    from prefect.client.orchestration import get_client
+
+    from blocks.workspace import DatabricksWorkspace
+
+    benchmarks = _subset(tmp_path, 8)
+    pool = f"share-{uuid.uuid4().hex[:6]}"
+    with _api(server):
+        DatabricksWorkspace(host=sb.host, token=sb.token).save("e2e-sandbox", overwrite=True)
+    _deploy(server, tmp_path, pool, benchmarks, "--score-set", "genie_rpm=0", "--score-set", "genie_poll_initial=0.1")
+    sb.reset()
+    sb.set_faults("genie", latency_ms=400)
+    home = {"BATCHFLOWS_HOME": str(tmp_path / "home")}
+    with (
+        Worker(server, pool, name="w1", limit=2, env=home),
+        Worker(server, pool, name="w2", limit=2, env=home),
+        _api(server),
+        get_client(sync_client=True) as client,
+    ):
+        runs = [
+            _start("score-genie-space/score", space_id=space, fresh=True)
+            for space in ("retail", "retail-bare", "retail", "retail-bare")
+        ]
+        finished = [_wait(client, r.id, 300) for r in runs]
+    assert [r.state.type.value for r in finished] == ["COMPLETED"] * 4
+    stats = sb.stats()["genie"]
+    assert stats["calls"] == 4 * 8
+    assert stats["max_in_flight"] <= 3, stats
+    taken = [(server.home / f"{w}.log").read_text().count("submitted to infrastructure") for w in ("w1", "w2")]
+    assert sum(taken) == 4 and min(taken) >= 1, taken  # both workers ran some of the four
