@@ -1,7 +1,7 @@
 """Scale-out: enrichment runs through a process work pool with 1 or 2 workers, under a global limit on the
 LLM endpoint that every run shares. Real `prefect server` (SQLite), real workers, sandbox in its own process.
 
-    python bench/scale_out.py [--runs 8] [--rows 400] [--latency-ms 500]
+    python bench/scale_out.py [--runs 8] [--rows 400] [--latency-ms 500] [--database sqlite|postgres]
 
 Prints, per (workers, limit): wall time of all runs, calls, calls/s against the limit's ideal, the peak of
 calls in flight seen by the sandbox (never above the limit), and per-run orchestration cost (from creation
@@ -18,11 +18,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deployments.local import BIN, PrefectServer, Worker
+from deployments.local import BIN, Postgres, PrefectServer, Worker
 from sandbox import SandboxProcess
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -33,18 +34,33 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--latency-ms", type=float, default=500)
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="batchflows-scale-"))
-    with PrefectServer(tmp / "prefect") as server, SandboxProcess() as sb:
+    database = Postgres().start() if args.database == "postgres" else None
+    try:
+        run(args, tmp, database.url if database else None)
+    finally:
+        if database:
+            database.stop()
+
+
+def run(args: argparse.Namespace, tmp: Path, database_url: str | None) -> None:
+    with PrefectServer(tmp / "prefect", database_url) as server, SandboxProcess() as sb:
         sb.set_faults("chat", latency_ms=args.latency_ms)
         env = server.env(BATCHFLOWS_HOME=str(tmp / "home"))
         os.environ.update(PREFECT_API_URL=server.api_url)
         from blocks.workspace import DatabricksWorkspace
 
         DatabricksWorkspace(host=sb.host, token=sb.token).save("bench-sandbox", overwrite=True)
-        print(f"{args.runs} enrichment runs x {args.rows} rows (20 rows/call), chat latency {args.latency_ms:.0f} ms")
-        print("workers | limit | wall s | calls | calls/s | ideal calls/s | ratio | peak in flight | dispatch s | "
-              "run s (mean)")
+        print(
+            f"{args.runs} enrichment runs x {args.rows} rows (20 rows/call), chat latency {args.latency_ms:.0f} ms, "
+            f"Prefect server on {args.database}"
+        )
+        print(
+            "workers | limit | wall s | calls | calls/s | ideal calls/s | ratio | peak in flight | dispatch s | "
+            "run s (mean)"
+        )
         for limit in (4, 16):
             for workers in (1, 2):
                 pool = f"bench-{workers}-{limit}"
@@ -108,7 +124,7 @@ def _start(server: PrefectServer, path: str, limit: int) -> str:
     return str(run.id)  # type: ignore[union-attr]
 
 
-def _wait(server: PrefectServer, run_id: str) -> dict[str, object]:
+def _wait(server: PrefectServer, run_id: str) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
