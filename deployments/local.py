@@ -120,12 +120,20 @@ class PrefectServer:
 
 
 class Worker:
-    """`prefect worker start --pool POOL` against `server`, its log in the server's home."""
+    """`prefect worker start --pool POOL` against `server`, its log in the server's home, polling for runs every
+    `query_s` seconds (Prefect's default is 10)."""
 
     def __init__(
-        self, server: PrefectServer, pool: str, name: str = "worker", limit: int = 4, env: dict[str, str] | None = None
+        self,
+        server: PrefectServer,
+        pool: str,
+        name: str = "worker",
+        limit: int = 4,
+        env: dict[str, str] | None = None,
+        query_s: float = 10,
     ) -> None:
-        self.server, self.pool, self.name, self.limit, self.extra_env = server, pool, name, limit, env or {}
+        self.server, self.pool, self.name, self.limit = server, pool, name, limit
+        self.extra_env = {"PREFECT_WORKER_QUERY_SECONDS": str(query_s), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = server.home / f"{name}.log"
 
