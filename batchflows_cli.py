@@ -107,7 +107,6 @@ def score(
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Score a Genie space against benchmark questions (Genie → SQL → compare → judge)."""
-    from blocks.settings import score_settings
 
     overrides: dict[str, Any] = {
         "genie_max_concurrent": genie_concurrent,
@@ -115,20 +114,7 @@ def score(
         "genie_rpm": genie_rpm,
     }
     overrides.update(_key_values(set_))
-    try:
-        settings = score_settings(preset, **overrides)
-    except ValueError as exc:
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    if not use_sandbox and not (benchmarks and space_id and warehouse_id):
-        raise typer.BadParameter("--benchmarks, --space-id and --warehouse-id are required (or use --sandbox)")
-    from tasks.benchmarks import BenchmarkFileError, load_benchmarks
-
-    try:
-        items = load_benchmarks(benchmarks or _sample_benchmarks())
-    except BenchmarkFileError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    settings, items = _scoring_inputs(preset, overrides, use_sandbox, benchmarks, space_id, warehouse_id)
     with _job(use_sandbox, workspace_block) as block_name:
         from flows.score import score as score_flow
 
@@ -166,23 +152,10 @@ def improve(
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Improve a Genie space from its failures: learn, propose fixes, try them on a dev copy, promote if better."""
-    from blocks.settings import score_settings
     from flows.improve import ImproveError, ImproveSettings
-    from tasks.benchmarks import BenchmarkFileError, load_benchmarks
 
     settings = _settings(ImproveSettings, set_, iterations=iterations, margin=margin)
-    try:
-        scoring = score_settings(preset, **_key_values(score_set))
-    except ValueError as exc:
-        console.print(f"[red]invalid scoring settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    if not use_sandbox and not (benchmarks and space_id and warehouse_id):
-        raise typer.BadParameter("--benchmarks, --space-id and --warehouse-id are required (or use --sandbox)")
-    try:
-        items = load_benchmarks(benchmarks or _sample_benchmarks())
-    except BenchmarkFileError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    scoring, items = _scoring_inputs(preset, _key_values(score_set), use_sandbox, benchmarks, space_id, warehouse_id)
     with _job(use_sandbox, workspace_block) as block_name:
         from flows.improve import improve as improve_flow
 
@@ -514,6 +487,32 @@ def deploy(
     console.print(table)
     console.print(f"Blocks registered: {', '.join(blocks)}")
     console.print(f"Start a worker: prefect worker start --pool {pool}")
+
+
+def _scoring_inputs(
+    preset: str,
+    overrides: dict[str, Any],
+    use_sandbox: bool,
+    benchmarks: Path | None,
+    space_id: str | None,
+    warehouse_id: str | None,
+) -> tuple[Any, list[Any]]:
+    """(scoring settings, benchmarks) of a scoring or improvement command; exit 2 naming a bad value."""
+    from blocks.settings import score_settings
+    from tasks.benchmarks import BenchmarkFileError, load_benchmarks
+
+    try:
+        settings = score_settings(preset, **overrides)
+    except ValueError as exc:
+        console.print(f"[red]invalid scoring settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if not use_sandbox and not (benchmarks and space_id and warehouse_id):
+        raise typer.BadParameter("--benchmarks, --space-id and --warehouse-id are required (or use --sandbox)")
+    try:
+        return settings, load_benchmarks(benchmarks or _sample_benchmarks())
+    except BenchmarkFileError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
 
 
 def _settings(model: Any, set_: list[str] | None, **explicit: Any) -> Any:

@@ -60,7 +60,24 @@ class Postgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class PrefectServer:
+class _Process:
+    """A child process stopped on exit: SIGTERM, then SIGKILL after 20 s."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop()
+
+
+class PrefectServer(_Process):
     """`prefect server start` on a free loopback port, with its own PREFECT_HOME (and SQLite database, unless
     `database_url` names another), the scheduler looking for due runs every second."""
 
@@ -70,7 +87,6 @@ class PrefectServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_url = f"{self.url}/api"
         self.database_url = database_url
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment of a process that talks to this server."""
@@ -104,22 +120,11 @@ class PrefectServer:
             time.sleep(0.5)
         raise ServerError(f"prefect server not healthy after {timeout_s} s")
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
     def __enter__(self) -> PrefectServer:
         return self.start()
 
-    def __exit__(self, *_: Any) -> None:
-        self.stop()
 
-
-class Worker:
+class Worker(_Process):
     """`prefect worker start --pool POOL` against `server`, its log in the server's home, polling for runs every
     `query_s` seconds (Prefect's default is 10)."""
 
@@ -134,7 +139,6 @@ class Worker:
     ) -> None:
         self.server, self.pool, self.name, self.limit = server, pool, name, limit
         self.extra_env = {"PREFECT_WORKER_QUERY_SECONDS": str(query_s), **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
         self.log = server.home / f"{name}.log"
 
     def start(self) -> Worker:
@@ -145,16 +149,5 @@ class Worker:
         )
         return self
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
     def __enter__(self) -> Worker:
         return self.start()
-
-    def __exit__(self, *_: Any) -> None:
-        self.stop()

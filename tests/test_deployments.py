@@ -4,6 +4,7 @@ rerun from its deployment, two workers sharing a global limit, and the UI in hea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -42,10 +43,19 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             database.stop()
 
 
-def _api(server: PrefectServer) -> Any:
+@contextlib.contextmanager
+def _api(server: PrefectServer) -> Iterator[None]:
+    """This process talks to `server` (not the session's test server) inside the block. The events sent
+    meanwhile are flushed before the block ends: an events worker left pointing at a server that then
+    stops would retry forever and hang the session's teardown."""
+    from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    return temporary_settings(updates={PREFECT_API_URL: server.api_url})
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        try:
+            yield
+        finally:
+            EventsWorker.drain_all(timeout=30)
 
 
 def _deploy(server: PrefectServer, tmp: Path, pool: str, benchmarks: Path, *extra: str) -> None:
@@ -64,6 +74,16 @@ def _wait(client: Any, run_id: Any, timeout_s: float = 240) -> Any:
             return run
         time.sleep(0.5)
     raise AssertionError(f"flow run {run_id} not finished after {timeout_s} s")
+
+
+def _enums(schema: Any) -> list[Any]:
+    """Every enum in a JSON schema."""
+    if isinstance(schema, dict):
+        found = [schema["enum"]] if "enum" in schema else []
+        return found + [e for value in schema.values() for e in _enums(value)]
+    if isinstance(schema, list):
+        return [e for value in schema for e in _enums(value)]
+    return []
 
 
 def _start(name: str, **parameters: Any) -> Any:
@@ -190,6 +210,13 @@ def test_scheduled_and_ad_hoc_runs_on_a_work_pool_then_rerun_of_failed_rows(
         types = {b.slug for b in client.read_block_types()}
         assert {"batchflows-databricks-workspace", "batchflows-score-preset"} <= types, types
         assert client.read_block_document_by_name("score-conservative", "batchflows-score-preset")
+
+        # typed forms: the improvement's settings with bounds, the scoring presets as an enum
+        improve_form: Any = client.read_deployment_by_name("improve-genie-space/improve").parameter_openapi_schema
+        assert {"dry_run", "cleanup", "settings"} <= set(improve_form["properties"])
+        margin = improve_form["definitions"]["ImproveSettings"]["properties"]["margin"]
+        assert (margin["minimum"], margin["maximum"]) == (0, 1)
+        assert ["default", "conservative", "aggressive"] in _enums(score.parameter_openapi_schema)
 
         if server.database_url is None:  # the UI is the same on either database: check it once
             table = next(a for a in artifacts if a.type == "table")

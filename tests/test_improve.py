@@ -49,13 +49,22 @@ def _asked_spaces(sb: Any) -> set[str]:
     return {r["path"].split("/")[5] for r in sb.requests("genie") if "/genie/spaces/" in r["path"]}
 
 
-def _run(space_id: str, block: str, ledger: str, tmp_path: Path, **settings: Any) -> dict[str, Any]:
+def _run(
+    space_id: str,
+    block: str,
+    ledger: str | None,
+    tmp_path: Path,
+    dry_run: bool = False,
+    scoring: ScoreSettings = SCORING,
+    **settings: Any,
+) -> dict[str, Any]:
     return improve(
         BENCHMARKS,
         space_id,
         "sandbox-warehouse",
         ImproveSettings(**settings),
-        SCORING,
+        scoring,
+        dry_run=dry_run,
         workspace_block=block,
         ledger_block=ledger,
         output_dir=str(tmp_path),
@@ -123,18 +132,7 @@ def test_dry_run_touches_no_space(
 ) -> None:
     space_id = _production(client)
     spaces = {(s.space_id, s.etag) for s in client.genie.list_spaces().spaces or []}
-    summary = improve(
-        BENCHMARKS,
-        space_id,
-        "sandbox-warehouse",
-        ImproveSettings(),
-        SCORING,
-        dry_run=True,
-        workspace_block=workspace_block,
-        ledger_block=ledger_block,
-        output_dir=str(tmp_path),
-        breaker_block=_breaker(),
-    )
+    summary = _run(space_id, workspace_block, ledger_block, tmp_path, dry_run=True)
     assert summary["iterations"][0]["applied"] and not summary["promoted"]
     assert summary["stopped"].startswith("dry run")
     assert {(s.space_id, s.etag) for s in client.genie.list_spaces().spaces or []} == spaces
@@ -149,18 +147,7 @@ def test_invalid_or_empty_fixes_are_rejected_and_recorded(
 ) -> None:
     space_id = _production(client)
     sb.set_faults("chat", tasks=["propose"], script=[fault])
-    summary = improve(
-        BENCHMARKS,
-        space_id,
-        "sandbox-warehouse",
-        ImproveSettings(),
-        SCORING,
-        dry_run=True,
-        workspace_block=workspace_block,
-        ledger_block=ledger_block,
-        output_dir=str(tmp_path),
-        breaker_block=_breaker(),
-    )
+    summary = _run(space_id, workspace_block, ledger_block, tmp_path, dry_run=True)
     first = summary["iterations"][0]
     rejected = [r for r in first["rejected"] if problem in r["problem"]]
     assert rejected, first["rejected"]
@@ -249,17 +236,7 @@ def test_dev_copy_is_removed_when_the_run_is_cancelled(
         else:
             assert _dev_copies(client, space_id) == [dev]  # nobody could clean up...
     sb.set_faults("genie")
-    summary = improve(  # ...until the next run on the space
-        BENCHMARKS,
-        space_id,
-        "sandbox-warehouse",
-        ImproveSettings(),
-        SCORING,
-        dry_run=True,
-        workspace_block=workspace_block,
-        output_dir=str(tmp_path),
-        breaker_block=_breaker(),
-    )
+    summary = _run(space_id, workspace_block, None, tmp_path, dry_run=True)  # ...until the next run on the space
     assert summary["dry_run"] and _dev_copies(client, space_id) == []
 
 
@@ -288,19 +265,7 @@ def test_a_dev_copy_that_breaks_passing_benchmarks_is_not_promoted(
     outcome: dict[str, Any] = {}
     scoring = SCORING.model_copy(update={"genie_retry_attempts": 0})
     thread = threading.Thread(
-        target=lambda: outcome.update(
-            summary=improve(
-                BENCHMARKS,
-                space_id,
-                "sandbox-warehouse",
-                ImproveSettings(),
-                scoring,
-                workspace_block=workspace_block,
-                ledger_block=ledger_block,
-                output_dir=str(tmp_path),
-                breaker_block=_breaker(),
-            )
-        )
+        target=lambda: outcome.update(summary=_run(space_id, workspace_block, ledger_block, tmp_path, scoring=scoring))
     )
     thread.start()
     _wait_for_dev_copy(sb, client, space_id)
