@@ -92,6 +92,7 @@ def rerun_failed(
         breaker_block=run["breaker_block"],
         output_dir=out,
         fresh=fresh,
+        cache_scope=run.get("cache_scope", ""),  # the earlier run's cached rows, also when it ran fresh
     )
     new = {r["id"]: r for r in again["rows"]}
     merged = [{**r, **new[r["id"]], "rerun": True} if r["id"] in new else {**r, "rerun": False} for r in rows]

@@ -48,6 +48,7 @@ def score(
     breaker_block: str = "genie-breaker",
     preset: Preset = "default",
     settings_block: str | None = None,
+    cache_scope: str = "",
 ) -> dict[str, Any]:
     """Score `space_id` on the benchmarks (a file path or a list) and return the scorecard.
 
@@ -64,6 +65,8 @@ def score(
         breaker_block: name of the CircuitBreaker block guarding Genie (created CLOSED if missing).
         preset: the built-in settings used when neither `settings` nor `settings_block` is given.
         settings_block: name of a saved ScorePreset block (used when `settings` is not given).
+        cache_scope: whose finished rows to reuse: "" those of every run of the same space version; a
+            `fresh` run's id, its own (rerun-failed passes it, to rerun a fresh run's failures).
     """
     log = get_run_logger()
     if settings is None:
@@ -74,7 +77,8 @@ def score(
     genie_client = workspace.client(settings.genie_timeout)
     space = genie_client.genie.get_space(space_id)
     flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
-    session = stable_key(space_id, space.etag, warehouse_id, flow_run_id if fresh else "")
+    cache_scope = flow_run_id if fresh else cache_scope
+    session = stable_key(space_id, space.etag, warehouse_id, cache_scope)
 
     breaker = CircuitBreaker.load_or_create(
         breaker_block, settings.genie_circuit_threshold, settings.genie_circuit_cooldown
@@ -165,6 +169,7 @@ def score(
 
     run = {
         "flow_run_id": flow_run_id,
+        "cache_scope": cache_scope,
         "space_id": space_id,
         "warehouse_id": warehouse_id,
         "workspace_block": workspace_block,

@@ -180,3 +180,31 @@ def test_rerun_failed_calls_only_the_failed_rows_and_merges(sb, workspace_block,
     assert {i for i, r in rows.items() if r["rerun"]} == genie_failed
     # rows not rerun keep their earlier verdicts
     assert all(rows[r["id"]]["verdict"] == r["verdict"] for r in first["rows"] if r["id"] not in genie_failed)
+
+
+def test_rerun_of_a_fresh_run_reuses_its_genie_answers(sb, workspace_block, ledger_block, tmp_path):
+    """A --fresh run keeps its answers under its own cache scope; its failed-rows rerun must find them there."""
+    from pathlib import Path
+
+    from flows.rerun import rerun_failed
+
+    sb.set_faults("sql", script=["500"] * 3)  # three statements fail (no retries): their rows are sql_error
+    first = score(
+        BENCHMARKS,
+        "retail",
+        "sandbox-warehouse",
+        score_settings(**{**FAST, "sql_retry_attempts": 0}),
+        workspace_block=workspace_block,
+        ledger_block=ledger_block,
+        output_dir=str(tmp_path),
+        fresh=True,
+    )
+    failed = [r for r in first["rows"] if r["verdict"] == "sql_error"]
+    assert failed and all(r["genie_sql"] for r in failed)  # Genie had answered them
+    sb.reset()
+    merged = rerun_failed(str(Path(first["files"]["csv"]).parent))
+    assert sb.stats()["genie"]["calls"] == 0  # the fresh run's answers were reused
+    assert sb.stats()["sql"]["calls"] >= 1
+    assert merged["rerun"] == len(failed) and merged["fixed"] >= 1
+    left = [r for r in merged["rows"] if r["verdict"] == "sql_error"]
+    assert all("500" not in r["reason"] for r in left)  # what is left is Genie's own bad SQL, not the faults
