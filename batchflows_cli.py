@@ -531,6 +531,8 @@ def _settings(model: Any, set_: list[str] | None, **explicit: Any) -> Any:
 def _job(use_sandbox: bool, workspace_block: str | None, allow_writes: bool = False) -> Iterator[str | None]:
     """Around a job's run: the workspace block (or an embedded sandbox), progress bars, and a clean exit 2
     for inputs the job refuses."""
+    from databricks.sdk.errors import NotFound
+
     from tasks import progress
     from tasks.embed import BudgetExceeded
     from tasks.inputs import InputError
@@ -542,7 +544,7 @@ def _job(use_sandbox: bool, workspace_block: str | None, allow_writes: bool = Fa
     ):
         try:
             yield block_name
-        except (InputError, BudgetExceeded) as exc:
+        except (InputError, BudgetExceeded, NotFound) as exc:  # NotFound: an unknown space, warehouse or endpoint
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
 

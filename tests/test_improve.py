@@ -276,3 +276,29 @@ def test_a_dev_copy_that_breaks_passing_benchmarks_is_not_promoted(
     assert first["regressed"] and first["promoted"] is False, first["decision"]
     assert client.genie.get_space(space_id, include_serialized_space=True).serialized_space == before
     assert _dev_copies(client, space_id) == []
+
+
+def test_an_unknown_space_is_a_clear_error(workspace_block: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from batchflows_cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "improve",
+            "--workspace-block",
+            workspace_block,
+            "--benchmarks",
+            BENCHMARKS,
+            "--space-id",
+            "no-such-space",
+            "--warehouse-id",
+            "sandbox-warehouse",
+            "--output-dir",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "no-such-space" in result.output
+    assert not any(tmp_path.iterdir())  # nothing was scored or written

@@ -193,7 +193,7 @@ def test_rerun_of_a_fresh_run_reuses_its_genie_answers(sb, workspace_block, ledg
         BENCHMARKS,
         "retail",
         "sandbox-warehouse",
-        score_settings(**{**FAST, "sql_retry_attempts": 0}),
+        score_settings("default", **FAST, sql_retry_attempts=0),
         workspace_block=workspace_block,
         ledger_block=ledger_block,
         output_dir=str(tmp_path),
