@@ -113,6 +113,18 @@ def run_batched(
     return result
 
 
+def run_all(
+    job: BatchedJob,
+    items: list[dict[str, Any]],
+    key: Callable[[dict[str, Any]], str],
+    pack: Callable[[list[dict[str, Any]]], list[list[dict[str, Any]]]],
+    call: Callable[[list[dict[str, Any]], Callable[[], None] | None], BatchAnswer],
+) -> BatchedResult:
+    """`pending`, then `run_batched`: for jobs with nothing to decide between the cache and the calls."""
+    cached, todo = pending(job, items, key)
+    return run_batched(job, cached, todo, key, pack, call)
+
+
 def _take(result: BatchedResult, answer: BatchAnswer) -> None:
     result.calls += answer["calls"]
     result.tokens += answer["tokens"]

@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from flows.batched import BatchedJob, BatchedResult, content_key, pending, run_batched
+from flows.batched import BatchedJob, BatchedResult, content_key, run_all
 from flows.phase import load_blocks
 from tasks.enrich import (
     MAX_BATCH,
@@ -100,11 +100,9 @@ def enrich(
         RetryPolicy(retries=settings.retry_attempts, base_delay_s=settings.retry_delay),
         settings.rpm,
     )
-    cached, todo = pending(job, items, content_key)
-    result = run_batched(
+    result = run_all(
         job,
-        cached,
-        todo,
+        items,
         key=content_key,
         pack=lambda todo: pack(todo, settings.batch_size, settings.max_batch_tokens),
         call=lambda batch, before_call: enrich_batch(

@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from blocks.settings import ScoreSettings
-from flows.batched import BatchedJob, BatchedResult, pending, run_batched
+from flows.batched import BatchedJob, run_all
 from flows.phase import load_blocks
 from flows.score import score
 from tasks.benchmarks import Benchmark, load_benchmarks
@@ -239,11 +239,9 @@ def _learn(
     def key(item: dict[str, Any]) -> str:
         return stable_key(item["question"], item["expected_sql"])
 
-    cached, todo = pending(job, todo_items, key)
-    result = run_batched(
+    result = run_all(
         job,
-        cached,
-        todo,
+        todo_items,
         key=key,
         pack=lambda todo: _batches(todo, settings.learn_batch_size),
         call=lambda batch, before: learn_batch(client, settings.endpoint, batch, before),
@@ -277,11 +275,9 @@ def _propose(
         return stable_key(item, context)
 
     shown = [{k: p[k] for k in ("id", "kind", "term", "name", "maps_to")} for p in patterns]
-    cached, todo = pending(job, todo_items, key)
-    result: BatchedResult = run_batched(
+    result = run_all(
         job,
-        cached,
-        todo,
+        todo_items,
         key=key,
         pack=lambda todo: _batches(todo, settings.propose_batch_size),
         call=lambda batch, before: propose_batch(client, settings.endpoint, batch, shown, space, before),

@@ -9,6 +9,9 @@ import re
 from collections.abc import Callable
 from typing import Any, TypedDict
 
+from databricks.sdk import WorkspaceClient
+
+from tasks.calls import chat
 from tasks.errors import InvalidResponse
 
 
@@ -106,3 +109,32 @@ def _ask_each(
         good.update(g)
         problems.update(p)
     return good, problems, len(items)
+
+
+def ask_task(
+    client: WorkspaceClient,
+    endpoint: str,
+    system: str,
+    payload: dict[str, Any],
+    items: list[dict[str, Any]],
+    validate: Validator,
+    before_call: Callable[[], None] | None = None,
+    intro: str = "",
+) -> BatchAnswer:
+    """Ask `endpoint` for `items` in one call, the payload (`{**payload, "items": batch}`) as fenced JSON after
+    `intro`, re-asking invalid elements (`ask_validated`). `before_call` runs before every call after the
+    first (the rate limit of the re-asks). Returns the valid elements by id, problems, calls and tokens."""
+    tokens = calls = 0
+
+    def ask(batch: list[dict[str, Any]]) -> str:
+        nonlocal tokens, calls
+        if calls and before_call is not None:
+            before_call()
+        calls += 1
+        text = f"{intro}```json\n" + json.dumps({**payload, "items": batch}, ensure_ascii=False) + "\n```"
+        reply = chat(client, endpoint, text, system=system)
+        tokens += (reply["prompt_tokens"] or 0) + (reply["completion_tokens"] or 0)
+        return str(reply["content"])
+
+    good, problems, _ = ask_validated(items, ask, validate)
+    return {"good": good, "problems": problems, "calls": calls, "tokens": tokens}

@@ -14,8 +14,7 @@ import pandas as pd
 from databricks.sdk import WorkspaceClient
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from tasks.batched import BatchAnswer, ask_validated
-from tasks.calls import chat
+from tasks.batched import BatchAnswer, ask_task
 from tasks.inputs import InputError
 from tasks.report import stable_key
 
@@ -205,27 +204,10 @@ def enrich_batch(
     Returns {"good": {id: fields}, "problems": {id: message}, "calls": n, "tokens": n}.
     `before_call` runs before every call after the first (the rate limit of the re-asks).
     """
+    payload = {"task": "enrich", "fields": field_specs(model)}
+    sent = [{"id": i["id"], "text": i["text"]} for i in items]
     system = system_prompt(model, instructions)
-    specs = field_specs(model)
-    tokens = 0
-    calls = 0
-
-    def ask(batch: list[dict[str, Any]]) -> str:
-        nonlocal tokens, calls
-        if calls and before_call is not None:
-            before_call()
-        calls += 1
-        payload = {"task": "enrich", "fields": specs, "items": [{"id": i["id"], "text": i["text"]} for i in batch]}
-        prompt = "Enrich these items.\n```json\n" + json.dumps(payload, ensure_ascii=False) + "\n```"
-        reply = chat(client, endpoint, prompt, system=system)
-        tokens += (reply["prompt_tokens"] or 0) + (reply["completion_tokens"] or 0)
-        return str(reply["content"])
-
-    good, problems, _ = ask_validated(items, ask, validator(model))
+    answer = ask_task(client, endpoint, system, payload, sent, validator(model), before_call, "Enrich these items.\n")
     fields = list(schema_of(model)["properties"])
-    return {
-        "good": {i: {f: e.get(f) for f in fields} for i, e in good.items()},
-        "problems": problems,
-        "calls": calls,
-        "tokens": tokens,
-    }
+    answer["good"] = {i: {f: e.get(f) for f in fields} for i, e in answer["good"].items()}
+    return answer

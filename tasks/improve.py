@@ -20,8 +20,7 @@ import sqlglot
 from databricks.sdk import WorkspaceClient
 from pydantic import BaseModel, Field, StringConstraints, TypeAdapter, ValidationError, field_validator, model_validator
 
-from tasks.batched import BatchAnswer, ask_validated
-from tasks.calls import chat
+from tasks.batched import BatchAnswer, ask_task
 
 LEARN_PROMPT = "learn-v1"
 PROPOSE_PROMPT = "propose-v1"
@@ -151,7 +150,7 @@ def learn_batch(
                 return f"pattern {i + 1}: {exc.errors()[0]['msg']}"
         return None
 
-    answer = _ask(client, endpoint, "learn", LEARN_PROMPT, {}, items, validate, before_call)
+    answer = ask_task(client, endpoint, prompt(LEARN_PROMPT), {"task": "learn"}, items, validate, before_call)
     answer["good"] = {
         i: [Pattern.model_validate(p).model_dump() for p in e["patterns"]] for i, e in answer["good"].items()
     }
@@ -175,38 +174,10 @@ def propose_batch(
             return "fixes missing or not a list of objects"
         return None
 
-    extra = {"patterns": patterns, "space": space}
-    answer = _ask(client, endpoint, "propose", PROPOSE_PROMPT, extra, items, validate, before_call)
+    payload = {"task": "propose", "patterns": patterns, "space": space}
+    answer = ask_task(client, endpoint, prompt(PROPOSE_PROMPT), payload, items, validate, before_call)
     answer["good"] = {i: e["fixes"] for i, e in answer["good"].items()}
     return answer
-
-
-def _ask(
-    client: WorkspaceClient,
-    endpoint: str,
-    task: str,
-    version: str,
-    extra: dict[str, Any],
-    items: list[dict[str, Any]],
-    validate: Callable[[dict[str, Any]], str | None],
-    before_call: Callable[[], None] | None,
-) -> BatchAnswer:
-    system = prompt(version)
-    tokens = calls = 0
-
-    def ask(batch: list[dict[str, Any]]) -> str:
-        nonlocal tokens, calls
-        if calls and before_call is not None:
-            before_call()
-        calls += 1
-        payload = {"task": task, **extra, "items": batch}
-        text = "```json\n" + json.dumps(payload, ensure_ascii=False) + "\n```"
-        reply = chat(client, endpoint, text, system=system)
-        tokens += (reply["prompt_tokens"] or 0) + (reply["completion_tokens"] or 0)
-        return str(reply["content"])
-
-    good, problems, _ = ask_validated(items, ask, validate)
-    return {"good": good, "problems": problems, "calls": calls, "tokens": tokens}
 
 
 def merge_patterns(learned: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

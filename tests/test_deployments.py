@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -181,8 +182,6 @@ def test_scheduled_and_ad_hoc_runs_on_a_work_pool_then_rerun_of_failed_rows(
         folder = find_report(str(adhoc.id))
         rows = json.loads((folder / "run.json").read_text())
         assert rows["flow_run_id"] == str(adhoc.id)
-        import pandas as pd
-
         card = pd.read_parquet(folder / "scorecard.parquet")
         assert sorted(card["verdict"]).count("genie_error") == 3
 

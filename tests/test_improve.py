@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from importlib import resources
@@ -70,6 +71,22 @@ def _run(
         output_dir=str(tmp_path),
         breaker_block=_breaker(),
     )
+
+
+def _in_background(*args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """`_run(*args, **kwargs)` started in a thread, so the test can act on the sandbox mid-run; the outcome
+    gets "summary" or "error" when it ends."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["summary"] = _run(*args, **kwargs)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
 
 
 def test_improve_raises_the_score_and_promotes(
@@ -168,21 +185,10 @@ def test_dev_copy_is_removed_when_the_run_fails(
     sb: Any, client: Any, workspace_block: str, ledger_block: str, tmp_path: Path
 ) -> None:
     """Production changes while the dev copy is scored: promotion must refuse, and the copy still goes."""
-    import threading
-
     space_id = _production(client)
     original = client.genie.get_space(space_id, include_serialized_space=True).serialized_space
     sb.set_faults("genie", latency_ms=150)
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["summary"] = _run(space_id, workspace_block, ledger_block, tmp_path)
-        except Exception as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = _in_background(space_id, workspace_block, ledger_block, tmp_path)
     dev = _wait_for_dev_copy(sb, client, space_id)
     client.genie.update_space(space_id, title="renamed by a colleague")  # new etag
     thread.join(timeout=240)
@@ -257,17 +263,11 @@ def test_a_dev_copy_that_breaks_passing_benchmarks_is_not_promoted(
     sb: Any, client: Any, workspace_block: str, ledger_block: str, tmp_path: Path
 ) -> None:
     """Genie starts failing while the dev copy is scored: benchmarks that passed in production now fail."""
-    import threading
-
     space_id = _production(client)
     before = client.genie.get_space(space_id, include_serialized_space=True).serialized_space
     sb.set_faults("genie", latency_ms=100)
-    outcome: dict[str, Any] = {}
     scoring = SCORING.model_copy(update={"genie_retry_attempts": 0})
-    thread = threading.Thread(
-        target=lambda: outcome.update(summary=_run(space_id, workspace_block, ledger_block, tmp_path, scoring=scoring))
-    )
-    thread.start()
+    thread, outcome = _in_background(space_id, workspace_block, ledger_block, tmp_path, scoring=scoring)
     _wait_for_dev_copy(sb, client, space_id)
     sb.set_faults("genie", latency_ms=100, rate_genie_failed=0.6)
     thread.join(timeout=240)
