@@ -44,7 +44,20 @@ class ScoreSettings(BaseModel):
     fallback_max_wait: float = Field(
         180, ge=0, description="longest the fallback waits for the circuit to allow a probe"
     )
-    numeric_tolerance: float = Field(1e-6, gt=0, lt=1, description="relative tolerance when comparing numbers")
+    numeric_tolerance: float = Field(
+        1e-6, gt=0, lt=1, description="relative tolerance when comparing floating-point (FLOAT, DOUBLE) values"
+    )
+    numeric_abs_tolerance: float = Field(
+        1e-9, ge=0, lt=1, description="absolute tolerance for floating-point values near zero"
+    )
+    extra_columns: Literal["allow", "judge", "incorrect"] = Field(
+        "allow",
+        description="an answer with every expected column plus others: allow (correct), judge (ask the LLM), "
+        "or incorrect",
+    )
+    repeats: int = Field(
+        1, ge=1, le=10, description="ask each question this many times and report how often the answer agreed"
+    )
 
     @model_validator(mode="after")
     def _poll_bounds(self) -> ScoreSettings:

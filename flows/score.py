@@ -19,9 +19,9 @@ from blocks.ledger import RowLedger
 from blocks.settings import Preset, ScorePreset, ScoreSettings, score_settings
 from blocks.workspace import DatabricksWorkspace
 from flows.phase import PhaseSpec, load_blocks, run_phase
-from tasks.benchmarks import Benchmark, load_benchmarks
+from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions
 from tasks.calls import ask_genie, run_sql
-from tasks.compare import compare, order_matters
+from tasks.compare import Rounding, Rules, compare, rounding, sorting
 from tasks.judge import PROMPT_VERSION, case_item, judge_cases, read_only_problem
 from tasks.report import publish, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome
@@ -90,8 +90,14 @@ def score(
     )
     log.info(f"Starting batch Genie calls for {len(items)} questions")
 
-    # Phase 1: ask Genie
+    # Phase 1: ask Genie (each question `repeats` times; benchmarks that repeat a question share its answers)
     t1 = time.monotonic()
+    for ids in repeated_questions(items):
+        log.warning(
+            f"Benchmarks {', '.join(ids)} ask the same question: Genie is asked it once"
+            f"{f' ({settings.repeats} times)' if settings.repeats > 1 else ''} and the answer is compared with each "
+            "one's expected SQL"
+        )
     genie_spec = PhaseSpec(
         "genie",
         "genie",
@@ -104,7 +110,11 @@ def score(
         fallback_max_wait_s=settings.fallback_max_wait,
         sequential=sequential,
     )
-    genie_rows = [Row(stable_key(space_id, b.question), i, b.question) for i, b in enumerate(items)]
+    asks = [
+        (b, Row(_genie_key(space_id, b.question, r), i, b.question))
+        for i, (b, r) in enumerate((b, r) for b in items for r in range(settings.repeats))
+    ]
+    genie_rows = list({row.key: row for _, row in asks}.values())
     answers = run_phase(
         genie_spec,
         genie_rows,
@@ -115,14 +125,14 @@ def score(
     answered = sum(1 for o in answers.values() if o.status == "ok")
     phases = [_phase_figures("genie", answers, t1)]
     log.info(
-        f"Batch complete: {answered}/{len(items)} succeeded in {time.monotonic() - t1:.1f}s "
+        f"Batch complete: {answered}/{len(genie_rows)} succeeded in {time.monotonic() - t1:.1f}s "
         f"(circuit: {breaker.current_state().lower()})"
     )
 
     # Phase 2: run the expected SQL and Genie's (read-only) SQL
     t2 = time.monotonic()
     statements: dict[str, str] = {}
-    for b, row in zip(items, genie_rows, strict=True):
+    for b, row in asks:
         statements[stable_key(warehouse_id, b.expected_sql)] = b.expected_sql
         answer = answers[row.key]
         if answer.status == "ok" and answer.value["kind"] == "sql" and not read_only_problem(answer.value["sql"]):
@@ -133,7 +143,7 @@ def score(
         "sql",
         settings.sql_max_concurrent,
         RetryPolicy(retries=settings.sql_retry_attempts, base_delay_s=1),
-        cache=Cache(ledger, "sql", f"sql-v1:{session}"),
+        cache=Cache(ledger, "sql", f"sql-v2:{session}"),  # v2: results carry column types, exact numbers
         sequential=sequential,
     )
     sql_rows = [Row(key, i, sql) for i, (key, sql) in enumerate(statements.items())]
@@ -144,19 +154,17 @@ def score(
 
     # Compare, then Phase 3: judge what the comparison cannot decide
     t3 = time.monotonic()
-    report = [
-        _decide(b, answers[r.key], results, warehouse_id, settings) for b, r in zip(items, genie_rows, strict=True)
-    ]
-    undecided = [r for r in report if r["verdict"] is None]
-    judge_calls = _judge(
-        undecided, items, answers, genie_rows, results, warehouse_id, settings, workspace, ledger, sequential
-    )
+    rules = Rules(settings.numeric_tolerance, settings.numeric_abs_tolerance, settings.extra_columns)
+    attempts = [_decide(b, answers[row.key], results, warehouse_id, rules) for b, row in asks]
+    undecided = [(a, b) for a, (b, _) in zip(attempts, asks, strict=True) if a["verdict"] is None]
+    judge_calls = _judge(undecided, results, warehouse_id, settings, workspace, ledger, sequential)
+    report = _agreement(attempts, settings.repeats)
     passed = sum(1 for r in report if r["verdict"] == "correct")
     phases.append(
         {
             "phase": "judge",
             "total": len(undecided),
-            "succeeded": sum(1 for r in undecided if r["verdict"] != "judge_error"),
+            "succeeded": sum(1 for a, _ in undecided if a["verdict"] != "judge_error"),
             "cached": 0,
             "calls": judge_calls,
             "seconds": round(time.monotonic() - t3, 2),
@@ -190,10 +198,14 @@ def _phase_figures(name: str, outcomes: dict[str, RowOutcome], since: float) -> 
     }
 
 
+def _genie_key(space_id: str, question: str, repeat: int) -> str:
+    return stable_key(space_id, question) if repeat == 0 else stable_key(space_id, question, repeat)
+
+
 def _decide(
-    b: Benchmark, answer: RowOutcome, results: dict[str, RowOutcome], warehouse_id: str, settings: ScoreSettings
+    b: Benchmark, answer: RowOutcome, results: dict[str, RowOutcome], warehouse_id: str, rules: Rules
 ) -> dict[str, Any]:
-    """The report row of one benchmark, with a verdict when no judge is needed (else verdict None)."""
+    """The report row of one answer to a benchmark, with a verdict when no judge is needed (else None)."""
     row: dict[str, Any] = {
         "id": b.id,
         "question": b.question,
@@ -244,7 +256,8 @@ def _decide(
         )
         return row
     row["genie_rows"] = actual.value["row_count"]
-    decision, reason = compare(expected.value, actual.value, order_matters(b.expected_sql), settings.numeric_tolerance)
+    rounds = Rounding(rounding(b.expected_sql), rounding(answer.value["sql"]))
+    decision, reason = compare(expected.value, actual.value, sorting(b.expected_sql), rules, rounds)
     row["reason"] = reason
     if decision != "undecided":
         row["verdict"] = decision
@@ -252,10 +265,7 @@ def _decide(
 
 
 def _judge(
-    undecided: list[dict[str, Any]],
-    items: list[Benchmark],
-    answers: dict[str, RowOutcome],
-    genie_rows: list[Row],
+    undecided: list[tuple[dict[str, Any], Benchmark]],
     results: dict[str, RowOutcome],
     warehouse_id: str,
     settings: ScoreSettings,
@@ -263,20 +273,21 @@ def _judge(
     ledger: RowLedger,
     sequential: bool,
 ) -> int:
-    """Fill in verdicts of undecided rows (in place); returns the number of judge calls made."""
+    """Fill in verdicts of undecided report rows (in place); returns the number of judge calls made."""
     if not undecided:
         return 0
-    by_id = {b.id: (b, r) for b, r in zip(items, genie_rows, strict=True)}
     cases: dict[str, dict[str, Any]] = {}
-    for row in undecided:
-        b, genie_row = by_id[row["id"]]
+    key_of_row: list[str] = []
+    for row, b in undecided:
         expected = results[stable_key(warehouse_id, b.expected_sql)].value
-        actual = results[stable_key(warehouse_id, answers[genie_row.key].value["sql"])].value
-        item = case_item(b.id, b.question, expected, actual, row["reason"])
-        cases[stable_key(item, PROMPT_VERSION, settings.judge_endpoint)] = item
+        actual = results[stable_key(warehouse_id, row["genie_sql"])].value
+        item = case_item(b, row["genie_sql"], expected, actual, row["reason"])
+        key = stable_key(item, PROMPT_VERSION, settings.judge_endpoint)
+        cases[key] = {**item, "id": f"c{len(cases) + 1}"} if key not in cases else cases[key]
+        key_of_row.append(key)
     version = f"{PROMPT_VERSION}:{settings.judge_endpoint}"
-    known = ledger.get_many("judge", version, cases)
-    todo = [(k, c) for k, c in cases.items() if k not in known]
+    verdicts = ledger.get_many("judge", version, cases)
+    todo = [(k, c) for k, c in cases.items() if k not in verdicts]
     chunks = [todo[i : i + settings.eval_chunk_size] for i in range(0, len(todo), settings.eval_chunk_size)]
     client = workspace.client(settings.eval_timeout)
     spec = PhaseSpec(
@@ -289,21 +300,19 @@ def _judge(
     rows = [Row(stable_key([k for k, _ in chunk]), i, [c for _, c in chunk]) for i, chunk in enumerate(chunks)]
     outcomes = run_phase(spec, rows, lambda batch: judge_cases(client, settings.judge_endpoint, batch))
     calls = 0
-    verdicts = {cases[k]["id"]: v for k, v in known.items()}
-    key_of = {c["id"]: k for k, c in cases.items()}
-    for chunk_row in rows:
+    for chunk, chunk_row in zip(chunks, rows, strict=True):
         outcome = outcomes[chunk_row.key]
         if outcome.status != "ok":
-            for case in chunk_row.payload:
-                verdicts[case["id"]] = {"verdict": None, "reason": f"judge call failed: {outcome.message}"}
+            verdicts.update((k, {"verdict": None, "reason": f"judge call failed: {outcome.message}"}) for k, _ in chunk)
             continue
         calls += outcome.value["calls"]
-        for case_id, verdict in outcome.value["verdicts"].items():
-            verdicts[case_id] = verdict
+        for key, case in chunk:
+            verdict = outcome.value["verdicts"][case["id"]]
+            verdicts[key] = verdict
             if verdict["verdict"] is not None:
-                ledger.put("judge", version, key_of[case_id], verdict)
-    for row in undecided:
-        verdict = verdicts[row["id"]]
+                ledger.put("judge", version, key, verdict)
+    for (row, _), key in zip(undecided, key_of_row, strict=True):
+        verdict = verdicts[key]
         row.update(
             stage="judge",
             reason=verdict["reason"],
@@ -311,6 +320,29 @@ def _judge(
             error_kind=None if verdict["verdict"] else "judge_invalid",
         )
     return calls
+
+
+def _agreement(attempts: list[dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
+    """One report row per benchmark. With repeats, its verdict is the most frequent one among its answers (a
+    tie goes against "correct"), and `agreement` says how many answers were correct (e.g. "2/3 correct")."""
+    if repeats == 1:
+        return attempts
+    report = []
+    for start in range(0, len(attempts), repeats):
+        group = attempts[start : start + repeats]
+        counts = Counter(a["verdict"] for a in group)
+        top = max(counts.values())
+        verdict = next(v for v in (*VERDICTS[1:], "correct") if counts.get(v) == top)
+        row = next(a for a in group if a["verdict"] == verdict)
+        report.append(
+            {
+                **row,
+                "agreement": f"{counts.get('correct', 0)}/{repeats} correct",
+                "repeat_verdicts": ", ".join(a["verdict"] for a in group),
+                "attempts": sum(a["attempts"] for a in group),
+            }
+        )
+    return report
 
 
 def _finish(

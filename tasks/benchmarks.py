@@ -93,3 +93,11 @@ def load_benchmarks(path: str | Path) -> list[Benchmark]:
     if not benchmarks:
         raise BenchmarkFileError(f"{path}: no benchmarks found")
     return benchmarks
+
+
+def repeated_questions(benchmarks: list[Benchmark]) -> list[list[str]]:
+    """Ids of benchmarks that ask the same question, one list per question (Genie is asked it once)."""
+    by_question: dict[str, list[str]] = {}
+    for b in benchmarks:
+        by_question.setdefault(b.question, []).append(b.id)
+    return [ids for ids in by_question.values() if len(ids) > 1]

@@ -89,6 +89,8 @@ def ask_genie(
     return answer
 
 
+# JSON_ARRAY cells are text; integers and booleans become Python values, DOUBLE a float, and DECIMAL stays
+# text so no digit is lost (tasks.values reads it as a Decimal when comparing).
 _CASTS: dict[str, Callable[[str], Any]] = {
     "LONG": int,
     "INT": int,
@@ -96,7 +98,6 @@ _CASTS: dict[str, Callable[[str], Any]] = {
     "BYTE": int,
     "DOUBLE": float,
     "FLOAT": float,
-    "DECIMAL": float,
     "BOOLEAN": lambda v: v.lower() == "true",
 }
 
@@ -115,7 +116,8 @@ def run_sql(
     not an exception: rerunning it would fail the same way. Only transport problems raise.
 
     Returns:
-        {"columns": [...], "rows": [[...]], "row_count": n, "truncated": bool} or {"error": message}
+        {"columns": [...], "types": [Databricks type_name...], "rows": [[...]], "row_count": n,
+        "truncated": bool} or {"error": message}
     """
     deadline = time.monotonic() + timeout_s
     wait = "0s" if timeout_s < 5 else f"{min(50, int(timeout_s))}s"
@@ -144,11 +146,13 @@ def run_sql(
     if response.manifest is None or response.manifest.schema is None:
         raise InvalidResponse("statement succeeded without a result manifest")
     columns = response.manifest.schema.columns or []
-    casts = [_CASTS.get(c.type_name.value if c.type_name else "", str) for c in columns]
+    types = [c.type_name.value if c.type_name else "STRING" for c in columns]
+    casts = [_CASTS.get(t, str) for t in types]
     data = (response.result.data_array if response.result else None) or []
     rows = [[None if v is None else cast(v) for cast, v in zip(casts, row, strict=False)] for row in data]
     return {
         "columns": [c.name for c in columns],
+        "types": types,
         "rows": rows,
         "row_count": len(rows),
         "truncated": bool(response.manifest.truncated),

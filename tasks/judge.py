@@ -10,17 +10,20 @@ from databricks.sdk import WorkspaceClient
 from sqlglot import exp
 
 from tasks.batched import ask_validated
+from tasks.benchmarks import Benchmark
 from tasks.calls import chat
 
-PROMPT_VERSION = "judge-v1"
+PROMPT_VERSION = "judge-v2"
 VERDICTS = ("correct", "incorrect")
 SAMPLE_ROWS = 20
 
 SYSTEM = (
-    "You grade answers of a text-to-SQL assistant. For each item, decide whether the answer's result "
-    "answers the question as well as the expected result does. Extra columns are fine; missing or "
-    "different values are not. Reply with only a JSON array, one element per item: "
-    '{"id": <item id>, "verdict": "correct" | "incorrect", "reason": <one sentence>}.'
+    "You grade answers of a text-to-SQL assistant. For each item you get the question, the expected SQL and "
+    "the answer's SQL, a sample of both results and why an exact comparison could not decide. Decide whether "
+    "the answer's SQL answers the question as well as the expected SQL does, for any data, not just this "
+    "sample. Extra columns are fine; missing or different values, filters or groupings are not. Reply with "
+    'only a JSON array, one element per item: {"id": <item id>, "verdict": "correct" | "incorrect", '
+    '"reason": <one sentence>}.'
 )
 
 READ_ONLY = (exp.Select, exp.Union, exp.Intersect, exp.Except)
@@ -40,19 +43,29 @@ def read_only_problem(sql: str) -> str | None:
 
 
 def case_item(
-    case_id: str, question: str, expected: dict[str, Any], actual: dict[str, Any], note: str
+    benchmark: Benchmark, answer_sql: str, expected: dict[str, Any], actual: dict[str, Any], note: str
 ) -> dict[str, Any]:
-    """One judge item, with results cut to SAMPLE_ROWS rows to bound the prompt."""
+    """One judge item: the question, both SQLs, the comparison's reason, and both results cut to SAMPLE_ROWS
+    rows (with their full row counts) to bound the prompt."""
 
     def cut(result: dict[str, Any]) -> dict[str, Any]:
         return {
             "columns": result["columns"],
+            "types": result.get("types"),
             "rows": result["rows"][:SAMPLE_ROWS],
             "row_count": result.get("row_count"),
             "truncated": result.get("truncated", False),
         }
 
-    return {"id": case_id, "question": question, "expected": cut(expected), "actual": cut(actual), "note": note}
+    return {
+        "id": benchmark.id,
+        "question": benchmark.question,
+        "expected_sql": benchmark.expected_sql,
+        "answer_sql": answer_sql,
+        "comparison": note,
+        "expected": cut(expected),
+        "actual": cut(actual),
+    }
 
 
 def validate_verdict(element: dict[str, Any]) -> str | None:
