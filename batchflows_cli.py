@@ -76,7 +76,10 @@ def sandbox(
             f"(unqualified names resolve in {sb.workspace.warehouse.default_namespace})"
         )
     if genie_answers:
-        console.print(f"Genie replays {len(sb.workspace.genie.recorded)} recorded answers (any space; or 'rehearsal')")
+        console.print(
+            f"Genie replays {len(sb.workspace.genie.recorded)} recorded answers in any space; score them with "
+            "--space-id rehearsal"
+        )
     console.print(
         f"Sandbox workspace on {sb.host}\n  export DATABRICKS_HOST={sb.host}\n"
         f"  export DATABRICKS_TOKEN={sb.token}\n"
@@ -98,6 +101,9 @@ def score(
     genie_concurrent: Annotated[int | None, typer.Option(help="Genie questions in flight")] = None,
     sql_concurrent: Annotated[int | None, typer.Option(help="SQL statements in flight")] = None,
     genie_rpm: Annotated[float | None, typer.Option(help="Genie questions per minute (0: no limit)")] = None,
+    repeats: Annotated[
+        int | None, typer.Option(help="ask each question K times; report each benchmark's agreement (e.g. 2/3)")
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="any setting, KEY=VALUE (repeatable)")] = None,
     no_batch: Annotated[bool, typer.Option("--no-batch", help="run every phase sequentially")] = False,
     use_sandbox: Annotated[bool, typer.Option("--sandbox", help="run against an embedded sandbox workspace")] = False,
@@ -112,6 +118,7 @@ def score(
         "genie_max_concurrent": genie_concurrent,
         "sql_max_concurrent": sql_concurrent,
         "genie_rpm": genie_rpm,
+        "repeats": repeats,
     }
     overrides.update(_key_values(set_))
     settings, items = _scoring_inputs(preset, overrides, use_sandbox, benchmarks, space_id, warehouse_id)
@@ -212,6 +219,8 @@ def rerun_failed_command(
 
     with _job(use_sandbox, None):
         summary = rerun_failed(report, kinds=kinds.split(",") if kinds else None, fresh=fresh)
+    for row_id, why in summary["not_rerun"].items():
+        console.print(f"[yellow]not rerun:[/yellow] {row_id}: {why}")
     console.print(
         f"Rerun {summary['rerun']} failed rows: {summary.get('fixed', 0)} now judged, "
         f"{summary.get('still_failed', 0)} still failed; merged report {summary['files']['csv']}"
@@ -619,11 +628,15 @@ class _workspace:
 
 def _print_scorecard(summary: dict[str, Any]) -> None:
     table = Table(title=f"Scorecard: {summary['score']:.1%} correct of {summary['total']}")
-    for column in ("id", "verdict", "stage", "reason"):
+    repeated = any("agreement" in row for row in summary["rows"])
+    for column in ("id", "verdict", *(["agreement"] if repeated else []), "stage", "reason"):
         table.add_column(column, overflow="fold", max_width=70 if column == "reason" else None)
     for row in summary["rows"]:
         style = "green" if row["verdict"] == "correct" else "red" if row["verdict"] != "no_sql" else "yellow"
-        table.add_row(row["id"], f"[{style}]{row['verdict']}[/{style}]", row["stage"], str(row["reason"])[:200])
+        agreement = [row.get("agreement", "")] if repeated else []
+        table.add_row(
+            row["id"], f"[{style}]{row['verdict']}[/{style}]", *agreement, row["stage"], str(row["reason"])[:200]
+        )
     console.print(table)
     console.print(f"Verdicts: {summary['verdicts']}")
     console.print(

@@ -21,6 +21,22 @@ from tasks.inputs import InputError
 from tasks.report import publish, write_frame
 from tasks.resilience import run_logger
 
+# Failures a rerun repeats exactly unless it asks Genie and the warehouse again (--fresh): the SQL itself
+# failed in the warehouse or was refused, and both the answer and the statement's result are in the ledger.
+SAME_WITHOUT_FRESH = {
+    "genie_sql": "Genie's SQL failed in the warehouse",
+    "not_read_only": "Genie's SQL was refused",
+    "expected_sql": "the benchmark's expected SQL failed (fix the benchmark)",
+}
+
+
+def rerunnable(row: dict[Any, Any], fresh: bool) -> str | None:
+    """Why a rerun cannot change this failed row (None when it can)."""
+    if fresh or row["verdict"] != "sql_error":
+        return None
+    why = SAME_WITHOUT_FRESH.get(str(row.get("error_kind")))
+    return f"{why}; the same cached answer would fail the same way (use --fresh)" if why else None
+
 
 def find_report(report: str) -> Path:
     """The report folder of `report`: a folder, or the flow run id of a scoring run (its folder is found under
@@ -76,11 +92,20 @@ def rerun_failed(
         raise InputError(f"{report} is not a scoring report folder (scorecard.parquet and run.json): {exc}") from exc
     rows = earlier.to_dict("records")
     wanted = set(kinds or FAILED)
-    failed = [r for r in rows if r["verdict"] in FAILED and (r["verdict"] in wanted or r["error_kind"] in wanted)]
+    chosen = [r for r in rows if r["verdict"] in FAILED and (r["verdict"] in wanted or r["error_kind"] in wanted)]
+    unchanged = {r["id"]: why for r in chosen if (why := rerunnable(r, fresh))}
+    failed = [r for r in chosen if r["id"] not in unchanged]
+    for row_id, why in unchanged.items():
+        log.warning(f"{row_id} not rerun: {why}")
     log.info(f"{len(failed)} of {len(rows)} rows to rerun ({', '.join(sorted(wanted))})")
     out = output_dir or str(folder.parent)
     if not failed:
-        return {"rerun": 0, "total": len(rows), "files": {"csv": str(folder / "scorecard.csv")}}
+        return {
+            "rerun": 0,
+            "total": len(rows),
+            "not_rerun": unchanged,
+            "files": {"csv": str(folder / "scorecard.csv")},
+        }
     items = [Benchmark(id=r["id"], question=r["question"], expected_sql=r["expected_sql"]) for r in failed]
     again = score(
         items,
@@ -103,6 +128,7 @@ def rerun_failed(
     fixed = sum(1 for r in failed if new[r["id"]]["verdict"] not in FAILED)
     summary = {
         "rerun": len(failed),
+        "not_rerun": unchanged,
         "fixed": fixed,
         "still_failed": len(failed) - fixed,
         "total": len(merged),

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from sandbox import models
 from sandbox.faults import GROUPS, FaultMiddleware, FaultSpec, Ledger
-from sandbox.genie import AnswerMix, Genie
+from sandbox.genie import AnswerMix, Genie, normalise_question
 from sandbox.userdata import load_answers
 from sandbox.warehouse import ROW_CAP, Warehouse
 
@@ -412,7 +412,17 @@ def _admin_routes(app: FastAPI, ws: Workspace) -> None:
     @app.post("/sandbox/reset")
     async def reset() -> dict[str, Any]:
         ws.ledger.reset()
+        ws.genie.flaky.clear()
         return {}
+
+    @app.put("/sandbox/genie/flaky")
+    async def flaky(request: Request) -> dict[str, Any]:
+        questions = (await _json(request)).get("questions", [])
+        unknown = [q for q in questions if normalise_question(q) not in ws.genie.brain]
+        if unknown:
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", f"Genie knows no such question: {unknown}")
+        ws.genie.flaky = {normalise_question(q): 0 for q in questions}
+        return {"questions": questions}
 
     @app.get("/sandbox/faults/{group}")
     async def get_faults(group: str) -> dict[str, Any]:

@@ -38,6 +38,10 @@ class _Admin:
     def requests(self, group: str | None = None) -> list[dict[str, Any]]:
         return self._admin.get("/sandbox/requests", params={"group": group} if group else None).json()
 
+    def set_flaky(self, *questions: str) -> None:
+        """Make Genie answer these questions right and wrong in turn (the same question, asked again)."""
+        self._admin.put("/sandbox/genie/flaky", json={"questions": list(questions)}).raise_for_status()
+
     def reset(self, clear_faults: bool = True) -> None:
         if clear_faults:
             for group in ("genie", "sql", "chat", "embeddings"):

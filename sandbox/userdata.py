@@ -14,6 +14,8 @@ from typing import Any
 
 import duckdb
 
+from sandbox.genie import normalise_question
+
 CATALOG = "workspace"
 ROOT_SCHEMA = "default"
 _NAME = re.compile(r"[^0-9A-Za-z_]+")
@@ -93,6 +95,8 @@ def load_answers(path: str) -> tuple[list[dict[str, Any]], list[str]]:
         raise UserDataError(f"--genie-answers {path}: cannot read it ({exc})") from exc
     answers: list[dict[str, Any]] = []
     problems: list[str] = []
+    first: dict[str, tuple[int, dict[str, Any]]] = {}  # normalised question -> (line, answer)
+    conflicts: list[str] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -108,5 +112,20 @@ def load_answers(path: str) -> tuple[list[dict[str, Any]], list[str]]:
         elif "delay_ms" in record and not (isinstance(record["delay_ms"], int | float) and record["delay_ms"] >= 0):
             problems.append(f"line {number}: 'delay_ms' must be a number >= 0")
         else:
-            answers.append(record)
+            key = normalise_question(str(record["question"]))
+            if key not in first:
+                first[key] = (number, record)
+                answers.append(record)
+            elif _answer(first[key][1]) != _answer(record):
+                conflicts.append(f"line {number} answers the question of line {first[key][0]} differently")
+            else:
+                problems.append(f"line {number}: repeats line {first[key][0]} (same answer; kept once)")
+    if conflicts:
+        raise UserDataError(
+            f"--genie-answers {path}: a question can have one recorded answer: " + "; ".join(conflicts[:20])
+        )
     return answers, problems
+
+
+def _answer(record: dict[str, Any]) -> tuple[Any, ...]:
+    return (str(record.get("sql") or "").strip(), record.get("text"), record.get("error"))

@@ -117,3 +117,54 @@ def test_a_duckdb_file_and_unusable_paths(tmp_path, user_data):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserDataError, match=r"no \.parquet or \.csv files"):
         Sandbox(data=str(tmp_path / "empty"))
+
+
+def test_recorded_answers_give_one_answer_per_question(tmp_path):
+    from sandbox.userdata import load_answers
+
+    path = tmp_path / "answers.jsonl"
+    same = {"question": "Total sales?", "sql": "SELECT SUM(amount) FROM sales"}
+    path.write_text("\n".join(json.dumps(a) for a in [same, {**same, "question": " total  SALES? "}]))
+    answers, problems = load_answers(str(path))
+    assert len(answers) == 1 and problems == ["line 2: repeats line 1 (same answer; kept once)"]
+    other = {"question": "total sales?", "sql": "SELECT SUM(amount) FROM sales WHERE region = 'north'"}
+    path.write_text("\n".join(json.dumps(a) for a in [same, other]))
+    with pytest.raises(UserDataError, match="line 2 answers the question of line 1 differently"):
+        load_answers(str(path))
+
+
+def test_sandbox_command_names_the_rehearsal_space(tmp_path, user_data):
+    import os
+    import subprocess
+    import sys
+
+    data, _ = user_data
+    (tmp_path / "answers-ok.jsonl").write_text("\n".join(json.dumps(a) for a in ANSWERS))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "batchflows_cli",
+            "sandbox",
+            "--data",
+            str(data),
+            "--genie-answers",
+            str(tmp_path / "answers-ok.jsonl"),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "--space-id rehearsal" in "".join(lines), lines
