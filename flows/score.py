@@ -393,7 +393,7 @@ def _finish(
     }
     publish(
         "scorecard",
-        [{k: r[k] for k in ("id", "verdict", "stage", "reason", "attempts")} for r in report],
+        [{k: r[k] for k in ("id", "verdict", "agreement", "stage", "reason", "attempts") if k in r} for r in report],
         _markdown(summary),
     )
     get_run_logger().info(

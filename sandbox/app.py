@@ -345,8 +345,10 @@ def _chat(ws: Workspace, request: Request, name: str, body: dict[str, Any]) -> A
     only = ws.ledger.spec("chat").tasks
     kinds = ("malformed", "missing_id", "extra_id", "bad_enum", "empty")
     fault = ws.ledger.draw("chat", kinds) if not only or task in only else "ok"
-    ids = [item.get("id") for item in (payload or {}).get("items", []) if isinstance(item, dict)]
-    ws.ledger.record("chat", request.url.path, 200, fault, endpoint=name, task=task, ids=ids)
+    items = [item for item in (payload or {}).get("items", []) if isinstance(item, dict)]
+    ids = [item.get("id") for item in items]
+    fields = sorted({key for item in items for key in item})
+    ws.ledger.record("chat", request.url.path, 200, fault, endpoint=name, task=task, ids=ids, fields=fields)
     content = _corrupt(reply, fault) if isinstance(reply, list) else reply
     if not isinstance(content, str):
         content = json.dumps(content, ensure_ascii=False)

@@ -28,7 +28,7 @@ The rules, in the order they are applied (README "How answers are compared" says
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -155,9 +155,16 @@ class _Pair:
         return bool(a == b)
 
     def _values_match(self) -> bool:
-        return _same_multiset([(v,) for v in self.expected], [(v,) for v in self.actual], [self.equal])
+        return _same_multiset([(v,) for v in self.expected], [(v,) for v in self.actual], [self])
+
+    @property
+    def exact(self) -> bool:
+        """Equal cells are equal values (hashable alike): no tolerance, no rounding."""
+        return self.kind != "float" and self.rounded is None
 
     def _try_rounding(self) -> None:
+        if not (self.rounds.expected or self.rounds.actual):
+            return
         places_e, places_a = (max((decimals(v) for v in side if v is not None), default=0) for side in self.raw)
         fewer, more, said = (
             (places_e, places_a, self.rounds.expected)
@@ -201,10 +208,36 @@ def _types(result: dict[str, Any]) -> list[str | None]:
 # --- multisets of rows, with per-column equality ---
 
 
-def _same_multiset(left: list[tuple[Any, ...]], right: list[tuple[Any, ...]], eq: list[Callable[..., bool]]) -> bool:
-    """Whether two lists of tuples are the same multiset, each position compared by its own equality."""
+def _same_multiset(left: list[tuple[Any, ...]], right: list[tuple[Any, ...]], pairs: list[_Pair]) -> bool:
+    """Whether two lists of tuples are the same multiset, each position compared by its pair's equality."""
     if len(left) != len(right):
         return False
+    if len(left) == 1:
+        return all(p.equal(a, b) for p, a, b in zip(pairs, left[0], right[0], strict=True))
+    exact = [k for k, p in enumerate(pairs) if p.exact]
+    if len(exact) == len(pairs):  # equality is identity of values: count them
+        return Counter(left) == Counter(right)
+    if len(pairs) == 1:
+        return _same_numbers([t[0] for t in left], [t[0] for t in right], pairs[0])
+    if exact:  # rows agree on their exact cells first; the others are compared within each such group
+        groups_l: dict[tuple[Any, ...], list[tuple[Any, ...]]] = defaultdict(list)
+        groups_r: dict[tuple[Any, ...], list[tuple[Any, ...]]] = defaultdict(list)
+        for rows, groups in ((left, groups_l), (right, groups_r)):
+            for t in rows:
+                groups[tuple(t[k] for k in exact)].append(t)
+        if groups_l.keys() != groups_r.keys():
+            return False
+        rest = [p for k, p in enumerate(pairs) if k not in exact]
+        inexact = [k for k in range(len(pairs)) if k not in exact]
+        return all(
+            _same_multiset(
+                [tuple(t[k] for k in inexact) for t in groups_l[g]],
+                [tuple(t[k] for k in inexact) for t in groups_r[g]],
+                rest,
+            )
+            for g in groups_l
+        )
+    eq = [p.equal for p in pairs]
 
     def same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
         return all(e(x, y) for e, x, y in zip(eq, a, b, strict=True))
@@ -216,7 +249,12 @@ def _same_multiset(left: list[tuple[Any, ...]], right: list[tuple[Any, ...]], eq
         return True
     if len(left) > MAX_ROW_MATCHING:
         return False
-    # values equal within a tolerance can sort apart: match rows one to one (Kuhn's augmenting paths)
+    return _matched(left, right, same)
+
+
+def _matched(left: list[Any], right: list[Any], same: Callable[[Any, Any], bool]) -> bool:
+    """Whether every left item pairs with its own right item (values equal within a tolerance can sort
+    apart): a perfect bipartite matching by Kuhn's augmenting paths."""
     options = [[j for j, b in enumerate(right) if same(a, b)] for a in left]
     owner: dict[int, int] = {}
 
@@ -230,6 +268,24 @@ def _same_multiset(left: list[tuple[Any, ...]], right: list[tuple[Any, ...]], eq
         return False
 
     return all(place(i, set()) for i in range(len(left)))
+
+
+def _same_numbers(left: list[Any], right: list[Any], pair: _Pair) -> bool:
+    """One column of numbers compared within a tolerance: NULLs and NaNs counted, the rest paired in order."""
+
+    def split(values: list[Any]) -> tuple[int, int, list[Any]]:
+        numbers = [v for v in values if v is not None and v == v]  # NaN != NaN
+        nulls = sum(1 for v in values if v is None)
+        return nulls, len(values) - nulls - len(numbers), sorted(numbers)
+
+    (nulls_l, nans_l, nums_l), (nulls_r, nans_r, nums_r) = split(left), split(right)
+    if (nulls_l, nans_l) != (nulls_r, nans_r):
+        return False
+    if all(pair.equal(a, b) for a, b in zip(nums_l, nums_r, strict=True)):
+        return True
+    if len(left) > MAX_ROW_MATCHING:
+        return False
+    return _matched([(v,) for v in nums_l], [(v,) for v in nums_r], lambda a, b: pair.equal(a[0], b[0]))
 
 
 class _SearchCap(Exception):
@@ -272,7 +328,7 @@ def _rows_match(
     ps = [pairs[i, chosen[i]] for i in cols]
     left = [tuple(p.expected[r] for p in ps) for r in range(len(rows_e))]
     right = [tuple(p.actual[r] for p in ps) for r in range(len(rows_a))]
-    return _same_multiset(left, right, [p.equal for p in ps])
+    return _same_multiset(left, right, ps)
 
 
 # --- the verdict ---

@@ -70,9 +70,11 @@ def pair_kind(a: Kind, b: Kind) -> Kind:
     return "string"  # e.g. a date against a number: compared as text, which will rarely agree
 
 
-def _exact(value: Any) -> Decimal:
+def _exact(value: Any) -> Decimal | int:
     if isinstance(value, bool):
         raise Unreadable(repr(value))
+    if isinstance(value, int):
+        return value  # equal to, and hashed as, the Decimal of the same value
     if isinstance(value, float):
         return Decimal(repr(value))
     try:

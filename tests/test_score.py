@@ -57,6 +57,9 @@ def test_scorecard_gives_every_benchmark_a_verdict(sb, workspace_block, ledger_b
     assert result["judged"] >= 1 and result["judge_calls"] == sb.stats()["chat"]["calls"]
     # the comparison decides most cases: far fewer judge calls than cases
     assert result["judged"] < result["total"] / 3
+    # the judge sees both SQLs and why the comparison could not decide, with a sample of both results
+    fields = set(sb.requests("chat")[0]["fields"])
+    assert {"question", "expected_sql", "answer_sql", "comparison", "expected", "actual"} <= fields
     assert sb.stats()["genie"]["calls"] == 32 and sb.stats()["genie"]["max_in_flight"] == 3
     frame = pd.read_parquet(result["files"]["parquet"])
     assert list(frame["id"]) == [f"q{i:02d}" for i in range(1, 33)]
