@@ -13,10 +13,13 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect.blocks.core import Block
 from pydantic import Field, PrivateAttr
+
+if TYPE_CHECKING:
+    from tasks.history import HistoryStore
 
 
 def default_home() -> Path:
@@ -33,6 +36,12 @@ class RowLedger(Block):
     path: str = Field(
         default_factory=lambda: str(default_home() / "ledger.sqlite"),
         description="SQLite file holding finished rows; shared by all runs using this block",
+    )
+
+    history_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the score history (e.g. postgresql+psycopg://user:password@host/db); "
+        "default: history.sqlite beside the ledger file",
     )
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -81,3 +90,10 @@ class RowLedger(Block):
                 ("SELECT COUNT(*) FROM rows WHERE step=?", [step]) if step else ("SELECT COUNT(*) FROM rows", [])
             )
             return int(self._connection().execute(sql, args).fetchone()[0])
+
+
+def history_store(ledger: RowLedger) -> HistoryStore:
+    """The score history that lives next to `ledger`."""
+    from tasks.history import HistoryStore, default_url
+
+    return HistoryStore(ledger.history_url or default_url(ledger.path))

@@ -55,6 +55,9 @@ class ScoreSettings(BaseModel):
         description="an answer with every expected column plus others: allow (correct), judge (ask the LLM), "
         "or incorrect",
     )
+    flaky_window: int = Field(
+        5, ge=3, le=50, description="runs looked at to mark a benchmark flaky (its verdict changed twice or more)"
+    )
     repeats: int = Field(
         1, ge=1, le=10, description="ask each question this many times and report how often the answer agreed"
     )

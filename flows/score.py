@@ -15,16 +15,18 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.breaker import CircuitBreaker
-from blocks.ledger import RowLedger
+from blocks.ledger import RowLedger, history_store
 from blocks.settings import Preset, ScorePreset, ScoreSettings, score_settings
 from blocks.workspace import DatabricksWorkspace
 from flows.phase import PhaseSpec, load_blocks, run_phase
 from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions
 from tasks.calls import ask_genie, run_sql
 from tasks.compare import Rounding, Rules, compare, rounding, sorting
+from tasks.history import HistoryStore
 from tasks.judge import PROMPT_VERSION, case_item, judge_cases, read_only_problem
-from tasks.report import publish, stable_key, write_frame
+from tasks.report import publish, publish_markdown, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome
+from tasks.trend import trend_markdown, trend_rows, write_html
 
 VERDICTS = ("correct", "incorrect", "genie_error", "sql_error", "no_sql", "timeout", "judge_error")
 FAILED = ("genie_error", "sql_error", "timeout", "judge_error")  # no verdict on the answer: worth a rerun
@@ -49,6 +51,7 @@ def score(
     preset: Preset = "default",
     settings_block: str | None = None,
     cache_scope: str = "",
+    history: bool = True,
 ) -> dict[str, Any]:
     """Score `space_id` on the benchmarks (a file path or a list) and return the scorecard.
 
@@ -67,6 +70,8 @@ def score(
         settings_block: name of a saved ScorePreset block (used when `settings` is not given).
         cache_scope: whose finished rows to reuse: "" those of every run of the same space version; a
             `fresh` run's id, its own (rerun-failed passes it, to rerun a fresh run's failures).
+        history: record the run, and the space's configuration as a version, in the score history (improve
+            turns it off for its short-lived dev copies).
     """
     log = get_run_logger()
     if settings is None:
@@ -75,7 +80,7 @@ def score(
     items = load_benchmarks(benchmarks) if isinstance(benchmarks, str) else list(benchmarks)
     workspace, ledger = load_blocks(workspace_block, ledger_block)
     genie_client = workspace.client(settings.genie_timeout)
-    space = genie_client.genie.get_space(space_id)
+    space, config = _space(genie_client, space_id)
     flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
     cache_scope = flow_run_id if fresh else cache_scope
     session = stable_key(space_id, space.etag, warehouse_id, cache_scope)
@@ -175,6 +180,9 @@ def score(
         f"({len(undecided)} judged in {judge_calls} LLM calls, {time.monotonic() - t3:.1f}s)"
     )
 
+    seen: dict[str, Any] = {}
+    if history:  # the configuration version and flaky benchmarks, before the report is written
+        seen = _history_before(ledger, genie_client.config.host or "", space_id, space.etag, config, report, settings)
     run = {
         "flow_run_id": flow_run_id,
         "cache_scope": cache_scope,
@@ -184,7 +192,107 @@ def score(
         "ledger_block": ledger_block,
         "breaker_block": breaker_block,
     }
-    return _finish(report, answers, breaker, output_dir, started, phases, settings, run)
+    summary = _finish(report, answers, breaker, output_dir, started, phases, settings, run)
+    if seen:
+        summary["history"] = _history_after(seen, summary, answers, space.etag, output_dir)
+    return summary
+
+
+def _space(client: Any, space_id: str) -> tuple[Any, dict[str, Any] | None]:
+    """The space and its configuration (None where this user may not read it: CAN RUN is enough to score)."""
+    from databricks.sdk.errors import PermissionDenied
+
+    try:
+        space = client.genie.get_space(space_id, include_serialized_space=True)
+    except PermissionDenied:
+        return client.genie.get_space(space_id), None
+    return space, json.loads(space.serialized_space) if space.serialized_space else None
+
+
+def _history_before(
+    ledger: RowLedger,
+    workspace: str,
+    space_id: str,
+    etag: str | None,
+    config: dict[str, Any] | None,
+    report: list[dict[str, Any]],
+    settings: ScoreSettings,
+) -> dict[str, Any]:
+    """Record the space's configuration as a version, and mark the report's flaky benchmarks (in place)."""
+    store = history_store(ledger)
+    run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
+    version = store.record_version(workspace, space_id, etag, config, "score", run_id)
+    verdicts = {r["id"]: r["verdict"] for r in report}
+    flaky = store.flaky(workspace, space_id, version, verdicts, settings.flaky_window)
+    for row in report:
+        row["flaky"] = row["id"] in flaky
+    if flaky:
+        get_run_logger().warning(
+            f"Flaky benchmarks (verdict changed twice or more in the last {settings.flaky_window} runs of "
+            f"version {version}): {', '.join(sorted(flaky))}"
+        )
+    return {"store": store, "workspace": workspace, "space_id": space_id, "version": version}
+
+
+def _history_after(
+    seen: dict[str, Any], summary: dict[str, Any], answers: dict[str, RowOutcome], etag: str | None, output_dir: str
+) -> dict[str, Any]:
+    """Append the run to the history, publish the trend artifact and rewrite the space's HTML history."""
+    store: HistoryStore = seen["store"]
+    latencies = sorted(o.latency_s for o in answers.values() if o.status == "ok" and not o.cached)
+    figures = {
+        "phases": summary["phases"],
+        "genie_latency_p50_s": _percentile(latencies, 0.5),
+        "genie_latency_p95_s": _percentile(latencies, 0.95),
+        "genie_retries": sum(max(0, o.attempts - 1) for o in answers.values()),
+        "cache_hits": summary["cached_genie_answers"],
+    }
+    store.append_run(
+        {
+            "run_id": summary["flow_run_id"],
+            "workspace": seen["workspace"],
+            "space_id": seen["space_id"],
+            "etag": etag,
+            "version": seen["version"],
+            "score": summary["score"],
+            "total": summary["total"],
+            "correct": summary["verdicts"]["correct"],
+            "verdicts": summary["verdicts"],
+            "figures": figures,
+            "breaker_events": summary["circuit_events"],
+            "settings": summary["settings"],
+            "report": summary["files"]["csv"],
+        },
+        [
+            {
+                "benchmark_id": r["id"],
+                "verdict": r["verdict"],
+                "stage": r["stage"],
+                "reason": r["reason"],
+                "genie_latency_s": r["genie_latency_s"],
+                "attempts": r["attempts"],
+                "cached": bool(r["cached"]),
+                "flaky": bool(r.get("flaky")),
+            }
+            for r in summary["rows"]
+        ],
+    )
+    store.set_version_score(seen["workspace"], seen["space_id"], seen["version"], summary["score"])
+    runs = store.runs(seen["workspace"], seen["space_id"], limit=200)
+    page = write_html(seen["space_id"], runs, Path(output_dir) / f"history-{_safe(seen['space_id'])}.html")
+    markdown = trend_markdown(seen["space_id"], trend_rows(runs), str(page))
+    publish_markdown("score-trend", markdown)
+    return {"version": seen["version"], "report": str(page), "runs": len(runs), "trend": markdown}
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(q * len(values)))], 3)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
 def _phase_figures(name: str, outcomes: dict[str, RowOutcome], since: float) -> dict[str, Any]:

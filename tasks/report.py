@@ -36,3 +36,15 @@ def publish(key: str, table: list[dict[str, Any]], markdown: str) -> None:
         return
     create_table_artifact(key=f"{key}-rows", table=table, description=f"{key}: one row per item")
     create_markdown_artifact(key=f"{key}-summary", markdown=markdown, description=f"{key}: summary")
+
+
+def publish_markdown(key: str, markdown: str) -> None:
+    """A markdown artifact for the current run (no-op outside a Prefect run)."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import get_run_context
+
+    try:
+        get_run_context()
+    except Exception:
+        return
+    create_markdown_artifact(key=key, markdown=markdown, description=key.replace("-", " "))

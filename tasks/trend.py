@@ -1,0 +1,153 @@
+"""A space's score trend from its history: a table (per run: score, version change, flipped benchmarks),
+its markdown for the Prefect UI, and one self-contained HTML file with plotly charts (the plotly.js
+bundle is inlined, so the file opens offline)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+GOOD, BAD = "correct", "incorrect"
+
+
+def trend_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run (oldest first): when, score, version and what changed since the run before."""
+    out = []
+    previous: dict[str, Any] | None = None
+    for run in runs:
+        changed = ""
+        flipped: list[str] = []
+        if previous is not None:
+            if run["version"] != previous["version"]:
+                changed = f"v{previous['version']} -> v{run['version']}"
+            for benchmark, verdict in sorted(run["verdicts"].items()):
+                before = previous["verdicts"].get(benchmark)
+                if before is not None and before != verdict:
+                    sign = "+" if verdict == GOOD else "-" if before == GOOD else "~"
+                    flipped.append(f"{sign}{benchmark}")
+        figures = run["figures"]
+        out.append(
+            {
+                "run": run["run_id"][:8],
+                "when": run["created_at"][:16].replace("T", " "),
+                "version": run["version"],
+                "score": run["score"],
+                "correct": f"{run['correct']}/{run['total']}",
+                "config_change": changed,
+                "flipped": " ".join(flipped),
+                "flaky": ", ".join(run["flaky"]),
+                "genie_p50_s": figures.get("genie_latency_p50_s"),
+                "genie_p95_s": figures.get("genie_latency_p95_s"),
+                "breaker_events": len(run["breaker_events"]),
+            }
+        )
+        previous = run
+    return out
+
+
+def trend_markdown(space_id: str, rows: list[dict[str, Any]], report: str | None, last: int = 10) -> str:
+    """The last `last` runs as a markdown table, newest last, with a link to the HTML report."""
+    shown = rows[-last:]
+    lines = [
+        f"# Score trend of {space_id}: last {len(shown)} of {len(rows)} runs",
+        "",
+        "| run | when (UTC) | version | score | correct | config change | flipped | flaky | Genie p50/p95 s "
+        "| breaker |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['run']} | {r['when']} | v{r['version']} | {r['score']:.1%} | {r['correct']} | {r['config_change']} | "
+        f"{r['flipped']} | {r['flaky']} | {r['genie_p50_s']}/{r['genie_p95_s']} | {r['breaker_events']} |"
+        for r in shown
+    ]
+    if len(rows) > 1:
+        delta = rows[-1]["score"] - rows[-2]["score"]
+        lines += ["", f"This run: {rows[-1]['score']:.1%} ({delta:+.1%} against the run before)."]
+    if report:
+        lines += ["", f"Charts: [{Path(report).name}]({Path(report).resolve().as_uri()}) (`{report}`)"]
+    return "\n".join(lines)
+
+
+def write_html(space_id: str, runs: list[dict[str, Any]], path: Path) -> Path:
+    """The history of a space as one HTML file: score over time, per-benchmark stability, Genie latency
+    and breaker events, and the trend table."""
+    import plotly.graph_objects as go
+    from plotly.io import to_html
+    from plotly.subplots import make_subplots
+
+    rows = trend_rows(runs)
+    labels = [f"{r['when']} ({r['run']})" for r in rows]
+    score = go.Figure(
+        go.Scatter(
+            x=labels,
+            y=[r["score"] * 100 for r in rows],
+            mode="lines+markers+text",
+            text=[f"v{r['version']}" if r["config_change"] or i == 0 else "" for i, r in enumerate(rows)],
+            textposition="top center",
+            name="score",
+        )
+    )
+    score.update_layout(title="Score over time (%; labels mark configuration versions)", yaxis_range=[0, 105])
+
+    benchmarks = sorted({b for run in runs for b in run["verdicts"]})
+    code = {GOOD: 1.0, BAD: 0.0}
+    z = [[code.get(run["verdicts"].get(b, ""), 0.5) for run in runs] for b in benchmarks]
+    hover = [
+        [f"{b} in {run['run_id'][:8]}: {run['verdicts'].get(b, 'not scored')}" for run in runs] for b in benchmarks
+    ]
+    flaky = set(runs[-1]["flaky"]) if runs else set()
+    heat = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=labels,
+            y=[f"{b} (flaky)" if b in flaky else b for b in benchmarks],
+            text=hover,
+            hoverinfo="text",
+            colorscale=[[0, "#d62728"], [0.5, "#bbbbbb"], [1, "#2ca02c"]],
+            zmin=0,
+            zmax=1,
+            showscale=False,
+        )
+    )
+    heat.update_layout(
+        title="Per-benchmark stability (green correct, red incorrect, grey failed or not scored)",
+        height=max(300, 18 * len(benchmarks) + 120),
+    )
+
+    latency = make_subplots(specs=[[{"secondary_y": True}]])
+    for key, name in (("genie_p50_s", "Genie p50 s"), ("genie_p95_s", "Genie p95 s")):
+        latency.add_trace(go.Scatter(x=labels, y=[r[key] for r in rows], mode="lines+markers", name=name))
+    latency.add_trace(
+        go.Bar(x=labels, y=[r["breaker_events"] for r in rows], name="breaker transitions", opacity=0.4),
+        secondary_y=True,
+    )
+    latency.update_layout(title="Genie latency and circuit-breaker transitions per run")
+
+    charts = [
+        to_html(figure, full_html=False, include_plotlyjs=(i == 0), div_id=f"chart-{i}")
+        for i, figure in enumerate((score, heat, latency))
+    ]
+    columns = ["run", "when", "version", "score", "correct", "config_change", "flipped", "flaky", "breaker_events"]
+    table = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in columns) + "</tr>" for r in reversed(rows)
+    )
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>batchflows history: {html.escape(space_id)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}}</style></head>
+<body><h1>Score history of Genie space {html.escape(space_id)}</h1>
+<p>{len(runs)} scoring runs; latest score {rows[-1]["score"]:.1%}.</p>
+{"".join(charts)}
+<h2>Runs, newest first</h2>
+<table><tr>{"".join(f"<th>{c}</th>" for c in columns)}</tr>{table}</table>
+</body></html>"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.1%}"
+    return "" if value is None else str(value)
