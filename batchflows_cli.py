@@ -228,6 +228,111 @@ def rerun_failed_command(
 
 
 @app.command()
+def history(
+    space_id: Annotated[str, typer.Option(help="the Genie space")],
+    last: Annotated[int, typer.Option(help="runs to show")] = 20,
+    workspace: Annotated[str | None, typer.Option(help="workspace URL (needed when several have this space)")] = None,
+    ledger_block: Annotated[str | None, typer.Option(help="saved RowLedger block whose history to read")] = None,
+    history_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the history (instead)")] = None,
+    output_dir: Annotated[Path, typer.Option(help="where the HTML report goes")] = Path("out"),
+) -> None:
+    """A space's score trend: score per run, configuration changes, flipped and flaky benchmarks, and an HTML
+    report with charts."""
+    from flows.versions import open_history, workspace_of
+    from tasks.inputs import InputError
+    from tasks.trend import trend_rows, write_html
+
+    store = open_history(ledger_block, history_url)
+    try:
+        host = workspace_of(store, space_id, workspace)
+    except InputError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    runs = store.runs(host, space_id, limit=max(last, 200))
+    rows = trend_rows(runs)
+    table = Table(title=f"Score trend of {space_id} ({host}): last {min(last, len(rows))} of {len(rows)} runs")
+    for column in ("run", "when", "version", "score", "correct", "config_change", "flipped", "flaky"):
+        table.add_column(column, overflow="fold")
+    for r in rows[-last:]:
+        table.add_row(
+            r["run"],
+            r["when"],
+            f"v{r['version']}",
+            f"{r['score']:.1%}",
+            r["correct"],
+            r["config_change"],
+            r["flipped"],
+            r["flaky"],
+        )
+    console.print(table)
+    page = write_html(space_id, runs, output_dir / f"history-{space_id}.html")
+    console.print(f"HTML report: {page}")
+
+
+@app.command()
+def versions(
+    space_id: Annotated[str, typer.Option(help="the Genie space")],
+    workspace: Annotated[str | None, typer.Option(help="workspace URL (needed when several have this space)")] = None,
+    ledger_block: Annotated[str | None, typer.Option(help="saved RowLedger block whose history to read")] = None,
+    history_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the history (instead)")] = None,
+    diff: Annotated[int | None, typer.Option(help="print this version's diff against the one before")] = None,
+) -> None:
+    """The configurations a space had (seen at scoring, promoted by improve, restored by rollback)."""
+    from flows.versions import open_history, workspace_of
+    from tasks.inputs import InputError
+
+    store = open_history(ledger_block, history_url)
+    try:
+        host = workspace_of(store, space_id, workspace)
+    except InputError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    found = store.versions(host, space_id)
+    if diff is not None:
+        chosen = next((v for v in found if v.version == diff), None)
+        if chosen is None:
+            console.print(f"[red]error:[/red] no version {diff} of {space_id}")
+            raise typer.Exit(2)
+        console.print(chosen.diff or "(the first version: nothing to compare with)", markup=False, highlight=False)
+        return
+    table = Table(title=f"Versions of {space_id} ({host})")
+    for column in ("version", "created (UTC)", "source", "score", "etag", "changed lines", "run"):
+        table.add_column(column)
+    for v in found:
+        changed = sum(1 for line in v.diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---"))
+        table.add_row(
+            f"v{v.version}",
+            v.created_at[:19].replace("T", " "),
+            v.source,
+            "" if v.score is None else f"{v.score:.1%}",
+            v.etag or "",
+            str(changed),
+            (v.run_id or "")[:8],
+        )
+    console.print(table)
+
+
+@app.command()
+def rollback(
+    space_id: Annotated[str, typer.Option(help="the Genie space")],
+    to: Annotated[int, typer.Option(help="the version to restore (see `batchflows versions`)")],
+    workspace_block: Annotated[str | None, typer.Option(help="saved DatabricksWorkspace block to use")] = None,
+    ledger_block: Annotated[str | None, typer.Option(help="saved RowLedger block whose history holds it")] = None,
+    force: Annotated[bool, typer.Option(help="restore even if the space changed since last seen")] = False,
+) -> None:
+    """Restore an earlier configuration of a space (etag-checked), recorded as a new version."""
+    from flows.versions import RollbackError, rollback_space
+
+    with _job(False, workspace_block) as block_name:
+        try:
+            result = rollback_space(space_id, to, workspace_block=block_name, ledger_block=ledger_block, force=force)
+        except RollbackError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+    console.print(f"Space {space_id}: version {result['restored']} restored as version {result['version']}")
+
+
+@app.command()
 def enrich(
     text_columns: Annotated[str, typer.Option("--text-columns", help="comma-separated columns sent to the model")],
     input_path: Annotated[Path | None, typer.Option("--input", help="rows file: CSV, JSONL, JSON or Parquet")] = None,

@@ -23,11 +23,13 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
+from blocks.ledger import history_store
 from blocks.settings import ScoreSettings
 from flows.batched import BatchedJob, run_all
 from flows.phase import load_blocks
 from flows.score import score
 from tasks.benchmarks import Benchmark, load_benchmarks
+from tasks.history import workspace_key
 from tasks.improve import (
     CATEGORIES,
     LEARN_PROMPT,
@@ -124,6 +126,7 @@ def improve(
             ledger_block=ledger_block,
             output_dir=str(out / folder),
             breaker_block=breaker_block,
+            history=target == space_id,  # dev copies live for one round: no history of their own
         )
 
     current = rescore(space_id, "production")
@@ -140,9 +143,12 @@ def improve(
     rounds: list[dict[str, Any]] = []
     stop = f"{settings.iterations} iteration(s) done"
     for k in range(1, settings.iterations + 1):
-        failing = [r for r in current["rows"] if r["verdict"] != "correct"]
+        failing = [r for r in current["rows"] if r["verdict"] != "correct" and not r.get("flaky")]
+        noise = sorted(r["id"] for r in current["rows"] if r["verdict"] != "correct" and r.get("flaky"))
+        if noise:
+            log.info(f"Not chasing flaky benchmarks (Genie's noise, not the configuration): {', '.join(noise)}")
         if not failing:
-            stop = "every benchmark passes"
+            stop = "every benchmark passes" if not noise else "every steady benchmark passes"
             break
         fixes, rejected, errors = _propose(client, ledger, settings, llm, failing, patterns, config)
         new_config, applied, skipped = apply_fixes(config, fixes)
@@ -190,6 +196,8 @@ def improve(
             if record["promoted"]:
                 etag = _promote(client, space_id, etag, new_config)
                 config, current = new_config, candidate
+                record["version"] = _record_version(ledger, client, space_id, etag, config, run_id, candidate["score"])
+                log.info(f"Production {space_id} is now version {record['version']} in the score history")
         finally:
             if cleanup:
                 _remove(client, dev.space_id)
@@ -204,6 +212,7 @@ def improve(
         "score_before": baseline,
         "score_after": current["score"],
         "promoted": any(r.get("promoted") for r in rounds),
+        "versions": [r["version"] for r in rounds if r.get("version")],
         "stopped": stop,
         "patterns": patterns,
         "learn_problems": learn_problems,
@@ -216,6 +225,23 @@ def improve(
     publish("improvement", _table(rounds, by_id), _markdown(summary))
     log.info(f"Improvement: {baseline:.1%} -> {current['score']:.1%}; {stop}; report in {summary['report']}")
     return summary
+
+
+def _record_version(
+    ledger: Any,
+    client: WorkspaceClient,
+    space_id: str,
+    etag: str | None,
+    config: dict[str, Any],
+    run_id: str,
+    score: float,
+) -> int:
+    """The promoted configuration as a new version of the space, with the score its dev copy earned."""
+    store = history_store(ledger)
+    workspace = workspace_key(client.config.host or "")
+    version = store.record_version(workspace, space_id, etag, config, "improve", run_id)
+    store.set_version_score(workspace, space_id, version, score)
+    return version
 
 
 def _run_id() -> str:
@@ -306,8 +332,9 @@ def _compare(before: dict[str, Any], after: dict[str, Any], settings: ImproveSet
     """The promotion decision for a dev copy's scorecard `after` against production's `before`."""
     was = {r["id"]: r["verdict"] == "correct" for r in before["rows"]}
     now = {r["id"]: r["verdict"] == "correct" for r in after["rows"]}
+    flaky = {r["id"] for r in before["rows"] if r.get("flaky")}
     flipped = sorted(i for i in now if now[i] and not was.get(i))
-    regressed = sorted(i for i in now if was.get(i) and not now[i])
+    regressed = sorted(i for i in now if was.get(i) and not now[i] and i not in flaky)
     gain = round(after["score"] - before["score"], 4)
     if gain <= 0:
         decision = f"no gain ({gain:+.1%})"
@@ -433,5 +460,12 @@ def _markdown(summary: dict[str, Any]) -> str:
             f"{r['score_before']:.1%} | {'' if after is None else f'{after:.1%}'} | "
             f"{', '.join(r.get('flipped', []))} | {', '.join(r.get('regressed', []))} | {r.get('decision', '')} |"
         )
+    versions = [f"v{r['version']} (iteration {r['iteration']})" for r in summary["iterations"] if r.get("version")]
+    if versions:
+        lines += [
+            "",
+            f"Versions created: {', '.join(versions)}; `batchflows versions --space-id {summary['space_id']}` lists "
+            f"them, `batchflows rollback --space-id {summary['space_id']} --to V` restores one.",
+        ]
     lines += ["", f"Report: `{summary.get('report', '')}`"]
     return "\n".join(lines)

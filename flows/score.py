@@ -22,7 +22,7 @@ from flows.phase import PhaseSpec, load_blocks, run_phase
 from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions
 from tasks.calls import ask_genie, run_sql
 from tasks.compare import Rounding, Rules, compare, rounding, sorting
-from tasks.history import HistoryStore
+from tasks.history import HistoryStore, workspace_key
 from tasks.judge import PROMPT_VERSION, case_item, judge_cases, read_only_problem
 from tasks.report import publish, publish_markdown, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome
@@ -182,7 +182,7 @@ def score(
 
     seen: dict[str, Any] = {}
     if history:  # the configuration version and flaky benchmarks, before the report is written
-        seen = _history_before(ledger, genie_client.config.host or "", space_id, space.etag, config, report, settings)
+        seen = _history_before(ledger, _host(genie_client), space_id, space.etag, config, report, settings)
     run = {
         "flow_run_id": flow_run_id,
         "cache_scope": cache_scope,
@@ -283,6 +283,10 @@ def _history_after(
     markdown = trend_markdown(seen["space_id"], trend_rows(runs), str(page))
     publish_markdown("score-trend", markdown)
     return {"version": seen["version"], "report": str(page), "runs": len(runs), "trend": markdown}
+
+
+def _host(client: Any) -> str:
+    return workspace_key(str(client.config.host or ""))
 
 
 def _percentile(values: list[float], q: float) -> float | None:

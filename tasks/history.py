@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -67,6 +68,15 @@ def default_url(ledger_path: str | None = None) -> str:
 
     folder = Path(ledger_path).parent if ledger_path else default_home()
     return f"sqlite:///{folder / 'history.sqlite'}"
+
+
+def workspace_key(host: str) -> str:
+    """How a workspace is named in the history: its URL; any sandbox on this machine is "local-sandbox"
+    (the CLI's embedded sandbox takes a new port each run, with the same spaces)."""
+    host = host.rstrip("/")
+    if urlparse(host).hostname in ("127.0.0.1", "localhost", "::1"):
+        return "local-sandbox"
+    return host
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,18 @@ class HistoryStore:
                 conn.execute(
                     sa.text("INSERT INTO batchflows_meta (key, value) VALUES ('schema_version', :v)"), {"v": str(k + 1)}
                 )
+
+    def workspaces(self, space_id: str) -> list[str]:
+        """The workspaces whose history has a space of this id."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT workspace FROM space_versions WHERE space_id = :s UNION "
+                    "SELECT workspace FROM score_runs WHERE space_id = :s"
+                ),
+                {"s": space_id},
+            ).all()
+        return sorted(r[0] for r in rows)
 
     # --- versions ---
 
