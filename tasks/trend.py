@@ -123,6 +123,8 @@ def write_html(space_id: str, runs: list[dict[str, Any]], path: Path) -> Path:
         secondary_y=True,
     )
     latency.update_layout(title="Genie latency and circuit-breaker transitions per run")
+    latency.update_yaxes(rangemode="tozero", title_text="seconds", secondary_y=False)
+    latency.update_yaxes(rangemode="tozero", dtick=1, title_text="transitions", secondary_y=True)
 
     charts = [
         to_html(figure, full_html=False, include_plotlyjs=(i == 0), div_id=f"chart-{i}")

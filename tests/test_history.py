@@ -1,0 +1,245 @@
+"""Score history, space versions and rollback, flaky benchmarks, the trend artifact and the HTML report,
+against the sandbox and the session's Prefect server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from blocks.ledger import RowLedger
+from blocks.settings import ScoreSettings
+from flows.improve import ImproveSettings, improve
+from flows.score import score
+from flows.versions import RollbackError, rollback_space
+from sandbox.genie import bare_configuration
+from tasks import history as history_module
+from tasks.history import HistoryStore
+
+BENCHMARKS = str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
+SCORING = ScoreSettings(genie_rpm=0, genie_retry_delay=0.1, genie_poll_initial=0.05, genie_poll_max=0.2)
+
+
+def _artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )
+    return str(found[0].data)
+
+
+def test_history_versions_rollback_and_flaky(sb, client, workspace_block, tmp_path):
+    ledger = f"ledger-{uuid.uuid4().hex[:8]}"
+    RowLedger(path=str(tmp_path / "ledger.sqlite")).save(ledger)
+    space_id = str(
+        client.genie.create_space(
+            warehouse_id="sandbox-warehouse", serialized_space=json.dumps(bare_configuration()), title="prod"
+        ).space_id
+    )
+
+    def run(**kw: Any) -> dict[str, Any]:
+        return score(
+            BENCHMARKS,
+            space_id,
+            "sandbox-warehouse",
+            SCORING,
+            workspace_block=workspace_block,
+            ledger_block=ledger,
+            output_dir=str(tmp_path / "out"),
+            breaker_block=f"b-{uuid.uuid4().hex[:8]}",
+            **kw,
+        )
+
+    first = run(fresh=True)
+    assert first["history"]["version"] == 1
+    improved = improve(
+        BENCHMARKS,
+        space_id,
+        "sandbox-warehouse",
+        ImproveSettings(iterations=1, margin=0.05),
+        SCORING,
+        workspace_block=workspace_block,
+        ledger_block=ledger,
+        output_dir=str(tmp_path / "out"),
+    )
+    assert improved["promoted"] and improved["versions"] == [2]
+    assert "Versions created: v2" in _artifact("improvement-summary")
+
+    after = run(fresh=True)
+    assert after["history"]["version"] == 2 and after["score"] > first["score"]
+    steady = next(r["id"] for r in after["rows"] if r["verdict"] == "correct")
+    question = next(r["question"] for r in after["rows"] if r["id"] == steady)
+    sb.set_flaky(question)  # right, wrong, right ...
+    runs = [run(fresh=True) for _ in range(3)]
+    flaky_at = [{r["id"] for r in card["rows"] if r["flaky"]} for card in runs]
+    assert flaky_at == [set(), set(), {steady}]  # the second change of verdict at the same version marks it
+
+    store = HistoryStore(f"sqlite:///{tmp_path / 'history.sqlite'}")
+    history = store.runs("local-sandbox", space_id)
+    assert len(history) == 6  # first, improve's scoring of production, after, three more
+    assert [h["version"] for h in history] == [1, 1, 2, 2, 2, 2]
+    assert history[-1]["flaky"] == [steady] and history[-1]["verdicts"][steady] == "correct"
+    assert [h["verdicts"][steady] for h in history[2:]] == ["correct", "correct", "incorrect", "correct"]
+    assert history[0]["figures"]["genie_latency_p50_s"] is not None
+    assert history[0]["figures"]["phases"][0]["calls"] == 32
+
+    trend = _artifact("score-trend")
+    assert "last 6 of 6 runs" in trend and "v1 -> v2" in trend and steady in trend
+    assert f"history-{space_id}.html" in trend
+
+    versions = store.versions("local-sandbox", space_id)
+    assert [(v.version, v.source) for v in versions] == [(1, "score"), (2, "improve")]
+    assert versions[0].config == bare_configuration() and "+" in versions[1].diff
+
+    sb.reset()  # no more flaky answers
+    restored = rollback_space(space_id, 1, workspace_block=workspace_block, ledger_block=ledger)
+    assert restored["version"] == 3
+    live = client.genie.get_space(space_id, include_serialized_space=True)
+    assert json.loads(live.serialized_space) == versions[0].config
+    back = run(fresh=True)
+    assert back["score"] == first["score"] and back["history"]["version"] == 3
+    assert [v.source for v in store.versions("local-sandbox", space_id)] == ["score", "improve", "rollback"]
+
+    # a change made by hand since the history last saw the space is not overwritten unseen
+    client.genie.update_space(space_id, title="renamed by hand")
+    with pytest.raises(RollbackError, match="changed since the history last saw it"):
+        rollback_space(space_id, 2, workspace_block=workspace_block, ledger_block=ledger)
+    with pytest.raises(RollbackError, match=r"no version 9 in the history \(known: v1, v2, v3\)"):
+        rollback_space(space_id, 9, workspace_block=workspace_block, ledger_block=ledger)
+
+    from batchflows_cli import app
+
+    url = f"sqlite:///{tmp_path / 'history.sqlite'}"
+    shown = CliRunner().invoke(
+        app,
+        ["history", "--space-id", space_id, "--history-url", url, "--output-dir", str(tmp_path / "cli")],
+        env={"COLUMNS": "200"},
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "v1 -> v2" in shown.output and "v2 -> v3" in shown.output and (tmp_path / "cli").exists()
+    listed = CliRunner().invoke(app, ["versions", "--space-id", space_id, "--history-url", url], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0 and "improve" in listed.output and "rollback" in listed.output
+    unknown = CliRunner().invoke(app, ["history", "--space-id", "nope", "--history-url", url])
+    assert unknown.exit_code == 2 and "knows no space 'nope'" in unknown.output
+
+    page = Path(back["history"]["report"])
+    _check_in_chromium(page, tmp_path)
+
+
+def _check_in_chromium(page: Path, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium")
+    if not chromium:
+        pytest.skip("no chromium here (apt-get install chromium) to open the HTML report")
+    flags = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+    ]
+    dom = subprocess.run(
+        [*flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert dom.count('class="main-svg"') >= 3, dom[-2000:]  # plotly drew its charts (3 figures)
+    shot = tmp_path / "history.png"
+    subprocess.run(
+        [*flags, "--window-size=1200,1800", "--virtual-time-budget=5000", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.exists() and shot.stat().st_size > 20000
+
+
+def test_migrations_are_applied_once_in_order(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'h.sqlite'}"
+    store = HistoryStore(url)
+    store.record_version("w", "s", "e1", {"a": 1}, "score", None)
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT value FROM batchflows_meta").scalar() == "1"
+    # a release that adds a column: the old database is migrated on open, its rows kept
+    monkeypatch.setattr(
+        history_module, "MIGRATIONS", [*history_module.MIGRATIONS, ["ALTER TABLE score_runs ADD COLUMN note TEXT"]]
+    )
+    monkeypatch.setattr(history_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(history_module, "_ENGINES", {})
+    migrated = HistoryStore(url)
+    with migrated.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT value FROM batchflows_meta").scalar() == "2"
+        assert "note" in [c[1] for c in conn.exec_driver_sql("PRAGMA table_info(score_runs)")]
+    assert [v.version for v in migrated.versions("w", "s")] == [1]
+    HistoryStore(url)  # opening again changes nothing
+    # an older batchflows refuses a newer schema instead of writing into it
+    monkeypatch.setattr(history_module, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(history_module, "MIGRATIONS", history_module.MIGRATIONS[:1])
+    monkeypatch.setattr(history_module, "_ENGINES", {})
+    with pytest.raises(RuntimeError, match="schema version 2, newer than this batchflows knows"):
+        HistoryStore(url)
+
+
+def test_history_on_postgresql(tmp_path):
+    """The team set-up: the history in PostgreSQL (the server Prefect uses), same behaviour as SQLite."""
+    from deployments.local import Postgres, ServerError
+
+    try:
+        pg = Postgres().start()
+    except ServerError as exc:
+        pytest.skip(f"PostgreSQL unavailable here: {exc}")
+    try:
+        store = HistoryStore(pg.url)  # Prefect's asyncpg URL is accepted as it is
+        assert store.engine.dialect.name == "postgresql"
+        assert store.record_version("w", "s", "e1", {"a": 1}, "score", "r0") == 1
+        assert store.record_version("w", "s", "e1", {"a": 1}, "score", "r1") == 1
+        assert store.record_version("w", "s", "e2", {"a": 2}, "improve", "r2") == 2
+        for i, verdict in enumerate(["correct", "incorrect", "correct"]):
+            flaky = store.flaky("w", "s", 2, {"q1": verdict, "q2": "correct"}, window=5)
+            store.append_run(
+                {
+                    "run_id": f"run-{i}",
+                    "workspace": "w",
+                    "space_id": "s",
+                    "etag": "e2",
+                    "version": 2,
+                    "score": 0.5,
+                    "total": 2,
+                    "correct": 1,
+                    "verdicts": {},
+                    "figures": {},
+                    "breaker_events": [],
+                    "settings": {},
+                    "report": None,
+                    "created_at": f"2026-11-25T00:00:0{i}Z",
+                },
+                [
+                    {
+                        "benchmark_id": b,
+                        "verdict": v,
+                        "stage": "comparison",
+                        "reason": "",
+                        "genie_latency_s": 0.1,
+                        "attempts": 1,
+                        "cached": False,
+                        "flaky": b in flaky,
+                    }
+                    for b, v in {"q1": verdict, "q2": "correct"}.items()
+                ],
+            )
+        runs = store.runs("w", "s")
+        assert [r["run_id"] for r in runs] == ["run-0", "run-1", "run-2"]
+        assert runs[-1]["flaky"] == ["q1"] and runs[1]["flaky"] == []
+        assert [v.version for v in store.versions("w", "s")] == [1, 2]
+    finally:
+        pg.stop()
