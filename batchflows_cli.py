@@ -233,7 +233,8 @@ def history(
     last: Annotated[int, typer.Option(help="runs to show")] = 20,
     workspace: Annotated[str | None, typer.Option(help="workspace URL (needed when several have this space)")] = None,
     ledger_block: Annotated[str | None, typer.Option(help="saved RowLedger block whose history to read")] = None,
-    history_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the history (instead)")] = None,
+    history_url: Annotated[str | None, typer.Option(help="the history's URL, instead of the ledger's")] = None,
+    workspace_block: Annotated[str | None, typer.Option(help="workspace of a databricks:// history")] = None,
     output_dir: Annotated[Path, typer.Option(help="where the HTML report goes")] = Path("out"),
 ) -> None:
     """A space's score trend: score per run, configuration changes, flipped and flaky benchmarks, and an HTML
@@ -242,7 +243,7 @@ def history(
     from tasks.inputs import InputError
     from tasks.trend import trend_rows, write_html
 
-    store = open_history(ledger_block, history_url)
+    store = open_history(ledger_block, history_url, workspace_block)
     try:
         host = workspace_of(store, space_id, workspace)
     except InputError as exc:
@@ -274,14 +275,15 @@ def versions(
     space_id: Annotated[str, typer.Option(help="the Genie space")],
     workspace: Annotated[str | None, typer.Option(help="workspace URL (needed when several have this space)")] = None,
     ledger_block: Annotated[str | None, typer.Option(help="saved RowLedger block whose history to read")] = None,
-    history_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the history (instead)")] = None,
+    history_url: Annotated[str | None, typer.Option(help="the history's URL, instead of the ledger's")] = None,
+    workspace_block: Annotated[str | None, typer.Option(help="workspace of a databricks:// history")] = None,
     diff: Annotated[int | None, typer.Option(help="print this version's diff against the one before")] = None,
 ) -> None:
     """The configurations a space had (seen at scoring, promoted by improve, restored by rollback)."""
     from flows.versions import open_history, workspace_of
     from tasks.inputs import InputError
 
-    store = open_history(ledger_block, history_url)
+    store = open_history(ledger_block, history_url, workspace_block)
     try:
         host = workspace_of(store, space_id, workspace)
     except InputError as exc:

@@ -40,8 +40,9 @@ class RowLedger(Block):
 
     history_url: str | None = Field(
         None,
-        description="SQLAlchemy URL of the score history (e.g. postgresql+psycopg://user:password@host/db); "
-        "default: history.sqlite beside the ledger file",
+        description="where the score history lives: a SQLAlchemy URL (e.g. postgresql+psycopg://user:password@"
+        "host/db) or databricks://WAREHOUSE_ID/catalog.schema for tables on a SQL warehouse; default: "
+        "history.sqlite beside the ledger file",
     )
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -92,8 +93,9 @@ class RowLedger(Block):
             return int(self._connection().execute(sql, args).fetchone()[0])
 
 
-def history_store(ledger: RowLedger) -> HistoryStore:
-    """The score history that lives next to `ledger`."""
+def history_store(ledger: RowLedger, client: Any = None) -> HistoryStore:
+    """The score history that lives next to `ledger` (`client`: the WorkspaceClient, for a history kept on a
+    SQL warehouse)."""
     from tasks.history import HistoryStore, default_url
 
-    return HistoryStore(ledger.history_url or default_url(ledger.path))
+    return HistoryStore(ledger.history_url or default_url(ledger.path), client)

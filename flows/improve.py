@@ -237,7 +237,7 @@ def _record_version(
     score: float,
 ) -> int:
     """The promoted configuration as a new version of the space, with the score its dev copy earned."""
-    store = history_store(ledger)
+    store = history_store(ledger, client)
     workspace = workspace_key(client.config.host or "")
     version = store.record_version(workspace, space_id, etag, config, "improve", run_id)
     store.set_version_score(workspace, space_id, version, score)

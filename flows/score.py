@@ -182,7 +182,7 @@ def score(
 
     seen: dict[str, Any] = {}
     if history:  # the configuration version and flaky benchmarks, before the report is written
-        seen = _history_before(ledger, _host(genie_client), space_id, space.etag, config, report, settings)
+        seen = _history_before(ledger, genie_client, space_id, space.etag, config, report, settings)
     run = {
         "flow_run_id": flow_run_id,
         "cache_scope": cache_scope,
@@ -211,7 +211,7 @@ def _space(client: Any, space_id: str) -> tuple[Any, dict[str, Any] | None]:
 
 def _history_before(
     ledger: RowLedger,
-    workspace: str,
+    client: Any,
     space_id: str,
     etag: str | None,
     config: dict[str, Any] | None,
@@ -219,7 +219,7 @@ def _history_before(
     settings: ScoreSettings,
 ) -> dict[str, Any]:
     """Record the space's configuration as a version, and mark the report's flaky benchmarks (in place)."""
-    store = history_store(ledger)
+    store, workspace = history_store(ledger, client), _host(client)
     run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
     version = store.record_version(workspace, space_id, etag, config, "score", run_id)
     verdicts = {r["id"]: r["verdict"] for r in report}

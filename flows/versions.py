@@ -10,7 +10,7 @@ from prefect import flow
 
 from blocks.ledger import RowLedger, history_store
 from flows.phase import load_blocks
-from tasks.history import HistoryStore, workspace_key
+from tasks.history import HistoryStore, default_url, workspace_key
 from tasks.inputs import InputError
 from tasks.resilience import run_logger
 
@@ -19,11 +19,20 @@ class RollbackError(InputError):
     """A rollback that would overwrite a configuration nobody has seen, or restore one that is not known."""
 
 
-def open_history(ledger_block: str | None = None, history_url: str | None = None) -> HistoryStore:
-    """The score history of a saved ledger block (or the default ledger), or at `history_url`."""
-    if history_url:
-        return HistoryStore(history_url)
-    return history_store(RowLedger.load(ledger_block) if ledger_block else RowLedger())  # type: ignore[arg-type]
+def open_history(
+    ledger_block: str | None = None, history_url: str | None = None, workspace_block: str | None = None
+) -> HistoryStore:
+    """The score history of a saved ledger block (or the default ledger), or at `history_url`; a history on a
+    SQL warehouse is reached through the workspace block (default: databricks-sdk's env/profile)."""
+    ledger: RowLedger = RowLedger.load(ledger_block) if ledger_block else RowLedger()  # type: ignore[assignment]
+    url = history_url or ledger.history_url or default_url(ledger.path)
+    client = None
+    if url.startswith("databricks://"):
+        from blocks.workspace import DatabricksWorkspace
+
+        workspace = DatabricksWorkspace.load(workspace_block) if workspace_block else DatabricksWorkspace()
+        client = workspace.client(120)  # type: ignore[union-attr]
+    return HistoryStore(url, client)
 
 
 def workspace_of(store: HistoryStore, space_id: str, workspace: str | None) -> str:
@@ -67,7 +76,7 @@ def rollback_space(
     workspace, ledger = load_blocks(workspace_block, ledger_block)
     client = workspace.client(60)
     host = workspace_key(client.config.host or "")
-    store = history_store(ledger)
+    store = history_store(ledger, client)
     versions = store.versions(host, space_id)
     target = next((v for v in versions if v.version == to), None)
     if target is None:

@@ -268,7 +268,12 @@ def _sql_routes(app: FastAPI, ws: Workspace) -> None:
             raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Warehouse {warehouse_id} does not exist.")
         wait = _wait_seconds(body.get("wait_timeout"))
         latency = ws.ledger.spec("sql").latency_s(ws.ledger.rng())
-        stmt = await run_in_threadpool(ws.warehouse.submit, sql, latency, body.get("row_limit"))
+        parameters = body.get("parameters")
+        if parameters is not None and not (
+            isinstance(parameters, list) and all(isinstance(p, dict) for p in parameters)
+        ):
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "parameters must be a list of {name, value, type}")
+        stmt = await run_in_threadpool(ws.warehouse.submit, sql, latency, body.get("row_limit"), parameters)
         ws.ledger.open_interval("sql", stmt.submitted, stmt.ready_at)
         ws.ledger.record("sql", request.url.path, 200, "ok", statement=sql, statement_id=stmt.statement_id)
         await asyncio.sleep(max(0.0, min(wait, stmt.ready_at - time.time())))

@@ -120,10 +120,14 @@ class Warehouse:
                 "PERMISSION_DENIED",
             )
 
-    def run(self, sql: str, row_limit: int | None = None) -> dict[str, Any]:
+    def run(
+        self, sql: str, row_limit: int | None = None, parameters: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         """Run `sql` and return the manifest and inline JSON_ARRAY result of a finished statement."""
         if not self.allow_writes:
             self.check_read_only(sql)
+        if parameters is not None:
+            sql = bind_parameters(sql, parameters)
         cursor = self._conn.cursor()
         try:
             cursor.execute(f"USE {self.default_namespace}")
@@ -161,11 +165,13 @@ class Warehouse:
             "result": {"chunk_index": 0, "row_offset": 0, "row_count": len(data), "data_array": data},
         }
 
-    def submit(self, sql: str, latency_s: float, row_limit: int | None) -> Statement:
+    def submit(
+        self, sql: str, latency_s: float, row_limit: int | None, parameters: list[dict[str, Any]] | None = None
+    ) -> Statement:
         now = time.time()
         stmt = Statement(uuid.uuid4().hex, now, now + latency_s)
         try:
-            stmt.result = self.run(sql, row_limit)
+            stmt.result = self.run(sql, row_limit, parameters)
         except StatementError as exc:
             stmt.error = exc
         with self._lock:
@@ -175,6 +181,48 @@ class Warehouse:
     def get(self, statement_id: str) -> Statement | None:
         with self._lock:
             return self._statements.get(statement_id)
+
+
+_NUMERIC = {"TINYINT", "SMALLINT", "INT", "INTEGER", "BIGINT", "LONG", "FLOAT", "DOUBLE", "DECIMAL"}
+
+
+def bind_parameters(sql: str, parameters: list[dict[str, Any]]) -> str:
+    """`sql` with its named parameter markers (:name) replaced by the typed values, as the Statement
+    Execution API binds them: each {"name", "value" (text, or absent for NULL), "type" (default STRING)}.
+
+    Raises:
+        StatementError: a marker without a value (UNBOUND_SQL_PARAMETER) or a value its type cannot hold.
+    """
+    values: dict[str, exp.Expression] = {}
+    for p in parameters:
+        name, value, kind = p.get("name"), p.get("value"), str(p.get("type") or "STRING").upper()
+        if not name:
+            raise StatementError("[INVALID_PARAMETER_VALUE] every parameter needs a name")
+        base = kind.split("(")[0]
+        try:
+            if value is None:
+                literal: exp.Expression = exp.Null()
+            elif base in _NUMERIC:
+                float(value)
+                literal = exp.Literal.number(value)
+            elif base == "BOOLEAN":
+                literal = exp.Boolean(this={"true": True, "false": False}[str(value).lower()])
+            elif base in ("DATE", "TIMESTAMP", "TIMESTAMP_NTZ"):
+                literal = exp.Cast(this=exp.Literal.string(value), to=exp.DataType.build(base.replace("_NTZ", "")))
+            else:
+                literal = exp.Literal.string(value)
+        except (ValueError, KeyError) as exc:
+            raise StatementError(f"[INVALID_PARAMETER_VALUE] parameter {name}: {value!r} is not a {kind}") from exc
+        values[name] = literal
+    try:
+        tree = sqlglot.parse_one(sql, read="databricks")
+    except sqlglot.errors.ParseError as exc:
+        raise StatementError(f"[PARSE_SYNTAX_ERROR] Syntax error: {exc}") from exc
+    for marker in list(tree.find_all(exp.Placeholder)):
+        if marker.name not in values:
+            raise StatementError(f"[UNBOUND_SQL_PARAMETER] Found the unbound parameter: {marker.name}")
+        marker.replace(values[marker.name].copy())
+    return tree.sql(dialect="duckdb")
 
 
 def _text(value: Any) -> str:

@@ -13,7 +13,13 @@ from typing import Any
 
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.service.serving import ChatMessage, ChatMessageRole
-from databricks.sdk.service.sql import Disposition, ExecuteStatementRequestOnWaitTimeout, Format, StatementState
+from databricks.sdk.service.sql import (
+    Disposition,
+    ExecuteStatementRequestOnWaitTimeout,
+    Format,
+    StatementParameterListItem,
+    StatementState,
+)
 
 from tasks.errors import CallTimeout, InvalidResponse, PermanentError
 
@@ -109,8 +115,11 @@ def run_sql(
     timeout_s: float,
     row_limit: int = GENIE_ROW_CAP,
     sleep: Callable[[float], None] = time.sleep,
+    parameters: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one statement and return its rows, or the warehouse's error as a value.
+
+    `parameters` bind the statement's named markers (:name): str, int, float, bool or None (NULL).
 
     A statement that fails in the warehouse (bad SQL, refused write) is a *result*, `{"error": ...}`,
     not an exception: rerunning it would fail the same way. Only transport problems raise.
@@ -129,6 +138,7 @@ def run_sql(
         on_wait_timeout=ExecuteStatementRequestOnWaitTimeout.CONTINUE,
         format=Format.JSON_ARRAY,
         disposition=Disposition.INLINE,
+        parameters=[_parameter(k, v) for k, v in parameters.items()] if parameters else None,
     )
     interval = 0.05
     statement_id = response.statement_id or ""
@@ -157,6 +167,18 @@ def run_sql(
         "row_count": len(rows),
         "truncated": bool(response.manifest.truncated),
     }
+
+
+def _parameter(name: str, value: Any) -> StatementParameterListItem:
+    if value is None:
+        return StatementParameterListItem(name=name)
+    if isinstance(value, bool):
+        return StatementParameterListItem(name=name, value="true" if value else "false", type="BOOLEAN")
+    if isinstance(value, int):
+        return StatementParameterListItem(name=name, value=str(value), type="BIGINT")
+    if isinstance(value, float):
+        return StatementParameterListItem(name=name, value=repr(value), type="DOUBLE")
+    return StatementParameterListItem(name=name, value=str(value), type="STRING")
 
 
 def chat(

@@ -243,3 +243,93 @@ def test_history_on_postgresql(tmp_path):
         assert [v.version for v in store.versions("w", "s")] == [1, 2]
     finally:
         pg.stop()
+
+
+def test_history_on_a_sql_warehouse(tmp_path):
+    """The history as Delta tables on a warehouse, written with parameter markers: same behaviour, and a value
+    that looks like SQL stays a value."""
+    from blocks.workspace import DatabricksWorkspace
+    from sandbox import Sandbox
+
+    with Sandbox(allow_writes=True) as wsb:
+        client = DatabricksWorkspace(host=wsb.host, token=wsb.token).client(30)
+        url = "databricks://sandbox-warehouse/samples.retail"
+        store = HistoryStore(url, client)
+        HistoryStore(url, client)  # migrated once; opening again changes nothing
+        statements = [r["statement"] for r in wsb.requests("sql")]
+        assert sum("CREATE TABLE samples.retail.score_rows" in s for s in statements) == 1
+        assert not any("CREATE INDEX" in s or "PRIMARY KEY" in s for s in statements)
+        hostile = "x'); DROP TABLE samples.retail.orders; --\\"
+        assert store.record_version("w", "s", "e1", {"note": hostile}, "score", None) == 1
+        assert store.record_version("w", "s", "e2", {"note": "other"}, "improve", "r1") == 2
+        assert store.versions("w", "s")[0].config == {"note": hostile}
+        for i, verdict in enumerate(["correct", "incorrect", "correct"]):
+            flaky = store.flaky("w", "s", 2, {"q1": verdict, "q2": "correct"}, window=5)
+            rows = [
+                {
+                    "benchmark_id": f"q{b}",
+                    "verdict": "correct",
+                    "stage": "comparison",
+                    "reason": hostile,
+                    "genie_latency_s": 0.5,
+                    "attempts": 1,
+                    "cached": False,
+                    "flaky": False,
+                }
+                for b in range(2, 45)
+            ]
+            rows.append(
+                {
+                    "benchmark_id": "q1",
+                    "verdict": verdict,
+                    "stage": "comparison",
+                    "reason": "",
+                    "genie_latency_s": None,
+                    "attempts": 1,
+                    "cached": True,
+                    "flaky": "q1" in flaky,
+                }
+            )
+            store.append_run(
+                {
+                    "run_id": f"run-{i}",
+                    "workspace": "w",
+                    "space_id": "s",
+                    "etag": "e2",
+                    "version": 2,
+                    "score": 0.9,
+                    "total": 44,
+                    "correct": 43,
+                    "verdicts": {},
+                    "figures": {"p": 1},
+                    "breaker_events": [],
+                    "settings": {},
+                    "report": None,
+                    "created_at": f"2026-11-25T00:00:0{i}Z",
+                },
+                rows,
+            )
+        runs = store.runs("w", "s")
+        assert [r["run_id"] for r in runs] == ["run-0", "run-1", "run-2"]
+        assert runs[-1]["flaky"] == ["q1"] and len(runs[-1]["verdicts"]) == 44
+        assert (
+            client.statement_execution.execute_statement(  # the hostile text dropped nothing
+                statement="SELECT COUNT(*) FROM samples.retail.orders", warehouse_id="sandbox-warehouse"
+            ).result.data_array[0][0]
+            != "0"
+        )
+
+
+def test_sandbox_binds_named_parameters_as_a_warehouse_does(client):
+    from tasks.calls import run_sql
+
+    got = run_sql(
+        client,
+        "sandbox-warehouse",
+        "SELECT :n + 1 AS n, :s AS s, :b AS b, :z AS z",
+        10,
+        parameters={"n": 41, "s": "it's \\ fine", "b": True, "z": None},
+    )
+    assert got["rows"] == [[42, "it's \\ fine", True, None]]
+    unbound = run_sql(client, "sandbox-warehouse", "SELECT :missing AS m", 10, parameters={"other": 1})
+    assert "UNBOUND_SQL_PARAMETER" in unbound["error"]
