@@ -13,6 +13,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
+from sqlalchemy.exc import SQLAlchemyError
 
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger, history_store
@@ -22,7 +23,7 @@ from flows.phase import PhaseSpec, load_blocks, run_phase
 from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions
 from tasks.calls import ask_genie, run_sql
 from tasks.compare import Rounding, Rules, compare, rounding, sorting
-from tasks.history import HistoryStore, workspace_key
+from tasks.history import HistoryError, HistoryStore, workspace_key
 from tasks.judge import PROMPT_VERSION, case_item, judge_cases, read_only_problem
 from tasks.report import publish, publish_markdown, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome
@@ -30,6 +31,7 @@ from tasks.trend import trend_markdown, trend_rows, write_html
 
 VERDICTS = ("correct", "incorrect", "genie_error", "sql_error", "no_sql", "timeout", "judge_error")
 FAILED = ("genie_error", "sql_error", "timeout", "judge_error")  # no verdict on the answer: worth a rerun
+HISTORY_ERRORS = (SQLAlchemyError, HistoryError, OSError)
 
 
 @flow(
@@ -182,7 +184,10 @@ def score(
 
     seen: dict[str, Any] = {}
     if history:  # the configuration version and flaky benchmarks, before the report is written
-        seen = _history_before(ledger, genie_client, space_id, space.etag, config, report, settings)
+        try:
+            seen = _history_before(ledger, genie_client, space_id, space.etag, config, report, settings)
+        except HISTORY_ERRORS as exc:  # the scores matter more than their history: report them anyway
+            log.error(f"Score history unavailable, this run is not recorded in it: {exc}")
     run = {
         "flow_run_id": flow_run_id,
         "cache_scope": cache_scope,
@@ -194,7 +199,10 @@ def score(
     }
     summary = _finish(report, answers, breaker, output_dir, started, phases, settings, run)
     if seen:
-        summary["history"] = _history_after(seen, summary, answers, space.etag, output_dir)
+        try:
+            summary["history"] = _history_after(seen, summary, answers, space.etag, output_dir)
+        except HISTORY_ERRORS as exc:
+            log.error(f"Score history unavailable, this run is not recorded in it: {exc}")
     return summary
 
 

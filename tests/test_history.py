@@ -250,6 +250,7 @@ def test_history_on_a_sql_warehouse(tmp_path):
     that looks like SQL stays a value."""
     from blocks.workspace import DatabricksWorkspace
     from sandbox import Sandbox
+    from tasks.calls import run_sql
 
     with Sandbox(allow_writes=True) as wsb:
         client = DatabricksWorkspace(host=wsb.host, token=wsb.token).client(30)
@@ -312,12 +313,8 @@ def test_history_on_a_sql_warehouse(tmp_path):
         runs = store.runs("w", "s")
         assert [r["run_id"] for r in runs] == ["run-0", "run-1", "run-2"]
         assert runs[-1]["flaky"] == ["q1"] and len(runs[-1]["verdicts"]) == 44
-        assert (
-            client.statement_execution.execute_statement(  # the hostile text dropped nothing
-                statement="SELECT COUNT(*) FROM samples.retail.orders", warehouse_id="sandbox-warehouse"
-            ).result.data_array[0][0]
-            != "0"
-        )
+        orders = run_sql(client, "sandbox-warehouse", "SELECT COUNT(*) AS n FROM samples.retail.orders", 10)
+        assert orders["rows"][0][0] > 0  # the hostile text dropped nothing
 
 
 def test_sandbox_binds_named_parameters_as_a_warehouse_does(client):
