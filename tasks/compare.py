@@ -27,6 +27,7 @@ The rules, in the order they are applied (README "How answers are compared" says
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -147,11 +148,13 @@ class _Pair:
     def equal(self, a: Any, b: Any) -> bool:
         if a is None or b is None:
             return a is None and b is None
+        if self.kind == "float" and (math.isnan(a) or math.isnan(b)):
+            return math.isnan(a) and math.isnan(b)
         if self.rounded is not None:
             gap = abs(Decimal(repr(a)) - Decimal(repr(b))) if self.kind == "float" else abs(a - b)
             return bool(gap <= Decimal(5) * Decimal(10) ** -(self.rounded + 1))
         if self.kind == "float":
-            return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=self.rel_tol, abs_tol=self.abs_tol)
+            return math.isclose(a, b, rel_tol=self.rel_tol, abs_tol=self.abs_tol)
         return bool(a == b)
 
     def _values_match(self) -> bool:
@@ -451,7 +454,7 @@ def _tie_at_cut(
     while cut > 0 and [rows_e[cut - 1][k] for k in keys] == last:
         cut -= 1
     if cut == 0:
-        return None  # every row is tied at the cut: nothing but the keys to compare; the judge decides
+        return "undecided", "every row is tied on the sort key at the LIMIT cut, so any of the tied rows would do"
     head = {**expected, "rows": rows_e[:cut]}
     decision, _ = compare(
         head, {**actual, "rows": actual["rows"][:cut]}, Sorting(True, order.keys, False), rules, rounds
@@ -472,9 +475,7 @@ def _tie_at_cut(
 
 
 def _key_columns(actual: dict[str, Any], n: int) -> Iterator[list[int]]:
-    from itertools import permutations
-
-    yield from (list(p) for p in permutations(range(len(actual["columns"])), n))
+    yield from (list(p) for p in itertools.permutations(range(len(actual["columns"])), n))
 
 
 def _with_extras(

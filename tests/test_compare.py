@@ -270,6 +270,14 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], str | tuple[str, str], st
         "tied at the LIMIT cut",
     ),
     (
+        "every row tied at the LIMIT cut",
+        R("k:STRING,n:LONG", ("a", 2), ("b", 2)),
+        R("k:STRING,n:LONG", ("c", 2), ("d", 2)),
+        "SELECT k, n FROM t ORDER BY n DESC LIMIT 2",
+        "undecided",
+        "any of the tied rows",
+    ),
+    (
         "another row at the cut, not tied",
         R("k:STRING,n:LONG", ("a", 3), ("b", 2)),
         R("k:STRING,n:LONG", ("a", 3), ("c", 1)),
