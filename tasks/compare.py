@@ -9,10 +9,12 @@ The rules, in the order they are applied (README "How answers are compared" says
 3. **Types.** Cells are read by their column's type from the result manifest (`tasks.values`): integers
    and decimals exactly, floating values with `math.isclose` (`rel_tol`, `abs_tol`), strings exactly after
    trimming, DATE equal to a TIMESTAMP at midnight, NULL equal only to NULL.
-4. **Rounding.** When one side's SQL rounds to k decimals (ROUND, BROUND, FORMAT_NUMBER, or a cast to
-   DECIMAL(p, k)), that side's numeric column has no value with more than k decimals and the other side's
-   has more, the pair compares at k decimals (|a - b| <= 0.5 * 10^-k) and the reason says "same values at
-   k decimals". Without the SQL's word for it, a value with fewer decimals is just another value.
+4. **Rounding.** A numeric column is taken as rounded to k decimals when its side's SQL rounds to k
+   (ROUND, BROUND, FORMAT_NUMBER, a cast to DECIMAL(p, k)) and none of its values has more than k decimals
+   while the other side's have more; or, without the SQL's word, when at least 3 of its values all have at
+   most k >= 1 decimals and every value on the other side has more. Such a pair compares at k decimals
+   (|a - b| <= 0.5 * 10^-k) and the reason says "same values at k decimals". Otherwise a value with fewer
+   decimals is just another value.
 5. **Columns.** Names are ignored (aliases differ). Expected columns are assigned to distinct answer
    columns whose values match (a bipartite matching), and the assignment must also pair whole rows. Every
    assignment is tried, so a valid pairing is never missed; a search past `MAX_ASSIGNMENTS` ends undecided,
@@ -43,6 +45,7 @@ from tasks.values import Kind, Unreadable, decimals, kind_of, pair_kind, read_co
 Decision = Literal["correct", "incorrect", "undecided"]
 ExtraColumns = Literal["allow", "judge", "incorrect"]
 MAX_ASSIGNMENTS = 5000  # column assignments tried before giving up (undecided)
+MIN_ROUNDED_VALUES = 3  # values that show a rounding without the SQL's word for it
 MAX_ROW_MATCHING = 400  # rows up to which a tolerance mismatch after sorting is rechecked by full matching
 
 
@@ -166,15 +169,15 @@ class _Pair:
         return self.kind != "float" and self.rounded is None
 
     def _try_rounding(self) -> None:
-        if not (self.rounds.expected or self.rounds.actual):
-            return
-        places_e, places_a = (max((decimals(v) for v in side if v is not None), default=0) for side in self.raw)
-        fewer, more, said = (
-            (places_e, places_a, self.rounds.expected)
-            if places_e < places_a
-            else (places_a, places_e, self.rounds.actual)
-        )
-        for k in sorted(k for k in said if fewer <= k < more):
+        places = [[decimals(v) for v in side if v is not None] for side in self.raw]
+        most = [max(p, default=0) for p in places]
+        fewer, more = (0, 1) if most[0] < most[1] else (1, 0)
+        said = (self.rounds.expected, self.rounds.actual)[fewer]
+        tries = {k for k in said if most[fewer] <= k < most[more]}
+        k = most[fewer]  # the data's word: one side always rounded to k, the other never
+        if k >= 1 and len(places[fewer]) >= MIN_ROUNDED_VALUES and all(d > k for d in places[more]):
+            tries.add(k)
+        for k in sorted(tries):
             self.rounded = k
             self.matches = self._values_match()
             if self.matches:

@@ -4,6 +4,7 @@ same rules on results the sandbox warehouse returns, and properties that no rewr
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any
 
@@ -211,6 +212,22 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], str | tuple[str, str], st
         UNORDERED,
         "incorrect",
         "expected 1.515",
+    ),
+    (
+        "three values rounded to 2 decimals, no ROUND in the SQL",
+        R("avg:DOUBLE", (12.3456,), (7.1234,), (3.14159,)),
+        R("avg:DECIMAL", ("12.35",), ("7.12",), ("3.14",)),
+        UNORDERED,
+        "correct",
+        "same values at 2 decimals in avg",
+    ),
+    (
+        "one rounded-looking value among unrounded ones is another value",
+        R("avg:DOUBLE", (12.3456,), (7.1234,), (3.14159,)),
+        R("avg:DOUBLE", (12.35,), (7.1234,), (3.14159,)),
+        UNORDERED,
+        "incorrect",
+        "expected 12.3456",
     ),
     (
         "same number of decimals, different values",
@@ -549,7 +566,11 @@ def _permuted(result: dict[str, Any], rows: list[int], cols: list[int], rename: 
     }
 
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @FAST
