@@ -239,16 +239,9 @@ def history(
 ) -> None:
     """A space's score trend: score per run, configuration changes, flipped and flaky benchmarks, and an HTML
     report with charts."""
-    from flows.versions import open_history, workspace_of
-    from tasks.inputs import InputError
     from tasks.trend import trend_rows, write_html
 
-    store = open_history(ledger_block, history_url, workspace_block)
-    try:
-        host = workspace_of(store, space_id, workspace)
-    except InputError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    store, host = _space_history(space_id, workspace, ledger_block, history_url, workspace_block)
     runs = store.runs(host, space_id, limit=max(last, 200))
     rows = trend_rows(runs)
     table = Table(title=f"Score trend of {space_id} ({host}): last {min(last, len(rows))} of {len(rows)} runs")
@@ -280,15 +273,7 @@ def versions(
     diff: Annotated[int | None, typer.Option(help="print this version's diff against the one before")] = None,
 ) -> None:
     """The configurations a space had (seen at scoring, promoted by improve, restored by rollback)."""
-    from flows.versions import open_history, workspace_of
-    from tasks.inputs import InputError
-
-    store = open_history(ledger_block, history_url, workspace_block)
-    try:
-        host = workspace_of(store, space_id, workspace)
-    except InputError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    store, host = _space_history(space_id, workspace, ledger_block, history_url, workspace_block)
     found = store.versions(host, space_id)
     if diff is not None:
         chosen = next((v for v in found if v.version == diff), None)
@@ -603,6 +588,25 @@ def deploy(
     console.print(table)
     console.print(f"Blocks registered: {', '.join(blocks)}")
     console.print(f"Start a worker: prefect worker start --pool {pool}")
+
+
+def _space_history(
+    space_id: str,
+    workspace: str | None,
+    ledger_block: str | None,
+    history_url: str | None,
+    workspace_block: str | None,
+) -> tuple[Any, str]:
+    """(the score history, the workspace it knows `space_id` in); exit 2 naming what is missing."""
+    from flows.versions import open_history, workspace_of
+    from tasks.inputs import InputError
+
+    store = open_history(ledger_block, history_url, workspace_block)
+    try:
+        return store, workspace_of(store, space_id, workspace)
+    except InputError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
 
 
 def _scoring_inputs(

@@ -190,6 +190,45 @@ def test_migrations_are_applied_once_in_order(tmp_path, monkeypatch):
         HistoryStore(url)
 
 
+def _three_runs_q1_alternating(store: HistoryStore, others: int, reason: str) -> None:
+    """Three runs of version 2 of space "s", as a scoring run writes them: q1 correct, incorrect, correct
+    (flaky at the third), the `others` benchmarks always correct."""
+    for i, verdict in enumerate(["correct", "incorrect", "correct"]):
+        verdicts = {"q1": verdict, **{f"q{b}": "correct" for b in range(2, 2 + others)}}
+        flaky = store.flaky("w", "s", 2, verdicts, window=5)
+        store.append_run(
+            {
+                "run_id": f"run-{i}",
+                "workspace": "w",
+                "space_id": "s",
+                "etag": "e2",
+                "version": 2,
+                "score": 0.9,
+                "total": len(verdicts),
+                "correct": len(verdicts) - 1,
+                "verdicts": {},
+                "figures": {"p": 1},
+                "breaker_events": [],
+                "settings": {},
+                "report": None,
+                "created_at": f"2026-11-25T00:00:0{i}Z",
+            },
+            [
+                {
+                    "benchmark_id": b,
+                    "verdict": v,
+                    "stage": "comparison",
+                    "reason": reason,
+                    "genie_latency_s": None if b == "q1" else 0.5,
+                    "attempts": 1,
+                    "cached": b == "q1",
+                    "flaky": b in flaky,
+                }
+                for b, v in verdicts.items()
+            ],
+        )
+
+
 def test_history_on_postgresql(tmp_path):
     """The team set-up: the history in PostgreSQL (the server Prefect uses), same behaviour as SQLite."""
     from deployments.local import Postgres, ServerError
@@ -204,39 +243,7 @@ def test_history_on_postgresql(tmp_path):
         assert store.record_version("w", "s", "e1", {"a": 1}, "score", "r0") == 1
         assert store.record_version("w", "s", "e1", {"a": 1}, "score", "r1") == 1
         assert store.record_version("w", "s", "e2", {"a": 2}, "improve", "r2") == 2
-        for i, verdict in enumerate(["correct", "incorrect", "correct"]):
-            flaky = store.flaky("w", "s", 2, {"q1": verdict, "q2": "correct"}, window=5)
-            store.append_run(
-                {
-                    "run_id": f"run-{i}",
-                    "workspace": "w",
-                    "space_id": "s",
-                    "etag": "e2",
-                    "version": 2,
-                    "score": 0.5,
-                    "total": 2,
-                    "correct": 1,
-                    "verdicts": {},
-                    "figures": {},
-                    "breaker_events": [],
-                    "settings": {},
-                    "report": None,
-                    "created_at": f"2026-11-25T00:00:0{i}Z",
-                },
-                [
-                    {
-                        "benchmark_id": b,
-                        "verdict": v,
-                        "stage": "comparison",
-                        "reason": "",
-                        "genie_latency_s": 0.1,
-                        "attempts": 1,
-                        "cached": False,
-                        "flaky": b in flaky,
-                    }
-                    for b, v in {"q1": verdict, "q2": "correct"}.items()
-                ],
-            )
+        _three_runs_q1_alternating(store, others=1, reason="")
         runs = store.runs("w", "s")
         assert [r["run_id"] for r in runs] == ["run-0", "run-1", "run-2"]
         assert runs[-1]["flaky"] == ["q1"] and runs[1]["flaky"] == []
@@ -264,52 +271,7 @@ def test_history_on_a_sql_warehouse(tmp_path):
         assert store.record_version("w", "s", "e1", {"note": hostile}, "score", None) == 1
         assert store.record_version("w", "s", "e2", {"note": "other"}, "improve", "r1") == 2
         assert store.versions("w", "s")[0].config == {"note": hostile}
-        for i, verdict in enumerate(["correct", "incorrect", "correct"]):
-            flaky = store.flaky("w", "s", 2, {"q1": verdict, "q2": "correct"}, window=5)
-            rows = [
-                {
-                    "benchmark_id": f"q{b}",
-                    "verdict": "correct",
-                    "stage": "comparison",
-                    "reason": hostile,
-                    "genie_latency_s": 0.5,
-                    "attempts": 1,
-                    "cached": False,
-                    "flaky": False,
-                }
-                for b in range(2, 45)
-            ]
-            rows.append(
-                {
-                    "benchmark_id": "q1",
-                    "verdict": verdict,
-                    "stage": "comparison",
-                    "reason": "",
-                    "genie_latency_s": None,
-                    "attempts": 1,
-                    "cached": True,
-                    "flaky": "q1" in flaky,
-                }
-            )
-            store.append_run(
-                {
-                    "run_id": f"run-{i}",
-                    "workspace": "w",
-                    "space_id": "s",
-                    "etag": "e2",
-                    "version": 2,
-                    "score": 0.9,
-                    "total": 44,
-                    "correct": 43,
-                    "verdicts": {},
-                    "figures": {"p": 1},
-                    "breaker_events": [],
-                    "settings": {},
-                    "report": None,
-                    "created_at": f"2026-11-25T00:00:0{i}Z",
-                },
-                rows,
-            )
+        _three_runs_q1_alternating(store, others=43, reason=hostile)
         runs = store.runs("w", "s")
         assert [r["run_id"] for r in runs] == ["run-0", "run-1", "run-2"]
         assert runs[-1]["flaky"] == ["q1"] and len(runs[-1]["verdicts"]) == 44
