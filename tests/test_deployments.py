@@ -189,8 +189,8 @@ def test_scheduled_and_ad_hoc_runs_on_a_work_pool_then_rerun_of_failed_rows(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[adhoc.id]))
         )
         kinds = {(a.key, a.type) for a in artifacts}
-        assert {("scorecard-rows", "table"), ("scorecard-summary", "markdown")} <= kinds, kinds
-        markdown = str(next(a.data for a in artifacts if a.type == "markdown"))
+        assert {("scorecard-rows", "table"), ("scorecard-summary", "markdown"), ("score-trend", "markdown")} <= kinds
+        markdown = str(next(a.data for a in artifacts if a.key == "scorecard-summary"))
         assert "rerun-failed/rerun-failed" in markdown and str(adhoc.id) in markdown
         breaker: Any = CircuitBreaker.load("genie-breaker")
         assert breaker.current_state() == "CLOSED"
