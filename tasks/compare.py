@@ -456,24 +456,26 @@ def _tie_at_cut(
     cut = len(rows_e)
     while cut > 0 and [rows_e[cut - 1][k] for k in keys] == last:
         cut -= 1
-    if cut == 0:
-        return "undecided", "every row is tied on the sort key at the LIMIT cut, so any of the tied rows would do"
-    head = {**expected, "rows": rows_e[:cut]}
-    decision, _ = compare(
-        head, {**actual, "rows": actual["rows"][:cut]}, Sorting(True, order.keys, False), rules, rounds
-    )
-    if decision != "correct":
-        return None
+    if cut:
+        head = {**expected, "rows": rows_e[:cut]}
+        decision, _ = compare(
+            head, {**actual, "rows": actual["rows"][:cut]}, Sorting(True, order.keys, False), rules, rounds
+        )
+        if decision != "correct":
+            return None
     tail_e = {**expected, "columns": [expected["columns"][k] for k in keys], "rows": [last] * (len(rows_e) - cut)}
     tail_e["types"] = [_types(expected)[k] for k in keys]
     for combo in _key_columns(actual, len(keys)):
         tail_a = {**actual, "columns": combo, "rows": [[r[c] for c in combo] for r in actual["rows"][cut:]]}
         tail_a["types"] = [_types(actual)[c] for c in combo]
-        if compare(tail_e, tail_a, Sorting(), rules)[0] == "correct":
-            return "correct", (
-                f"same rows in the same order; {len(rows_e) - cut} row(s) tied at the LIMIT cut differ, and "
-                "either choice is a valid answer"
-            )
+        if compare(tail_e, tail_a, Sorting(), rules)[0] != "correct":
+            continue
+        if not cut:  # nothing but the tied key to compare: the rest of the rows may be any of the tied ones
+            return "undecided", "every row is tied on the sort key at the LIMIT cut, so any of the tied rows would do"
+        return "correct", (
+            f"same rows in the same order; {len(rows_e) - cut} row(s) tied at the LIMIT cut differ, and "
+            "either choice is a valid answer"
+        )
     return None
 
 

@@ -295,6 +295,22 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], str | tuple[str, str], st
         "any of the tied rows",
     ),
     (
+        "LIMIT 1: another top row with a lower count",
+        R("k:STRING,n:LONG", ("a", 3)),
+        R("k:STRING,n:LONG", ("b", 2)),
+        "SELECT k, n FROM t ORDER BY n DESC LIMIT 1",
+        "incorrect",
+        "values differ",
+    ),
+    (
+        "LIMIT 1: another top row with the same count",
+        R("k:STRING,n:LONG", ("a", 3)),
+        R("k:STRING,n:LONG", ("b", 3)),
+        "SELECT k, n FROM t ORDER BY n DESC LIMIT 1",
+        "undecided",
+        "any of the tied rows",
+    ),
+    (
         "another row at the cut, not tied",
         R("k:STRING,n:LONG", ("a", 3), ("b", 2)),
         R("k:STRING,n:LONG", ("a", 3), ("c", 1)),
