@@ -55,6 +55,10 @@ class ScoreSettings(BaseModel):
         description="an answer with every expected column plus others: allow (correct), judge (ask the LLM), "
         "or incorrect",
     )
+    allowed_functions: list[str] = Field(
+        default_factory=list,
+        description="SQL functions let through although they read files, secrets or services (e.g. ai_query)",
+    )
     flaky_window: int = Field(
         5, ge=3, le=50, description="runs looked at to mark a benchmark flaky (its verdict changed twice or more)"
     )

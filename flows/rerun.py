@@ -27,6 +27,7 @@ SAME_WITHOUT_FRESH = {
     "genie_sql": "Genie's SQL failed in the warehouse",
     "not_read_only": "Genie's SQL was refused",
     "expected_sql": "the benchmark's expected SQL failed (fix the benchmark)",
+    "expected_not_read_only": "the benchmark's expected SQL was refused (fix the benchmark)",
 }
 
 

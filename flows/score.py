@@ -23,8 +23,9 @@ from flows.phase import PhaseSpec, load_blocks, run_phase
 from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions
 from tasks.calls import ask_genie, run_sql
 from tasks.compare import Rounding, Rules, compare, rounding, sorting
+from tasks.guard import read_only_problem
 from tasks.history import HistoryError, HistoryStore, workspace_key
-from tasks.judge import PROMPT_VERSION, case_item, judge_cases, read_only_problem
+from tasks.judge import PROMPT_VERSION, case_item, judge_cases
 from tasks.report import publish, publish_markdown, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome
 from tasks.trend import trend_markdown, trend_rows, write_html
@@ -139,10 +140,16 @@ def score(
     # Phase 2: run the expected SQL and Genie's (read-only) SQL
     t2 = time.monotonic()
     statements: dict[str, str] = {}
+    allowed = settings.allowed_functions
     for b, row in asks:
-        statements[stable_key(warehouse_id, b.expected_sql)] = b.expected_sql
+        if not read_only_problem(b.expected_sql, "the expected SQL", allowed):
+            statements[stable_key(warehouse_id, b.expected_sql)] = b.expected_sql
         answer = answers[row.key]
-        if answer.status == "ok" and answer.value["kind"] == "sql" and not read_only_problem(answer.value["sql"]):
+        if (
+            answer.status == "ok"
+            and answer.value["kind"] == "sql"
+            and not read_only_problem(answer.value["sql"], allowed=allowed)
+        ):
             statements[stable_key(warehouse_id, answer.value["sql"])] = answer.value["sql"]
     sql_client = workspace.client(settings.sql_timeout + 5)
     sql_spec = PhaseSpec(
@@ -162,7 +169,7 @@ def score(
     # Compare, then Phase 3: judge what the comparison cannot decide
     t3 = time.monotonic()
     rules = Rules(settings.numeric_tolerance, settings.numeric_abs_tolerance, settings.extra_columns)
-    attempts = [_decide(b, answers[row.key], results, warehouse_id, rules) for b, row in asks]
+    attempts = [_decide(b, answers[row.key], results, warehouse_id, rules, allowed) for b, row in asks]
     undecided = [(a, b) for a, (b, _) in zip(attempts, asks, strict=True) if a["verdict"] is None]
     judge_calls = _judge(undecided, results, warehouse_id, settings, workspace, ledger, sequential)
     report = _agreement(attempts, settings.repeats)
@@ -323,7 +330,12 @@ def _genie_key(space_id: str, question: str, repeat: int) -> str:
 
 
 def _decide(
-    b: Benchmark, answer: RowOutcome, results: dict[str, RowOutcome], warehouse_id: str, rules: Rules
+    b: Benchmark,
+    answer: RowOutcome,
+    results: dict[str, RowOutcome],
+    warehouse_id: str,
+    rules: Rules,
+    allowed: list[str],
 ) -> dict[str, Any]:
     """The report row of one answer to a benchmark, with a verdict when no judge is needed (else None)."""
     row: dict[str, Any] = {
@@ -353,6 +365,10 @@ def _decide(
         row.update(verdict="no_sql", reason=f"Genie answered with text only: {answer.value['text']}")
         return row
     row["genie_sql"] = answer.value["sql"]
+    refused = read_only_problem(b.expected_sql, "the expected SQL", allowed)
+    if refused:
+        row.update(verdict="sql_error", reason=refused, error_kind="expected_not_read_only")
+        return row
     expected = results[stable_key(warehouse_id, b.expected_sql)]
     if expected.status != "ok" or "error" in expected.value:
         row.update(
@@ -362,7 +378,7 @@ def _decide(
         )
         return row
     row["expected_rows"] = expected.value["row_count"]
-    problem = read_only_problem(answer.value["sql"])
+    problem = read_only_problem(answer.value["sql"], allowed=allowed)
     if problem:
         row.update(verdict="sql_error", reason=problem, error_kind="not_read_only")
         return row

@@ -103,6 +103,10 @@ class Warehouse:
         self.load_problems: list[str] = []
         if data:
             self.default_namespace, self.user_tables, self.load_problems = load_tables(self._conn, data)
+        # statements must not read the host's files (read_text('/etc/passwd'), read_csv, COPY ... FROM),
+        # nor turn that back on
+        self._conn.execute("SET enable_external_access = false")
+        self._conn.execute("SET lock_configuration = true")
         self._statements: dict[str, Statement] = {}
         self._lock = threading.Lock()
 

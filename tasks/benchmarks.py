@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,16 @@ class Benchmark(BaseModel):
         return str(value) if isinstance(value, int) else value
 
 
+MAX_FILE_BYTES = 50 * 2**20  # far above any benchmark set; bounds what a file can make us allocate
+_SHOWN = reprlib.Repr()  # error messages quote a bounded excerpt of what a file holds
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 2, 4, 4, 60, 60
+
+
 def _records(path: Path) -> list[Any]:
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise BenchmarkFileError(f"{path}: {size:,} bytes; a benchmarks file may hold {MAX_FILE_BYTES:,} at most")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BenchmarkFileError(f"cannot read benchmarks file {path}: {exc}") from exc
@@ -46,18 +56,38 @@ def _records(path: Path) -> list[Any]:
         if suffix == ".json":
             data = json.loads(text)
         elif suffix in (".yaml", ".yml"):
+            _no_aliases(text, path)
             data = yaml.safe_load(text)
-        elif suffix == ".csv":
-            data = list(csv.DictReader(text.splitlines()))
+        elif suffix == ".csv":  # a real CSV reader: quoted fields keep their line breaks
+            data = list(csv.DictReader(io.StringIO(text, newline="")))
         else:
             raise BenchmarkFileError(f"{path}: unsupported format {suffix!r}; use .json, .yaml, .yml or .csv")
+    except BenchmarkFileError:
+        raise
     except (ValueError, yaml.YAMLError) as exc:
-        raise BenchmarkFileError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from exc
+        raise BenchmarkFileError(f"{path}: not valid {suffix[1:].upper()}: {str(exc)[:500]}") from exc
+    except RecursionError as exc:
+        raise BenchmarkFileError(f"{path}: nested too deeply to be a list of benchmarks") from exc
     if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
         data = data["benchmarks"]
     if not isinstance(data, list):
         raise BenchmarkFileError(f"{path}: expected a list of benchmarks (or {{'benchmarks': [...]}})")
     return data
+
+
+def _no_aliases(text: str, path: Path) -> None:
+    """Refuse YAML anchors and aliases: a benchmarks file has no use for them, and nested aliases expand
+    exponentially (a 500-byte "billion laughs" file)."""
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                line = event.start_mark.line + 1 if event.start_mark else "?"
+                raise BenchmarkFileError(
+                    f"{path}: line {line}: YAML aliases (*{str(event.anchor)[:40]}) are not allowed in a "
+                    "benchmarks file; write each value out"
+                )
+    except yaml.YAMLError as exc:
+        raise BenchmarkFileError(f"{path}: not valid YAML: {str(exc)[:500]}") from exc
 
 
 def load_benchmarks(path: str | Path) -> list[Benchmark]:
@@ -79,7 +109,7 @@ def load_benchmarks(path: str | Path) -> list[Benchmark]:
                 {k: v for k, v in record.items() if v not in (None, "") or k != "tags"}
             )
         except ValidationError as exc:
-            label = record.get("id") or "(no id)"
+            label = _SHOWN.repr(record.get("id")) if record.get("id") else "(no id)"
             details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
             problems.append(f"row {number} (id {label}): {details}")
             continue

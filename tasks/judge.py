@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import sqlglot
 from databricks.sdk import WorkspaceClient
-from sqlglot import exp
 
 from tasks.batched import ask_validated
 from tasks.benchmarks import Benchmark
@@ -25,21 +23,6 @@ SYSTEM = (
     'only a JSON array, one element per item: {"id": <item id>, "verdict": "correct" | "incorrect", '
     '"reason": <one sentence>}.'
 )
-
-READ_ONLY = (exp.Select, exp.Union, exp.Intersect, exp.Except)
-
-
-def read_only_problem(sql: str) -> str | None:
-    """Why `sql` must not reach the warehouse (not exactly one read-only query), or None."""
-    try:
-        trees = [t for t in sqlglot.parse(sql, read="databricks") if t is not None]
-    except sqlglot.errors.ParseError as exc:
-        return f"Genie's SQL does not parse: {str(exc).splitlines()[0]}"
-    if len(trees) != 1:
-        return f"Genie's SQL has {len(trees)} statements; only one query is run"
-    if not isinstance(trees[0], READ_ONLY):
-        return f"Genie's SQL is a {trees[0].key.upper()} statement, not a query; refused"
-    return None
 
 
 def case_item(
