@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.phase import PhaseSpec, run_phase
-from tasks.batched import BatchAnswer
+from tasks.batched import BatchAnswer, PartialAnswer
 from tasks.limits import rate_limit_for
 from tasks.report import stable_key
 from tasks.resilience import Cache, RetryPolicy, Row, run_logger
@@ -75,11 +75,25 @@ def run_batched(
         return result
     rate_limit = rate_limit_for(job.service, job.rpm)  # run_phase creates it before the first call
 
-    def send(batch: list[dict[str, Any]]) -> BatchAnswer:
-        answer = call(batch, rate_limit)
-        for item_id, value in answer["good"].items():
+    kept: dict[str, Any] = {}  # answers kept from attempts that failed part-way: never asked again
+
+    def keep(good: dict[str, Any]) -> None:
+        for item_id, value in good.items():
             job.cache.ledger.put(job.cache.step, job.cache.version, key(by_id[item_id]), value)
-        return answer
+        kept.update(good)
+
+    def send(batch: list[dict[str, Any]]) -> BatchAnswer:
+        todo = [item for item in batch if item["id"] not in kept]
+        earlier = {item["id"]: kept[item["id"]] for item in batch if item["id"] in kept}
+        if not todo:
+            return {"good": earlier, "problems": {}, "calls": 0, "tokens": 0}
+        try:
+            answer = call(todo, rate_limit)
+        except PartialAnswer as partial:
+            keep(partial.good)
+            raise partial.error from partial  # the retry policy judges the error itself
+        keep(answer["good"])
+        return {**answer, "good": {**earlier, **answer["good"]}}
 
     by_id = {item["id"]: item for item in todo}
     batches = pack(todo)

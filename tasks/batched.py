@@ -15,6 +15,14 @@ from tasks.calls import chat
 from tasks.errors import InvalidResponse
 
 
+class PartialAnswer(Exception):
+    """A transient error part-way through a batch, carrying the elements validated before it."""
+
+    def __init__(self, error: BaseException, good: dict[str, Any]) -> None:
+        super().__init__(str(error))
+        self.error, self.good = error, good
+
+
 class BatchAnswer(TypedDict):
     """What one batched call (with its re-asks) came back with."""
 
@@ -68,12 +76,16 @@ def check_elements(ids: list[str], elements: list[Any], validate: Validator) -> 
 
 
 def ask_validated(
-    items: list[dict[str, Any]], ask: Callable[[list[dict[str, Any]]], str], validate: Validator
+    items: list[dict[str, Any]],
+    ask: Callable[[list[dict[str, Any]]], str],
+    validate: Validator,
+    on_good: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str], int]:
     """Ask for `items` in one call; re-ask invalid or missing ones in halves until single items.
 
-    Returns (valid elements by id, final problems by id, number of calls made).
-    Transient errors raised by `ask` propagate (the caller's retry policy handles them).
+    Returns (valid elements by id, final problems by id, number of calls made). `on_good` gets each call's
+    valid elements the moment they are validated, so a transient error in a later re-ask, which propagates
+    to the caller's retry policy, loses none of them.
     """
     calls = 1
     ids = [str(item["id"]) for item in items]
@@ -81,6 +93,8 @@ def ask_validated(
         good, problems = check_elements(ids, parse_array(ask(items)), validate)
     except InvalidResponse as exc:
         good, problems = {}, {i: str(exc) for i in ids}
+    if good and on_good is not None:
+        on_good(good)
     if not problems or len(items) == 1:
         return good, problems, calls
     retry = [item for item in items if str(item["id"]) in problems]
@@ -90,9 +104,9 @@ def ask_validated(
         if not half:
             continue
         if len(half) > 1 and half is retry:
-            half_good, half_problems, n = _ask_each(half, ask, validate)
+            half_good, half_problems, n = _ask_each(half, ask, validate, on_good)
         else:
-            half_good, half_problems, n = ask_validated(half, ask, validate)
+            half_good, half_problems, n = ask_validated(half, ask, validate, on_good)
         good.update(half_good)
         final_problems.update(half_problems)
         calls += n
@@ -100,12 +114,15 @@ def ask_validated(
 
 
 def _ask_each(
-    items: list[dict[str, Any]], ask: Callable[[list[dict[str, Any]]], str], validate: Validator
+    items: list[dict[str, Any]],
+    ask: Callable[[list[dict[str, Any]]], str],
+    validate: Validator,
+    on_good: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[dict[str, Any], dict[str, str], int]:
     good: dict[str, Any] = {}
     problems: dict[str, str] = {}
     for item in items:
-        g, p, _ = ask_validated([item], ask, validate)
+        g, p, _ = ask_validated([item], ask, validate, on_good)
         good.update(g)
         problems.update(p)
     return good, problems, len(items)
@@ -136,5 +153,11 @@ def ask_task(
         tokens += (reply["prompt_tokens"] or 0) + (reply["completion_tokens"] or 0)
         return str(reply["content"])
 
-    good, problems, _ = ask_validated(items, ask, validate)
+    kept: dict[str, Any] = {}
+    try:
+        good, problems, _ = ask_validated(items, ask, validate, kept.update)
+    except Exception as exc:
+        if kept:
+            raise PartialAnswer(exc, kept) from exc
+        raise
     return {"good": good, "problems": problems, "calls": calls, "tokens": tokens}

@@ -193,3 +193,15 @@ def test_the_deployment_form_is_typed():
     assert settings["rpm"]["default"] == 15 and "description" in settings["rpm"]
     assert schema["properties"]["text_columns"]["type"] == "array"
     assert "text_columns" in schema["required"]
+
+
+def test_a_transport_error_while_re_asking_keeps_the_batchs_valid_rows(sb, workspace_block, ledger_block, tmp_path):
+    """19 of 20 rows answered, the re-ask of the 20th hits a 500: the retry sends that one row, not 20."""
+    sb.set_faults("chat", script=["bad_enum", "500"])
+    result = _run(tmp_path, _rows(20), workspace_block, ledger_block)
+    assert _batch_sizes(sb) == [20, 1]
+    assert sb.stats()["chat"]["calls"] == 3
+    assert (result["newly_enriched"], result["failed"]) == (20, 0)
+    sb.reset()
+    again = _run(tmp_path, _rows(20), workspace_block, ledger_block)
+    assert sb.stats()["chat"]["calls"] == 0 and again["cache_hits"] == 20
