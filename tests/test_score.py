@@ -150,7 +150,7 @@ def test_bad_benchmark_file_names_every_bad_row(tmp_path):
         load_benchmarks(path)
     message = str(info.value)
     assert "row 2: duplicate id 'q1' (first at row 1)" in message
-    assert "row 3 (id q3): question: String should have at least 1 character" in message
+    assert "row 3 (id 'q3'): question: String should have at least 1 character" in message
 
 
 def test_invalid_settings_are_rejected_with_the_field_name():
