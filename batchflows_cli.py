@@ -721,16 +721,16 @@ class _workspace:
     def __enter__(self) -> str | None:
         if not self.use_sandbox:
             return self.block
-        from blocks.workspace import DatabricksWorkspace
+        from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace
         from sandbox import Sandbox
 
         self.sb = Sandbox(port=0, allow_writes=self.allow_writes).start()
         self.sb.set_faults("genie", latency_ms=800, latency_jitter_ms=400)
         self.sb.set_faults("sql", latency_ms=150, latency_jitter_ms=100)
         self.sb.set_faults("chat", latency_ms=400)
-        DatabricksWorkspace(host=self.sb.host, token=self.sb.token).save("sandbox", overwrite=True)
+        DatabricksWorkspace(host=self.sb.host, token=self.sb.token).save(EMBEDDED_SANDBOX_BLOCK, overwrite=True)
         console.print(f"Embedded sandbox workspace on {self.sb.host}")
-        return "sandbox"
+        return EMBEDDED_SANDBOX_BLOCK
 
     def __exit__(self, *_: object) -> None:
         if self.sb is not None:
@@ -763,6 +763,8 @@ def _print_scorecard(summary: dict[str, Any]) -> None:
         f"{summary['wall_time_s']} s"
     )
     console.print(f"Report: {summary['files']['csv']} and {summary['files']['parquet']}")
+    if summary["failures"]:
+        console.print(f"Rerun just the {len(summary['failures'])} failed rows: {summary['rerun_command']}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr
 _CLIENTS: dict[tuple[Any, ...], WorkspaceClient] = {}
 _CLIENTS_LOCK = threading.Lock()
 POOL_SIZE = 128  # connections kept per host: above any concurrency a phase runs at
+EMBEDDED_SANDBOX_BLOCK = "sandbox"  # the block `--sandbox` commands save for the sandbox they start
 
 
 class SdkRetrySuppressed(Exception):

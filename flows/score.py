@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger, history_store
 from blocks.settings import Preset, ScorePreset, ScoreSettings, score_settings
-from blocks.workspace import DatabricksWorkspace
+from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace
 from flows.phase import PhaseSpec, load_blocks, run_phase
 from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions
 from tasks.calls import ask_genie, run_sql
@@ -526,6 +526,7 @@ def _finish(
         "files": files,
         "rows": report,
         "settings": settings.model_dump(),
+        "rerun_command": rerun_command(folder, run["workspace_block"]),
     }
     publish(
         "scorecard",
@@ -537,6 +538,12 @@ def _finish(
         f"{len(failures)} failure records; report in {files['csv']}"
     )
     return summary
+
+
+def rerun_command(folder: Path, workspace_block: str | None) -> str:
+    """The command that reruns a report's failed rows, as the user would type it."""
+    embedded = workspace_block == EMBEDDED_SANDBOX_BLOCK  # a sandbox the rerun must start again
+    return f"batchflows rerun-failed {folder}{' --sandbox' if embedded else ''}"
 
 
 def _markdown(summary: dict[str, Any]) -> str:
@@ -563,7 +570,7 @@ def _markdown(summary: dict[str, Any]) -> str:
             "",
             f"{len(summary['failures'])} rows failed. Rerun just these (finished rows come from the ledger, so "
             "only these are called again):",
-            f"- terminal: `batchflows rerun-failed {Path(summary['files']['csv']).parent}`",
+            f"- terminal: `{summary['rerun_command']}`",
             f"- Prefect UI: run the deployment `rerun-failed/rerun-failed` with report = `{summary['flow_run_id']}`",
         ]
     lines += ["", f"Report: `{summary['files']['csv']}`"]
