@@ -137,8 +137,9 @@ def score(
         )
     if json_out:
         console.print_json(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=str))
-        return
-    _print_scorecard(summary)
+    else:
+        _print_scorecard(summary)
+    _exit_if_nothing_succeeded(summary["total"] - len(summary["failures"]), summary["total"], "benchmarks judged")
 
 
 @app.command()
@@ -356,13 +357,14 @@ def enrich(
         )
     if json_out:
         console.print_json(json.dumps(summary, default=str))
-        return
-    console.print(
-        f"Total rows: {summary['total']}; cache hits: {summary['cache_hits']}; newly enriched: "
-        f"{summary['newly_enriched']}; failed: {summary['failed']}; success rate: {summary['success_rate']:.1%}; "
-        f"API calls: {summary['api_calls']}; tokens: {summary['tokens']}; {summary['wall_time_s']} s"
-    )
-    console.print(f"Rows: {summary['files']['parquet']} and {summary['files']['csv']}")
+    else:
+        console.print(
+            f"Total rows: {summary['total']}; cache hits: {summary['cache_hits']}; newly enriched: "
+            f"{summary['newly_enriched']}; failed: {summary['failed']}; success rate: {summary['success_rate']:.1%}; "
+            f"API calls: {summary['api_calls']}; tokens: {summary['tokens']}; {summary['wall_time_s']} s"
+        )
+        console.print(f"Rows: {summary['files']['parquet']} and {summary['files']['csv']}")
+    _exit_if_nothing_succeeded(summary["total"] - summary["failed"], summary["total"], "rows enriched")
 
 
 @app.command()
@@ -404,6 +406,7 @@ def analyse(
         f"run {summary['wall_time_s']} s"
     )
     console.print(f"Report: {summary['files']['csv']}; groups: {summary['files']['groups']}")
+    _exit_if_nothing_succeeded(summary["analysed"], summary["items"], "items analysed")
 
 
 @app.command()
@@ -457,6 +460,7 @@ def embed(
         f"{summary['by_kind']}"
     )
     console.print(f"Vectors: {summary['store']}; results: {summary['files']['csv']}")
+    _exit_if_nothing_succeeded(summary["successful"], summary["processed"], "documents embedded")
 
 
 @app.command()
@@ -667,6 +671,13 @@ def _job(use_sandbox: bool, workspace_block: str | None, allow_writes: bool = Fa
         except (InputError, BudgetExceeded, NotFound) as exc:  # NotFound: an unknown space, warehouse or endpoint
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
+
+
+def _exit_if_nothing_succeeded(succeeded: int, total: int, what: str) -> None:
+    """A run that succeeded on none of its rows exits 1 (its report is written: the failures are in it)."""
+    if total and not succeeded:
+        console.print(f"[red]failed:[/red] 0 of {total} {what}; every row failed (see the report's failures)")
+        raise typer.Exit(1)
 
 
 def _key_values(items: list[str] | None) -> dict[str, str]:

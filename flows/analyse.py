@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from flows.phase import PhaseSpec, load_blocks, run_phase
 from tasks.analyse import FAILED_ANALYSIS, PROMPT_VERSION, analyse_item, merge
 from tasks.inputs import InputError, read_input
+from tasks.preflight import check_workspace
 from tasks.report import publish, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, run_logger
 
@@ -66,6 +67,7 @@ def analyse(
     settings = settings or AnalyseSettings()
     started = time.monotonic()
     workspace, ledger = load_blocks(workspace_block, ledger_block)
+    check_workspace(workspace, warehouse_id=warehouse_id if query else None, endpoints=[settings.endpoint])
     client = workspace.client(settings.timeout)
     items = _items(
         read_input(client, input_path, query, warehouse_id, settings.timeout), id_column, position_column, text_column

@@ -28,6 +28,7 @@ from tasks.embed import (
     schema_documents,
 )
 from tasks.inputs import InputError, read_input
+from tasks.preflight import check_workspace
 from tasks.report import publish, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, run_logger
 
@@ -86,6 +87,12 @@ def embed(
     settings = settings or EmbedSettings()
     started = time.monotonic()
     workspace, ledger = load_blocks(workspace_block, ledger_block)
+    if warehouse_id or not estimate_only:  # an estimate of a documents file needs no workspace
+        check_workspace(
+            workspace,
+            warehouse_id=None if input_path else warehouse_id,
+            endpoints=[] if estimate_only else [settings.endpoint],
+        )
     client = workspace.client(settings.timeout)
     if input_path:
         frame = read_input(client, input_path, None, None, settings.timeout)

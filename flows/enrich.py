@@ -28,6 +28,7 @@ from tasks.enrich import (
     schema_of,
 )
 from tasks.inputs import read_input
+from tasks.preflight import check_workspace
 from tasks.report import publish, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, run_logger
 
@@ -84,6 +85,7 @@ def enrich(
     settings = settings or EnrichSettings()
     started = time.monotonic()
     workspace, ledger = load_blocks(workspace_block, ledger_block)
+    check_workspace(workspace, warehouse_id=warehouse_id if query else None, endpoints=[settings.endpoint])
     client = workspace.client(settings.timeout)
     frame = read_input(client, input_path, query, warehouse_id, settings.timeout)
     model = load_schema(schema_path)

@@ -42,6 +42,7 @@ from tasks.improve import (
     propose_batch,
     space_summary,
 )
+from tasks.preflight import check_workspace
 from tasks.report import publish, stable_key
 from tasks.resilience import Cache, RetryPolicy, run_logger
 
@@ -107,6 +108,12 @@ def improve(
     started = time.monotonic()
     items = load_benchmarks(benchmarks) if isinstance(benchmarks, str) else list(benchmarks)
     workspace, ledger = load_blocks(workspace_block, ledger_block)
+    check_workspace(
+        workspace,
+        space_id=space_id,
+        warehouse_id=warehouse_id,
+        endpoints=[settings.endpoint, (score_settings or ScoreSettings()).judge_endpoint],
+    )
     client = workspace.client(settings.timeout)
     run_id = _run_id()
     out = Path(output_dir) / f"improve-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"

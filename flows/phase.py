@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prefect import flow, task, unmapped
@@ -20,7 +20,7 @@ from blocks.ledger import RowLedger
 from blocks.workspace import DatabricksWorkspace
 from tasks import progress
 from tasks.limits import RateLimit, ensure_service_limits, hold
-from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, lane, run_logger, run_rows
+from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, Stop, lane, run_logger, run_rows
 
 
 @dataclass
@@ -37,6 +37,7 @@ class PhaseSpec:
     fallback_delay_s: float = 1.0
     fallback_max_wait_s: float = 180.0
     sequential: bool = False
+    stop: Stop = field(default_factory=Stop)  # run_phase gives each run its own
 
 
 @task(task_run_name="{phase}-rows-{first}", cache_policy=NO_CACHE, persist_result=False)
@@ -55,6 +56,7 @@ def run_chunk(
         cache=spec.cache,
         sequential=spec.sequential,
         on_done=_progress_of(spec.name),
+        stop=spec.stop,
     )
 
 
@@ -95,6 +97,7 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
         log.info(f"{spec.name}: {len(outcomes)}/{len(rows)} rows from cache, {len(pending)} to call")
     if not pending:
         return outcomes
+    spec = replace(spec, stop=Stop())
     concurrency = 1 if spec.sequential else spec.concurrency
     rate_limit = ensure_service_limits(spec.service, spec.concurrency, spec.rpm)
     chunks = [pending] if spec.sequential else chunk_rows(pending, concurrency)
@@ -139,6 +142,7 @@ def sequential_fallback(
                 breaker=spec.breaker,
                 cache=spec.cache,
                 on_done=_progress_of(spec.name),
+                stop=spec.stop,
             )[0]
             if outcome.status != "deferred":
                 outcomes[row.key] = outcome

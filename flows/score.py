@@ -26,6 +26,7 @@ from tasks.compare import Rounding, Rules, compare, rounding, sorting
 from tasks.guard import read_only_problem
 from tasks.history import HistoryError, HistoryStore, workspace_key
 from tasks.judge import PROMPT_VERSION, case_item, judge_cases
+from tasks.preflight import check_workspace
 from tasks.report import publish, publish_markdown, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome
 from tasks.trend import trend_markdown, trend_rows, write_html
@@ -82,6 +83,7 @@ def score(
     started = time.monotonic()
     items = load_benchmarks(benchmarks) if isinstance(benchmarks, str) else list(benchmarks)
     workspace, ledger = load_blocks(workspace_block, ledger_block)
+    check_workspace(workspace, space_id=space_id, warehouse_id=warehouse_id, endpoints=[settings.judge_endpoint])
     genie_client = workspace.client(settings.genie_timeout)
     space, config = _space(genie_client, space_id)
     flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]

@@ -67,8 +67,15 @@ def create_app(ws: Workspace) -> Any:
     app = FastAPI(title="batchflows sandbox workspace", docs_url=None, redoc_url=None)
     app.state.ws = ws
 
+    def refused(request: Request, status: int) -> None:
+        """Count a primary request the workspace refused (bad token, unknown resource): a call all the same."""
+        group = request.scope.get("state", {}).get("sandbox_group")
+        if group is not None:
+            ws.ledger.record(group, request.url.path, status, "refused")
+
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        refused(request, exc.status)
         return JSONResponse({"error_code": exc.error_code, "message": exc.message}, status_code=exc.status)
 
     @app.middleware("http")
@@ -77,12 +84,17 @@ def create_app(ws: Workspace) -> Any:
         if path.startswith("/.well-known/") or path == "/oidc/.well-known/oauth-authorization-server":
             return await call_next(request)
         if request.headers.get("authorization") != f"Bearer {ws.token}":
+            refused(request, 401)
             return JSONResponse({"error_code": "UNAUTHENTICATED", "message": "Invalid access token."}, 401)
         return await call_next(request)
 
     @app.get("/.well-known/databricks-config")
     async def well_known(request: Request) -> dict[str, Any]:
         return {"workspace_id": WORKSPACE_ID, "oidc_endpoint": f"{str(request.base_url).rstrip('/')}/oidc"}
+
+    @app.get("/api/2.0/preview/scim/v2/Me")
+    async def me() -> dict[str, Any]:
+        return {"id": "1001", "userName": "sandbox@example.com", "displayName": "Sandbox User", "active": True}
 
     _genie_routes(app, ws)
     _sql_routes(app, ws)
@@ -287,6 +299,19 @@ def _sql_routes(app: FastAPI, ws: Workspace) -> None:
             raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Statement {statement_id} does not exist.")
         return stmt
 
+    @app.get("/api/2.0/sql/warehouses/{warehouse_id}")
+    async def get_warehouse(warehouse_id: str) -> dict[str, Any]:
+        if warehouse_id not in ws.warehouse.warehouse_ids:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Warehouse {warehouse_id} does not exist.")
+        return {
+            "id": warehouse_id,
+            "name": warehouse_id,
+            "state": "RUNNING",
+            "cluster_size": "2X-Small",
+            "warehouse_type": "PRO",
+            "enable_serverless_compute": True,
+        }
+
     @app.get("/api/2.0/sql/statements/{statement_id}")
     async def get_statement(statement_id: str) -> dict[str, Any]:
         return statement(statement_id).as_response(time.time())
@@ -300,6 +325,18 @@ def _sql_routes(app: FastAPI, ws: Workspace) -> None:
 
 
 def _serving_routes(app: FastAPI, ws: Workspace) -> None:
+    @app.get("/api/2.0/serving-endpoints/{name}")
+    async def get_endpoint(name: str) -> dict[str, Any]:
+        group = ws.group_of_endpoint(name)
+        if group is None:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Endpoint with name '{name}' does not exist.")
+        return {
+            "name": name,
+            "id": uuid.uuid5(uuid.NAMESPACE_URL, name).hex,
+            "state": {"ready": "READY", "config_update": "NOT_UPDATING"},
+            "task": "llm/v1/chat" if group == "chat" else "llm/v1/embeddings",
+        }
+
     @app.post("/serving-endpoints/{name}/invocations")
     async def invoke(request: Request, name: str) -> Any:
         group = ws.group_of_endpoint(name)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 GROUPS = ("genie", "sql", "chat", "embeddings")
+UNKNOWN_ENDPOINT = "unknown_endpoint"  # invocations of endpoints the sandbox does not serve: counted, never faulted
 TRANSPORT_FAULTS = ("429", "500", "503", "reset", "hang")
 CONTENT_FAULTS = ("malformed", "missing_id", "extra_id", "bad_enum", "empty", "genie_failed")
 FaultKind = Literal[
@@ -94,7 +95,7 @@ class Ledger:
         self._lock = threading.Lock()
         self._seed = seed
         self._rng = random.Random(seed)
-        self._groups = {g: _Group() for g in GROUPS}
+        self._groups = {g: _Group() for g in (*GROUPS, UNKNOWN_ENDPOINT)}
         self.log: list[dict[str, Any]] = []
         for group, spec in (faults or {}).items():
             self.set_spec(group, spec)
@@ -204,6 +205,10 @@ class FaultMiddleware:
         group = primary_group(path)
         if group == "invocations":
             group = self.group_of_endpoint(path.split("/")[2])
+            if group is None:  # the app refuses it (404); counted as a call all the same
+                scope.setdefault("state", {})["sandbox_group"] = UNKNOWN_ENDPOINT
+                await self.app(scope, receive, send)
+                return
         if group is None:
             await self.app(scope, receive, send)
             return

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
-from tasks.errors import BatchflowsError, CallTimeout, PermanentError, RateLimited, classify
+from tasks.errors import BatchflowsError, CallTimeout, NotFound, PermanentError, RateLimited, Unauthorized, classify
 
 Status = Literal["ok", "failed", "deferred"]
 
@@ -127,6 +127,39 @@ def lane(name: str, concurrency: int, rate_limit: Callable[[], None] | None = No
 
 
 @dataclass
+class Stop:
+    """A phase's stop: once a call meets a permanent error of the service itself (credentials refused, the
+    endpoint, space or warehouse not found), retrying or calling on cannot succeed, so the phase's other
+    rows are not called but recorded as failed with that cause."""
+
+    error: BatchflowsError | None = None
+    _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def trip(self, error: BatchflowsError) -> bool:
+        """Stop on `error` if it is a service's permanent refusal; True for the call that stopped it."""
+        if not isinstance(error, Unauthorized | NotFound):
+            return False
+        with self._lock:
+            if self.error is not None:
+                return False
+            self.error = error
+            return True
+
+    def outcome(self, row: Row, attempts: int, started: float) -> RowOutcome | None:
+        """The failed outcome of a row the stop keeps from being called, or None while not stopped."""
+        if self.error is None:
+            return None
+        return RowOutcome(
+            row.key,
+            "failed",
+            error_kind=self.error.kind,
+            message=f"not called: an earlier call of this phase was refused: {self.error}",
+            attempts=attempts,
+            latency_s=time.monotonic() - started,
+        )
+
+
+@dataclass
 class Cache:
     """Where finished rows of one step are kept."""
 
@@ -147,18 +180,20 @@ def run_rows(
     sleep: Callable[[float], None] = time.sleep,
     sequential: bool = False,
     on_done: Callable[[RowOutcome], None] | None = None,
+    stop: Stop | None = None,
 ) -> list[RowOutcome]:
     """Run `call(row.payload)` for every row, `lane.concurrency` at a time (one at a time if `sequential`).
 
     A row whose call keeps failing comes back `failed`; a row not tried because the breaker was open
     comes back `deferred`. Successful values are written to `cache` as soon as they arrive; `on_done` is
-    told of each outcome as soon as it is known.
+    told of each outcome as soon as it is known. With a `stop`, a service's permanent refusal (401/403,
+    404) fails the rows not yet called at once, without calling them.
     """
     if not rows:
         return []
 
     def one(row: Row) -> RowOutcome:
-        outcome = _run_one(row, call, lane, policy, log, breaker, cache, sleep)
+        outcome = _run_one(row, call, lane, policy, log, breaker, cache, sleep, stop or Stop())
         if on_done is not None:
             on_done(outcome)
         return outcome
@@ -180,13 +215,18 @@ def _run_one(
     breaker: CircuitBreaker | None,
     cache: Cache | None,
     sleep: Callable[[float], None],
+    stop: Stop,
 ) -> RowOutcome:
     attempt, started = 0, time.monotonic()
     while True:
+        if (stopped := stop.outcome(row, attempt, started)) is not None:
+            return stopped
         if lane.rate_limit is not None:
             lane.rate_limit()
         error: BatchflowsError | None = None
         with lane:
+            if (stopped := stop.outcome(row, attempt, started)) is not None:  # stopped while this row queued
+                return stopped
             # checked once the slot is ours: calls queued behind the one that opened the circuit must not go
             if breaker is not None and not breaker.allow():
                 return RowOutcome(
@@ -211,6 +251,8 @@ def _run_one(
             log.info(f"[{row.index}] ✅ Success in {elapsed:.1f}s (attempt {attempt})")
             return RowOutcome(row.key, "ok", value, attempts=attempt, latency_s=time.monotonic() - started)
         permanent = isinstance(error, PermanentError)
+        if stop.trip(error):
+            log.error(f"{lane.name}: stopped by {error.kind}: {error}; its rows not yet called are recorded as failed")
         if breaker is not None:
             breaker.record_success() if permanent else breaker.record_failure()
         if isinstance(error, CallTimeout):

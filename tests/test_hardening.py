@@ -4,10 +4,18 @@ counts are exact, and what is printed works as printed (issue #18, defects 7 and
 from __future__ import annotations
 
 import shlex
+from importlib import resources
+from typing import Any
 
+import pytest
+from prefect import flow
 from typer.testing import CliRunner
 
 from batchflows_cli import app
+from blocks.workspace import DatabricksWorkspace
+from flows.phase import PhaseSpec, run_phase
+from tasks.calls import chat
+from tasks.resilience import RetryPolicy, Row
 
 WIDE = {"COLUMNS": "400"}
 
@@ -31,3 +39,144 @@ def test_rerun_hint_after_score_sandbox_works_as_printed(prefect_api, tmp_path):
     rerun = CliRunner().invoke(app, [*command[1:], "--fresh"], env=WIDE)
     assert rerun.exit_code == 0, rerun.output
     assert "Rerun 1 failed rows: 0 now judged, 1 still failed" in rerun.output
+
+
+def _sample() -> str:
+    return str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
+
+
+def _workspace(name: str, host: str, token: str) -> str:
+    from blocks.workspace import DatabricksWorkspace
+
+    DatabricksWorkspace(host=host, token=token).save(name, overwrite=True)
+    return name
+
+
+def _rows(tmp_path, n: int = 100) -> str:
+    path = tmp_path / "rows.csv"
+    path.write_text("id,text\n" + "".join(f"t{i},customer note number {i}\n" for i in range(n)))
+    return str(path)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["token", "dns", "refused"])
+def test_a_wrong_connection_is_one_clear_line_and_no_call(sb, prefect_api, tmp_path, case):
+    host, token, words = {
+        "token": (sb.host, "dapi-wrong", f"the workspace at {sb.host} refused the credentials"),
+        "dns": ("http://no-such-host.invalid", sb.token, "cannot reach the workspace at http://no-such-host.invalid"),
+        "refused": (f"http://127.0.0.1:{_free_port()}", sb.token, "cannot reach the workspace at http://127.0.0.1"),
+    }[case]
+    block = _workspace(f"wrong-{case}", host, token)
+    result = CliRunner().invoke(
+        app,
+        [
+            "enrich",
+            "--text-columns",
+            "text",
+            "--input",
+            _rows(tmp_path),
+            "--workspace-block",
+            block,
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        env=WIDE,
+    )
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert sb.stats()["chat"]["calls"] == 0
+
+
+def test_unknown_warehouse_and_endpoint_are_named_before_any_call(sb, workspace_block, tmp_path):
+    scored = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "--benchmarks",
+            _sample(),
+            "--space-id",
+            "retail",
+            "--warehouse-id",
+            "no-such-warehouse",
+            "--workspace-block",
+            workspace_block,
+            "--genie-rpm",
+            "0",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        env=WIDE,
+    )
+    assert scored.exit_code == 2, scored.output
+    assert "error: SQL warehouse 'no-such-warehouse' does not exist in" in scored.output
+    enriched = CliRunner().invoke(
+        app,
+        [
+            "enrich",
+            "--text-columns",
+            "text",
+            "--input",
+            _rows(tmp_path),
+            "--workspace-block",
+            workspace_block,
+            "--set",
+            "endpoint=no-such-endpoint",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        env=WIDE,
+    )
+    assert enriched.exit_code == 2, enriched.output
+    assert "error: serving endpoint 'no-such-endpoint' does not exist in" in enriched.output
+    stats = sb.stats()
+    assert stats["genie"]["calls"] == stats["sql"]["calls"] == stats["unknown_endpoint"]["calls"] == 0
+
+
+@flow(name="stop-test-phase")
+def _phase_against(host: str, token: str, endpoint: str, n: int) -> dict[str, Any]:
+    client = DatabricksWorkspace(host=host, token=token).client(5)
+    spec = PhaseSpec("stop-test", "stop-test", 4, RetryPolicy(retries=3, base_delay_s=0))
+    rows = [Row(f"r{i}", i, f"hello {i}") for i in range(n)]
+    return run_phase(spec, rows, lambda prompt: chat(client, endpoint, prompt))
+
+
+def test_a_permanent_refusal_stops_the_phase_at_once(sb, prefect_api):
+    outcomes = _phase_against(sb.host, sb.token, "no-such-endpoint", 40)
+    calls = sb.stats()["unknown_endpoint"]["calls"]
+    assert 1 <= calls <= 4  # those in flight when the first refusal came back; none after, none retried
+    assert {o.error_kind for o in outcomes.values()} == {"not_found"}
+    not_called = [o for o in outcomes.values() if o.message.startswith("not called:")]
+    assert len(not_called) == 40 - calls and sum(o.attempts for o in outcomes.values()) == calls
+
+
+def test_a_run_that_succeeds_on_nothing_exits_non_zero(sb, workspace_block, tmp_path):
+    sb.set_faults("chat", down=True)
+    result = CliRunner().invoke(
+        app,
+        [
+            "enrich",
+            "--text-columns",
+            "text",
+            "--input",
+            _rows(tmp_path, 10),
+            "--workspace-block",
+            workspace_block,
+            "--set",
+            "retry_attempts=0",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        env=WIDE,
+    )
+    assert result.exit_code == 1, result.output
+    assert "failed: 0 of 10 rows enriched" in result.output
+    assert list(tmp_path.glob("enrich-*/*.csv"))  # the report with its failures is written all the same
