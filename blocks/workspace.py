@@ -10,6 +10,9 @@ from databricks.sdk.clock import Clock, RealClock
 from databricks.sdk.config import Config
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
+from requests.adapters import BaseAdapter
+
+from tasks import meter
 
 _CLIENTS: dict[tuple[Any, ...], WorkspaceClient] = {}
 _CLIENTS_LOCK = threading.Lock()
@@ -35,6 +38,21 @@ class _NoRetryClock(Clock):
 
     def sleep(self, seconds: float) -> None:
         raise SdkRetrySuppressed(f"databricks-sdk wanted to retry after {seconds:.1f}s")
+
+
+class _CountingAdapter(BaseAdapter):
+    """The SDK's HTTP adapter, counting every attempt on the current call meters (tasks.meter)."""
+
+    def __init__(self, inner: BaseAdapter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        meter.count(str(request.method), str(request.url))
+        return self.inner.send(request, *args, **kwargs)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class DatabricksWorkspace(Block):
@@ -83,7 +101,9 @@ class DatabricksWorkspace(Block):
             kwargs["token"] = self.token.get_secret_value()
         client = WorkspaceClient(config=Config(**kwargs))
         # the SDK mounts its sized adapter on https:// only; plain-http hosts (the sandbox) would get requests'
-        # default pool of 10 and open a new connection for every call past the tenth
+        # default pool of 10 and open a new connection for every call past the tenth. Both count each attempt.
         session = client.api_client._api_client._session
-        session.mount("http://", session.get_adapter("https://"))
+        counting = _CountingAdapter(session.get_adapter("https://"))
+        session.mount("https://", counting)
+        session.mount("http://", counting)
         return client

@@ -18,6 +18,7 @@ from typing import Any
 from flows.phase import PhaseSpec, run_phase
 from tasks.batched import BatchAnswer, PartialAnswer
 from tasks.limits import rate_limit_for
+from tasks.meter import metered
 from tasks.report import stable_key
 from tasks.resilience import Cache, RetryPolicy, Row, run_logger
 
@@ -96,7 +97,20 @@ def run_batched(
         return {**answer, "good": {**earlier, **answer["good"]}}
 
     by_id = {item["id"]: item for item in todo}
-    batches = pack(todo)
+    with metered() as meter:  # every HTTP attempt of both phases, re-asks and retries included
+        _run_phases(job, result, pack(todo), send)
+    result.calls = meter.calls
+    return result
+
+
+def _run_phases(
+    job: BatchedJob,
+    result: BatchedResult,
+    batches: list[list[dict[str, Any]]],
+    send: Callable[[list[dict[str, Any]]], BatchAnswer],
+) -> None:
+    """The batches as one phase, then the items of failed batches one per call."""
+    log = run_logger()
     result.batches = len(batches)
     log.info(f"Processing {len(batches)} batches")
     spec = PhaseSpec(job.name, job.service, job.concurrency, job.policy, rpm=job.rpm)
@@ -109,7 +123,6 @@ def run_batched(
             _take(result, outcome.value)
             log.info(f"✓ Batch {row.index}/{len(rows)}: {len(outcome.value['good'])}/{len(row.payload)} items")
         else:
-            result.calls += outcome.attempts
             log.error(f"Batch {row.index}/{len(rows)} failed: {outcome.message}")
             failed += row.payload
     if failed:
@@ -122,9 +135,7 @@ def run_batched(
             if outcome.status == "ok":
                 _take(result, outcome.value)
             else:
-                result.calls += outcome.attempts
                 result.errors[row.payload[0]["id"]] = f"{outcome.error_kind}: {outcome.message}"
-    return result
 
 
 def run_all(
@@ -140,7 +151,6 @@ def run_all(
 
 
 def _take(result: BatchedResult, answer: BatchAnswer) -> None:
-    result.calls += answer["calls"]
     result.tokens += answer["tokens"]
     result.values.update(answer["good"])
     result.errors.update({i: f"invalid answer: {p}" for i, p in answer["problems"].items()})

@@ -26,6 +26,7 @@ from tasks.compare import Rounding, Rules, compare, rounding, sorting
 from tasks.guard import read_only_problem
 from tasks.history import HistoryError, HistoryStore, workspace_key
 from tasks.judge import PROMPT_VERSION, case_item, judge_cases
+from tasks.meter import Meter, metered
 from tasks.preflight import check_workspace
 from tasks.report import publish, publish_markdown, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome
@@ -125,15 +126,16 @@ def score(
         for i, (b, r) in enumerate((b, r) for b in items for r in range(settings.repeats))
     ]
     genie_rows = list({row.key: row for _, row in asks}.values())
-    answers = run_phase(
-        genie_spec,
-        genie_rows,
-        lambda q: ask_genie(
-            genie_client, space_id, q, settings.genie_timeout, settings.genie_poll_initial, settings.genie_poll_max
-        ),
-    )
+    with metered() as genie_calls:
+        answers = run_phase(
+            genie_spec,
+            genie_rows,
+            lambda q: ask_genie(
+                genie_client, space_id, q, settings.genie_timeout, settings.genie_poll_initial, settings.genie_poll_max
+            ),
+        )
     answered = sum(1 for o in answers.values() if o.status == "ok")
-    phases = [_phase_figures("genie", answers, t1)]
+    phases = [_phase_figures("genie", answers, t1, genie_calls)]
     log.info(
         f"Batch complete: {answered}/{len(genie_rows)} succeeded in {time.monotonic() - t1:.1f}s "
         f"(circuit: {breaker.current_state().lower()})"
@@ -163,9 +165,12 @@ def score(
         sequential=sequential,
     )
     sql_rows = [Row(key, i, sql) for i, (key, sql) in enumerate(statements.items())]
-    results = run_phase(sql_spec, sql_rows, lambda sql: run_sql(sql_client, warehouse_id, sql, settings.sql_timeout))
+    with metered() as sql_calls:
+        results = run_phase(
+            sql_spec, sql_rows, lambda sql: run_sql(sql_client, warehouse_id, sql, settings.sql_timeout)
+        )
     ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
-    phases.append({**_phase_figures("sql", results, t2), "succeeded": ran})
+    phases.append({**_phase_figures("sql", results, t2, sql_calls), "succeeded": ran})
     log.info(f"Phase 2 complete: {ran}/{len(sql_rows)} SQL executions succeeded in {time.monotonic() - t2:.1f}s")
 
     # Compare, then Phase 3: judge what the comparison cannot decide
@@ -173,7 +178,8 @@ def score(
     rules = Rules(settings.numeric_tolerance, settings.numeric_abs_tolerance, settings.extra_columns)
     attempts = [_decide(b, answers[row.key], results, warehouse_id, rules, allowed) for b, row in asks]
     undecided = [(a, b) for a, (b, _) in zip(attempts, asks, strict=True) if a["verdict"] is None]
-    judge_calls = _judge(undecided, results, warehouse_id, settings, workspace, ledger, sequential)
+    with metered() as judge_calls:
+        _judge(undecided, results, warehouse_id, settings, workspace, ledger, sequential)
     report = _agreement(attempts, settings.repeats)
     passed = sum(1 for r in report if r["verdict"] == "correct")
     phases.append(
@@ -182,13 +188,13 @@ def score(
             "total": len(undecided),
             "succeeded": sum(1 for a, _ in undecided if a["verdict"] != "judge_error"),
             "cached": 0,
-            "calls": judge_calls,
+            "calls": judge_calls.calls,
             "seconds": round(time.monotonic() - t3, 2),
         }
     )
     log.info(
         f"Phase 3 complete: {passed}/{len(report)} evaluations passed "
-        f"({len(undecided)} judged in {judge_calls} LLM calls, {time.monotonic() - t3:.1f}s)"
+        f"({len(undecided)} judged in {judge_calls.calls} LLM calls, {time.monotonic() - t3:.1f}s)"
     )
 
     seen: dict[str, Any] = {}
@@ -316,13 +322,13 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def _phase_figures(name: str, outcomes: dict[str, RowOutcome], since: float) -> dict[str, Any]:
+def _phase_figures(name: str, outcomes: dict[str, RowOutcome], since: float, calls: Meter) -> dict[str, Any]:
     return {
         "phase": name,
         "total": len(outcomes),
         "succeeded": sum(1 for o in outcomes.values() if o.status == "ok"),
         "cached": sum(1 for o in outcomes.values() if o.cached),
-        "calls": sum(o.attempts for o in outcomes.values()),
+        "calls": calls.calls,
         "seconds": round(time.monotonic() - since, 2),
     }
 
@@ -410,10 +416,10 @@ def _judge(
     workspace: DatabricksWorkspace,
     ledger: RowLedger,
     sequential: bool,
-) -> int:
-    """Fill in verdicts of undecided report rows (in place); returns the number of judge calls made."""
+) -> None:
+    """Fill in verdicts of undecided report rows (in place); its calls are counted by the current meter."""
     if not undecided:
-        return 0
+        return
     cases: dict[str, dict[str, Any]] = {}
     key_of_row: list[str] = []
     for row, b in undecided:
@@ -437,13 +443,11 @@ def _judge(
     )
     rows = [Row(stable_key([k for k, _ in chunk]), i, [c for _, c in chunk]) for i, chunk in enumerate(chunks)]
     outcomes = run_phase(spec, rows, lambda batch: judge_cases(client, settings.judge_endpoint, batch))
-    calls = 0
     for chunk, chunk_row in zip(chunks, rows, strict=True):
         outcome = outcomes[chunk_row.key]
         if outcome.status != "ok":
             verdicts.update((k, {"verdict": None, "reason": f"judge call failed: {outcome.message}"}) for k, _ in chunk)
             continue
-        calls += outcome.value["calls"]
         for key, case in chunk:
             verdict = outcome.value["verdicts"][case["id"]]
             verdicts[key] = verdict
@@ -457,7 +461,6 @@ def _judge(
             verdict=verdict["verdict"] or "judge_error",
             error_kind=None if verdict["verdict"] else "judge_invalid",
         )
-    return calls
 
 
 def _agreement(attempts: list[dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
