@@ -121,12 +121,12 @@ def score(
         "repeats": repeats,
     }
     overrides.update(_key_values(set_))
-    settings, items = _scoring_inputs(preset, overrides, use_sandbox, benchmarks, space_id, warehouse_id)
+    settings, benchmarks_file = _scoring_inputs(preset, overrides, use_sandbox, benchmarks, space_id, warehouse_id)
     with _job(use_sandbox, workspace_block) as block_name:
         from flows.score import score as score_flow
 
         summary = score_flow(
-            items,
+            benchmarks_file,
             space_id or SANDBOX_SPACE,
             warehouse_id or SANDBOX_WAREHOUSE,
             settings,
@@ -163,13 +163,15 @@ def improve(
     from flows.improve import ImproveError, ImproveSettings
 
     settings = _settings(ImproveSettings, set_, iterations=iterations, margin=margin)
-    scoring, items = _scoring_inputs(preset, _key_values(score_set), use_sandbox, benchmarks, space_id, warehouse_id)
+    scoring, benchmarks_file = _scoring_inputs(
+        preset, _key_values(score_set), use_sandbox, benchmarks, space_id, warehouse_id
+    )
     with _job(use_sandbox, workspace_block) as block_name:
         from flows.improve import improve as improve_flow
 
         try:
             summary = improve_flow(
-                items,
+                benchmarks_file,
                 space_id or SANDBOX_BARE_SPACE,
                 warehouse_id or SANDBOX_WAREHOUSE,
                 settings,
@@ -620,8 +622,10 @@ def _scoring_inputs(
     benchmarks: Path | None,
     space_id: str | None,
     warehouse_id: str | None,
-) -> tuple[Any, list[Any]]:
-    """(scoring settings, benchmarks) of a scoring or improvement command; exit 2 naming a bad value."""
+) -> tuple[Any, str]:
+    """(scoring settings, the benchmarks file) of a scoring or improvement command, the file checked here;
+    exit 2 naming a bad value. The flow gets the file's path, never its rows: Prefect caps a flow run's
+    parameters (512 KB by default), which a few thousand benchmarks exceed."""
     from blocks.settings import score_settings
     from tasks.benchmarks import BenchmarkFileError, load_benchmarks
 
@@ -632,8 +636,10 @@ def _scoring_inputs(
         raise typer.Exit(2) from exc
     if not use_sandbox and not (benchmarks and space_id and warehouse_id):
         raise typer.BadParameter("--benchmarks, --space-id and --warehouse-id are required (or use --sandbox)")
+    path = str(Path(benchmarks).resolve()) if benchmarks else _sample_benchmarks()
     try:
-        return settings, load_benchmarks(benchmarks or _sample_benchmarks())
+        load_benchmarks(path)
+        return settings, path
     except BenchmarkFileError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc

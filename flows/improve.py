@@ -125,7 +125,7 @@ def improve(
 
     def rescore(target: str, folder: str) -> dict[str, Any]:
         return score(
-            items,
+            benchmarks,  # a file's path stays a path: flow parameters are capped (512 KB by default)
             target,
             warehouse_id,
             score_settings,

@@ -16,7 +16,6 @@ from prefect import flow
 
 from blocks.settings import ScoreSettings
 from flows.score import FAILED, score
-from tasks.benchmarks import Benchmark
 from tasks.inputs import InputError
 from tasks.report import publish, write_frame
 from tasks.resilience import run_logger
@@ -107,9 +106,13 @@ def rerun_failed(
             "not_rerun": unchanged,
             "files": {"csv": str(folder / "scorecard.csv")},
         }
-    items = [Benchmark(id=r["id"], question=r["question"], expected_sql=r["expected_sql"]) for r in failed]
+    # by reference: a flow run's parameters are capped (512 KB by default), a few thousand rows exceed it
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    todo = Path(out) / f"rerun-benchmarks-{stamp}.json"
+    todo.parent.mkdir(parents=True, exist_ok=True)
+    todo.write_text(json.dumps([{k: r[k] for k in ("id", "question", "expected_sql")} for r in failed]))
     again = score(
-        items,
+        str(todo),
         run["space_id"],
         run["warehouse_id"],
         settings or ScoreSettings(**run["settings"]),
@@ -123,7 +126,6 @@ def rerun_failed(
     )
     new = {r["id"]: r for r in again["rows"]}
     merged = [{**r, **new[r["id"]], "rerun": True} if r["id"] in new else {**r, "rerun": False} for r in rows]
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     files = write_frame(pd.DataFrame(merged), Path(out) / f"score-merged-{stamp}", "scorecard")
     Path(files["csv"]).with_name("run.json").write_text(json.dumps(run, indent=1))
     counts = Counter(r["verdict"] for r in merged)

@@ -3,8 +3,10 @@ counts are exact, and what is printed works as printed (issue #18, defects 7 and
 
 from __future__ import annotations
 
+import json
 import shlex
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -180,3 +182,52 @@ def test_a_run_that_succeeds_on_nothing_exits_non_zero(sb, workspace_block, tmp_
     assert result.exit_code == 1, result.output
     assert "failed: 0 of 10 rows enriched" in result.output
     assert list(tmp_path.glob("enrich-*/*.csv"))  # the report with its failures is written all the same
+
+
+def test_thousands_of_benchmarks_pass_by_reference(sb, workspace_block, tmp_path):
+    """2,500 benchmarks are ~0.6 MB: over Prefect's 512 KB cap on a flow run's parameters (a raw 422 when the
+    rows were the parameter). Scoring takes the file's path; rerun-failed hands its rows on as a file."""
+    from tasks.benchmarks import load_benchmarks
+
+    sample = load_benchmarks(_sample())
+    many = [
+        {"id": f"b{n:04}", "question": b.question, "expected_sql": f"{b.expected_sql} -- variant {n} {'x' * 120}"}
+        for n in range(2500)
+        for b in [sample[n % len(sample)]]
+    ]
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps(many))
+    assert path.stat().st_size > 512 * 1024
+    sb.set_faults("genie", down=True)
+    scored = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "--benchmarks",
+            str(path),
+            "--space-id",
+            "retail",
+            "--warehouse-id",
+            "sandbox-warehouse",
+            "--workspace-block",
+            workspace_block,
+            "--genie-rpm",
+            "0",
+            "--set",
+            "genie_retry_attempts=0",
+            "--set",
+            "genie_circuit_threshold=1000",
+            "--output-dir",
+            str(tmp_path),
+            "--json",
+        ],
+        env=WIDE,
+    )
+    assert scored.exit_code == 1, scored.output  # nothing judged: Genie is down
+    first = json.loads(scored.output[scored.output.index("{\n") : scored.output.rindex("}") + 1])
+    assert first["total"] == 2500 and first["verdicts"]["genie_error"] == 2500
+
+    sb.reset()
+    rerun = CliRunner().invoke(app, ["rerun-failed", str(Path(first["files"]["csv"]).parent)], env=WIDE)
+    assert rerun.exit_code == 0, rerun.output
+    assert "Rerun 2500 failed rows" in rerun.output and "genie_error" not in rerun.output
