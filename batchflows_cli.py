@@ -18,6 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tasks import stopping
+
 app = typer.Typer(
     help="Prefect pipelines for slow, flaky, rate-limited Databricks AI and data APIs.",
     no_args_is_help=True,
@@ -125,7 +127,8 @@ def score(
     with _job(use_sandbox, workspace_block) as block_name:
         from flows.score import score as score_flow
 
-        summary = score_flow(
+        summary = _run(
+            score_flow,
             benchmarks_file,
             space_id or SANDBOX_SPACE,
             warehouse_id or SANDBOX_WAREHOUSE,
@@ -139,7 +142,7 @@ def score(
         console.print_json(json.dumps({k: v for k, v in summary.items() if k != "rows"}, default=str))
     else:
         _print_scorecard(summary)
-    _exit_if_nothing_succeeded(summary["total"] - len(summary["failures"]), summary["total"], "benchmarks judged")
+    _exit_status(summary["total"] - len(summary["failures"]), summary["total"], "benchmarks judged")
 
 
 @app.command()
@@ -170,7 +173,8 @@ def improve(
         from flows.improve import improve as improve_flow
 
         try:
-            summary = improve_flow(
+            summary = _run(
+                improve_flow,
                 benchmarks_file,
                 space_id or SANDBOX_BARE_SPACE,
                 warehouse_id or SANDBOX_WAREHOUSE,
@@ -204,6 +208,7 @@ def improve(
         )
     console.print(table)
     console.print(f"Stopped: {summary['stopped']}. Report: {summary['report']}")
+    _exit_status(0, 0, "")  # only a signal's stop decides the status here
 
 
 @app.command("rerun-failed")
@@ -221,13 +226,14 @@ def rerun_failed_command(
     from flows.rerun import rerun_failed
 
     with _job(use_sandbox, None):
-        summary = rerun_failed(report, kinds=kinds.split(",") if kinds else None, fresh=fresh)
+        summary = _run(rerun_failed, report, kinds=kinds.split(",") if kinds else None, fresh=fresh)
     for row_id, why in summary["not_rerun"].items():
         console.print(f"[yellow]not rerun:[/yellow] {row_id}: {why}")
     console.print(
         f"Rerun {summary['rerun']} failed rows: {summary.get('fixed', 0)} now judged, "
         f"{summary.get('still_failed', 0)} still failed; merged report {summary['files']['csv']}"
     )
+    _exit_status(0, 0, "")  # only a signal's stop decides the status here
 
 
 @app.command()
@@ -345,7 +351,8 @@ def enrich(
 
     settings = _settings(EnrichSettings, set_)
     with _job(use_sandbox, workspace_block) as block_name:
-        summary = enrich_flow(
+        summary = _run(
+            enrich_flow,
             [c.strip() for c in text_columns.split(",") if c.strip()],
             input_path=str(input_path) if input_path else None,
             query=query,
@@ -366,7 +373,7 @@ def enrich(
             f"API calls: {summary['api_calls']}; tokens: {summary['tokens']}; {summary['wall_time_s']} s"
         )
         console.print(f"Rows: {summary['files']['parquet']} and {summary['files']['csv']}")
-    _exit_if_nothing_succeeded(summary["total"] - summary["failed"], summary["total"], "rows enriched")
+    _exit_status(summary["total"] - summary["failed"], summary["total"], "rows enriched")
 
 
 @app.command()
@@ -390,7 +397,8 @@ def analyse(
 
     settings = _settings(AnalyseSettings, set_, batch_size=batch_size)
     with _job(use_sandbox, workspace_block) as block_name:
-        summary = analyse_flow(
+        summary = _run(
+            analyse_flow,
             input_path=str(input_path) if input_path else None,
             query=query,
             warehouse_id=warehouse_id or (SANDBOX_WAREHOUSE if use_sandbox else None),
@@ -408,7 +416,7 @@ def analyse(
         f"run {summary['wall_time_s']} s"
     )
     console.print(f"Report: {summary['files']['csv']}; groups: {summary['files']['groups']}")
-    _exit_if_nothing_succeeded(summary["analysed"], summary["items"], "items analysed")
+    _exit_status(summary["analysed"], summary["items"], "items analysed")
 
 
 @app.command()
@@ -436,7 +444,8 @@ def embed(
 
     settings = _settings(EmbedSettings, set_, max_cost_usd=max_cost)
     with _job(use_sandbox, workspace_block, allow_writes=bool(store_table)) as block_name:
-        summary = embed_flow(
+        summary = _run(
+            embed_flow,
             input_path=str(input_path) if input_path else None,
             catalog=catalog,
             schema_name=schema,
@@ -462,7 +471,7 @@ def embed(
         f"{summary['by_kind']}"
     )
     console.print(f"Vectors: {summary['store']}; results: {summary['files']['csv']}")
-    _exit_if_nothing_succeeded(summary["successful"], summary["processed"], "documents embedded")
+    _exit_status(summary["successful"], summary["processed"], "documents embedded")
 
 
 @app.command()
@@ -666,21 +675,62 @@ def _job(use_sandbox: bool, workspace_block: str | None, allow_writes: bool = Fa
     from tasks import progress
     from tasks.embed import BudgetExceeded
     from tasks.inputs import InputError
+    from tasks.local_server import local_server
 
+    def stopping_now(name: str) -> None:
+        Console(stderr=True).print(
+            f"[yellow]{name}: stopping[/yellow] - no new calls; calls in flight finish, then the report is "
+            f"written with the rest as 'interrupted' ({name} again quits at once)"
+        )
+
+    stopping.clear()
     with (
+        local_server(),  # without PREFECT_API_URL: a temporary server that dies with this command
         _workspace(use_sandbox, workspace_block, allow_writes) as block_name,
         _Bars() as bars,
         progress.listening(bars),
+        stopping.graceful_signals(stopping_now),
     ):
         try:
             yield block_name
         except (InputError, BudgetExceeded, NotFound) as exc:  # NotFound: an unknown space, warehouse or endpoint
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
+        except KeyboardInterrupt as exc:
+            console.print(f"[red]quit:[/red] {exc or 'interrupted'}; rows finished so far are in the ledger")
+            raise typer.Exit(130) from exc
 
 
-def _exit_if_nothing_succeeded(succeeded: int, total: int, what: str) -> None:
-    """A run that succeeded on none of its rows exits 1 (its report is written: the failures are in it)."""
+def _run(job: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a job's flow in a worker thread, so the main thread keeps the signal handlers: Prefect replaces
+    SIGTERM's handler for a flow run in the main thread, and a signal must stop the calls, not the flow."""
+    import contextvars
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["value"] = job(*args, **kwargs)
+        except BaseException as exc:  # handed to the main thread as is
+            result["error"] = exc
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="batchflows-job", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _exit_status(succeeded: int, total: int, what: str) -> None:
+    """A run stopped by a signal exits 130 (SIGINT) or 143 (SIGTERM); one that succeeded on none of its rows
+    exits 1. Either way its report is written, failures included."""
+    if (code := stopping.exit_code()) is not None:
+        done = f"; {succeeded} of {total} {what}" if total else ""
+        console.print(f"[red]stopped:[/red] {stopping.reason()}{done}; the rest is recorded as failed, to rerun")
+        raise typer.Exit(code)
     if total and not succeeded:
         console.print(f"[red]failed:[/red] 0 of {total} {what}; every row failed (see the report's failures)")
         raise typer.Exit(1)
@@ -781,7 +831,9 @@ def _print_scorecard(summary: dict[str, Any]) -> None:
     )
     console.print(f"Report: {summary['files']['csv']} and {summary['files']['parquet']}")
     if summary["failures"]:
-        console.print(f"Rerun just the {len(summary['failures'])} failed rows: {summary['rerun_command']}")
+        console.print(
+            f"Rerun just the {len(summary['failures'])} failed rows: {summary['rerun_command']}", soft_wrap=True
+        )
 
 
 if __name__ == "__main__":

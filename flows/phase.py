@@ -7,7 +7,6 @@ A job's phase is a few lines: build `Row`s and a `call`, then `run_phase(...)`.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
 from blocks.workspace import DatabricksWorkspace
-from tasks import progress
+from tasks import progress, stopping
 from tasks.limits import RateLimit, ensure_service_limits, hold
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, Stop, lane, run_logger, run_rows
 
@@ -148,21 +147,27 @@ def sequential_fallback(
                 outcomes[row.key] = outcome
                 i += 1
                 if i < len(rows):
-                    time.sleep(spec.fallback_delay_s)
+                    stopping.sleep(spec.fallback_delay_s)
                 continue
             wait = spec.breaker.seconds_until_probe() if spec.breaker else 0.0
-            if waited + wait > spec.fallback_max_wait_s:
-                log.error(f"Circuit still OPEN after waiting {waited:.0f}s: {len(rows) - i} rows recorded as failed")
+            if waited + wait > spec.fallback_max_wait_s or stopping.reason():
+                why = stopping.reason()
+                log.error(
+                    f"{f'Run {why}' if why else f'Circuit still OPEN after waiting {waited:.0f}s'}: "
+                    f"{len(rows) - i} rows recorded as failed"
+                )
                 progress.advanced(spec.name, len(rows) - i, failed=True)
                 for rest in rows[i:]:
                     outcomes[rest.key] = RowOutcome(
                         rest.key,
                         "failed",
-                        error_kind="circuit_open",
-                        message="service unavailable: circuit breaker stayed open",
+                        error_kind="interrupted" if why else "circuit_open",
+                        message=f"not called: the run was {why}"
+                        if why
+                        else "service unavailable: circuit breaker stayed open",
                         attempts=0,
                     )
                 break
-            time.sleep(max(wait, 0.05))
+            stopping.sleep(max(wait, 0.05))
             waited += max(wait, 0.05)
     return outcomes

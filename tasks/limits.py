@@ -24,6 +24,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
 from blocks.ledger import default_home
+from tasks import stopping
+from tasks.local_server import private_api_url
 from tasks.resilience import run_logger
 
 PREFIX = "batchflows"
@@ -113,7 +115,7 @@ def reclaim(name: str) -> int:
     machine and has a note, so the slots beyond the live notes' total are given back.
     """
     freed, held = 0, 0
-    shared_server = bool(PREFECT_API_URL.value())
+    shared_server = _api_url() != "ephemeral"
     for note, info in _notes(name):
         if _alive(int(info.get("pid", 0))):
             held += int(info.get("occupy", 0))
@@ -162,7 +164,9 @@ def _lease_dir() -> Path:
 
 
 def _api_url() -> str:
-    return str(PREFECT_API_URL.value() or "ephemeral")
+    """The API whose slots a note is about; "ephemeral" for a server only this machine's runs use."""
+    url = PREFECT_API_URL.value()
+    return "ephemeral" if not url or url == private_api_url() else str(url)
 
 
 _RATE_LOCKS: dict[str, threading.Lock] = {}
@@ -183,7 +187,7 @@ def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
         lock = _RATE_LOCKS.setdefault(name, threading.Lock())
     poll = max(0.02, spacing_s / 20)
     with lock, get_client(sync_client=True) as client:
-        while True:
+        while stopping.reason() is None:  # stopping: no slot needed, the caller makes no call
             try:
                 client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit")
                 return

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
+from tasks import stopping
 from tasks.errors import BatchflowsError, CallTimeout, NotFound, PermanentError, RateLimited, Unauthorized, classify
 
 Status = Literal["ok", "failed", "deferred"]
@@ -146,14 +147,19 @@ class Stop:
             return True
 
     def outcome(self, row: Row, attempts: int, started: float) -> RowOutcome | None:
-        """The failed outcome of a row the stop keeps from being called, or None while not stopped."""
-        if self.error is None:
+        """The failed outcome of a row that must not be called (this phase stopped, or the process is
+        stopping on a signal), or None."""
+        if self.error is not None:
+            kind, message = self.error.kind, f"an earlier call of this phase was refused: {self.error}"
+        elif (why := stopping.reason()) is not None:
+            kind, message = "interrupted", f"the run was {why}"
+        else:
             return None
         return RowOutcome(
             row.key,
             "failed",
-            error_kind=self.error.kind,
-            message=f"not called: an earlier call of this phase was refused: {self.error}",
+            error_kind=kind,
+            message=f"not called: {message}",
             attempts=attempts,
             latency_s=time.monotonic() - started,
         )
@@ -177,7 +183,7 @@ def run_rows(
     log: logging.Logger | logging.LoggerAdapter[Any],
     breaker: CircuitBreaker | None = None,
     cache: Cache | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] = stopping.sleep,
     sequential: bool = False,
     on_done: Callable[[RowOutcome], None] | None = None,
     stop: Stop | None = None,
