@@ -237,6 +237,29 @@ def rerun_failed_command(
 
 
 @app.command()
+def limits(
+    reset: Annotated[
+        str | None, typer.Option(help="set this limit's taken slots to 0 (slots no run holds, e.g. after a restart)")
+    ] = None,
+) -> None:
+    """The global concurrency and rate limits batchflows uses, with their taken slots."""
+    from prefect.client.orchestration import get_client
+
+    from tasks.limits import PREFIX, reset_limit
+
+    if reset:
+        console.print(f"{reset}: {reset_limit(reset)} taken slot(s) set to 0")
+    with get_client(sync_client=True) as client:
+        found = [g for g in client.read_global_concurrency_limits(limit=200) if g.name.startswith(PREFIX)]
+    table = Table(title="batchflows limits")
+    for column in ("name", "limit", "taken", "active", "decay per s"):
+        table.add_column(column)
+    for g in sorted(found, key=lambda g: g.name):
+        table.add_row(g.name, str(g.limit), str(g.active_slots), str(g.active), str(g.slot_decay_per_second))
+    console.print(table)
+
+
+@app.command()
 def history(
     space_id: Annotated[str, typer.Option(help="the Genie space")],
     last: Annotated[int, typer.Option(help="runs to show")] = 20,

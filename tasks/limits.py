@@ -30,6 +30,12 @@ from tasks.resilience import run_logger
 
 PREFIX = "batchflows"
 LEASE_S = 60
+SLOT_CHECK_S = 30  # a phase waiting for slots looks for dead holders, and says why it waits, this often
+SLOT_WAIT_S = float(os.environ.get("BATCHFLOWS_SLOT_WAIT_S", 900))  # then gives up with the reason
+
+
+class SlotWaitError(RuntimeError):
+    """A phase could not get its service's slots within SLOT_WAIT_S; the message says who holds them."""
 
 
 def limit_name(service: str) -> str:
@@ -94,16 +100,75 @@ def hold(service: str, occupy: int) -> Iterator[None]:
     `prefect server`; never with the ephemeral API, which runs no repossessor). So each lease is also
     noted in BATCHFLOWS_HOME, and the next run on this machine gives back the slots of dead processes
     at once (`reclaim`).
+
+    A server restart drops every lease (Prefect keeps them in memory) but not the slots they counted, and
+    Prefect's release of an unknown lease does nothing: the slots would stay taken for good. So a lease the
+    server no longer knows at release is given back by count. A wait for slots checks for dead holders
+    every SLOT_CHECK_S, logs who holds the slots, and after SLOT_WAIT_S raises `SlotWaitError` saying so.
     """
-    response = acquire_concurrency_slots_with_lease([limit_name(service)], occupy, lease_duration=LEASE_S, strict=True)
+    name = limit_name(service)
+    response = _acquire(name, occupy)
+    if response is None:  # the process is stopping: its rows make no call, so they need no slot
+        yield
+        return
     note = _lease_dir() / f"{response.lease_id}.json"
-    note.write_text(json.dumps({"pid": os.getpid(), "api": _api_url(), "limit": limit_name(service), "occupy": occupy}))
+    note.write_text(json.dumps({"pid": os.getpid(), "api": _api_url(), "limit": name, "occupy": occupy}))
+    started = time.monotonic()
     try:
         with maintain_concurrency_lease(response.lease_id, LEASE_S):
             yield
     finally:
-        release_concurrency_slots_with_lease(response.lease_id)
+        _release(response.lease_id, name, occupy, time.monotonic() - started)
         note.unlink(missing_ok=True)
+
+
+def _acquire(name: str, occupy: int) -> Any:
+    """The lease on `occupy` slots of limit `name`, waiting at most SLOT_WAIT_S (see `hold`); None if the
+    process is stopping."""
+    waited = 0.0
+    while stopping.reason() is None:
+        try:
+            return acquire_concurrency_slots_with_lease(
+                [name], occupy, lease_duration=LEASE_S, strict=True, timeout_seconds=SLOT_CHECK_S
+            )
+        except TimeoutError:
+            waited += SLOT_CHECK_S
+        freed = reclaim(name)
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        held = sum(int(info.get("occupy", 0)) for _, info in _notes(name))
+        why = (
+            f"{limit.active_slots} of {name}'s {limit.limit} slots are taken, {held} of them by live runs on this "
+            f"machine{f'; gave back {freed} of dead runs' if freed else ''}"
+        )
+        if waited >= SLOT_WAIT_S:
+            raise SlotWaitError(
+                f"waited {waited:.0f} s for {occupy} slot(s): {why}. If no run holds the others (a Prefect server "
+                f"restart can strand them), free them with `batchflows limits --reset {name}`"
+            )
+        run_logger().warning(f"Still waiting for {occupy} slot(s) after {waited:.0f} s: {why}")
+    return None
+
+
+def _release(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
+    with get_client(sync_client=True) as client:
+        try:
+            client.renew_concurrency_lease(lease_id, LEASE_S)  # does the server still know the lease?
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code not in (404, 410):
+                raise
+            run_logger().warning(f"The Prefect server lost the lease on {occupy} slot(s) of {name}: given back")
+            client.release_concurrency_slots(names=[name], slots=occupy, occupancy_seconds=held_s)
+            return
+    release_concurrency_slots_with_lease(lease_id)
+
+
+def reset_limit(name: str) -> int:
+    """Set limit `name`'s taken slots to 0 (for slots no run holds); returns how many were taken."""
+    with get_client(sync_client=True) as client:
+        taken = client.read_global_concurrency_limit_by_name(name).active_slots
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+    return int(taken)
 
 
 def reclaim(name: str) -> int:

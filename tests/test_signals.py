@@ -168,3 +168,59 @@ def test_kill_9_of_the_cli_leaves_no_prefect_server(tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, "the temporary Prefect server outlived the killed CLI"
+
+
+def _server(home: Path, port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=_env(home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise RuntimeError("prefect server did not start")
+
+
+def test_slots_come_back_after_a_server_restart_and_a_stranded_wait_says_why(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from typer.testing import CliRunner
+
+    from batchflows_cli import app
+    from tasks import limits
+
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    monkeypatch.setenv("BATCHFLOWS_HOME", str(tmp_path / "batchflows"))
+    server = _server(tmp_path, port)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            limits.ensure_limit("batchflows-restart", 2)
+            with limits.hold("restart", occupy=2):
+                server.terminate()
+                server.wait(timeout=30)
+                server = _server(tmp_path, port)  # the restart drops the lease, keeps the 2 slots taken
+                assert _active_slots(api, "batchflows-restart") == 2
+            assert _active_slots(api, "batchflows-restart") == 0
+
+            # slots no run holds (stranded by a restart under a run that then died): the wait is bounded
+            monkeypatch.setattr(limits, "SLOT_CHECK_S", 1)
+            monkeypatch.setattr(limits, "SLOT_WAIT_S", 2)
+            httpx.patch(f"{api}/v2/concurrency_limits/batchflows-restart", json={"active_slots": 2}).raise_for_status()
+            with pytest.raises(limits.SlotWaitError) as info, limits.hold("restart", occupy=1):
+                pass
+            assert "2 of batchflows-restart's 2 slots are taken, 0 of them by live runs on this machine" in str(
+                info.value
+            )
+            assert "batchflows limits --reset batchflows-restart" in str(info.value)
+            reset = CliRunner().invoke(app, ["limits", "--reset", "batchflows-restart"], env={"COLUMNS": "200"})
+            assert reset.exit_code == 0, reset.output
+            assert _active_slots(api, "batchflows-restart") == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
