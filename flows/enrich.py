@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from prefect import flow
@@ -44,6 +44,12 @@ class EnrichSettings(BaseModel):
     endpoint: str = Field("databricks-meta-llama-3-3-70b-instruct", description="chat serving endpoint")
     batch_size: int = Field(20, ge=1, le=MAX_BATCH, description="rows per call at most")
     max_batch_tokens: int = Field(6000, ge=100, description="estimated prompt tokens per call at most")
+    max_item_tokens: int = Field(
+        8000, ge=16, description="longest row text sent, in estimated tokens (within the endpoint's context)"
+    )
+    oversized: Literal["refuse", "truncate"] = Field(
+        "refuse", description="a longer row: refused with an error naming it, or sent cut to max_item_tokens"
+    )
     rpm: float = Field(15, ge=0, description="calls per minute, shared by all runs (0: no limit)")
     max_concurrent: int = Field(4, ge=1, le=64, description="calls in flight at once")
     retry_attempts: int = Field(2, ge=0, le=10)
@@ -89,7 +95,7 @@ def enrich(
     client = workspace.client(settings.timeout)
     frame = read_input(client, input_path, query, warehouse_id, settings.timeout)
     model = load_schema(schema_path)
-    items, errors = check_rows(frame, id_column, text_columns)
+    items, errors = check_rows(frame, id_column, text_columns, settings.max_item_tokens, settings.oversized)
     for error in errors:
         log.warning(f"Skipped: {error['error']}")
 
@@ -125,7 +131,12 @@ def _finish(
 ) -> dict[str, Any]:
     fields = list(field_specs(model))
     columns: dict[str, list[Any]] = {f: [None] * len(frame) for f in fields}
-    columns.update(status=["invalid_input"] * len(frame), error=[None] * len(frame), cached=[False] * len(frame))
+    columns.update(
+        status=["invalid_input"] * len(frame),
+        error=[None] * len(frame),
+        cached=[False] * len(frame),
+        truncated=[False] * len(frame),
+    )
     for error in errors:
         columns["error"][error["position"] - 1] = error["error"]
     failures = [
@@ -133,6 +144,7 @@ def _finish(
     ]
     for item in items:
         at = item["position"] - 1
+        columns["truncated"][at] = item.get("truncated", False)
         if item["id"] in result.values:
             for f in fields:
                 columns[f][at] = result.values[item["id"]].get(f)
@@ -154,6 +166,7 @@ def _finish(
         "cache_hits": hits,
         "newly_enriched": ok - hits,
         "failed": len(frame) - ok,
+        "truncated": sum(columns["truncated"]),
         "success_rate": round(ok / len(frame), 4) if len(frame) else 0.0,
         "api_calls": result.calls,
         "tokens": result.tokens,

@@ -109,12 +109,18 @@ def field_specs(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def check_rows(
-    frame: pd.DataFrame, id_column: str | None, text_columns: list[str]
+    frame: pd.DataFrame,
+    id_column: str | None,
+    text_columns: list[str],
+    max_item_tokens: int | None = None,
+    oversized: str = "refuse",
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split input rows into items to enrich ({"id", "text", "position"}) and per-row errors.
+    """Split input rows into items to enrich ({"id", "text", "position"}, "truncated" if cut) and per-row
+    errors.
 
     Without an id column, a row's id is the hash of its text. Missing ids, duplicate ids and empty text
-    are errors naming the row (its 1-based position in the input); the other rows go on.
+    are errors naming the row (its 1-based position in the input); the other rows go on. A text over
+    `max_item_tokens` is never sent whole: an error (`oversized="refuse"`) or cut to that size ("truncate").
     """
     missing = [c for c in [*([id_column] if id_column else []), *text_columns] if c not in frame.columns]
     if missing:
@@ -136,11 +142,19 @@ def check_rows(
             problem = f"row {position}: duplicate id {row_id!r} (first at row {first_at[row_id]})"
         elif not text:
             problem = f"row {position} (id {row_id}): every text column is empty"
+        elif max_item_tokens and (tokens := estimate_tokens(text)) > max_item_tokens and oversized != "truncate":
+            problem = (
+                f"row {position} (id {row_id}): ~{tokens:,} tokens, over max_item_tokens {max_item_tokens:,} "
+                f"(set oversized=truncate to send its first {max_item_tokens:,})"
+            )
         if problem:
             errors.append({"position": position, "id": row_id, "error": problem})
             continue
         first_at[row_id] = position
-        items.append({"id": row_id, "text": text, "position": position})
+        item = {"id": row_id, "text": text, "position": position}
+        if max_item_tokens and estimate_tokens(text) > max_item_tokens:
+            item.update(text=text[: max_item_tokens * CHARS_PER_TOKEN], truncated=True)
+        items.append(item)
     return items, errors
 
 
@@ -150,9 +164,12 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
+CHARS_PER_TOKEN = 4
+
+
 def estimate_tokens(text: str) -> int:
     """About four characters a token (no tokenizer download needed); errs high for short words."""
-    return max(1, math.ceil(len(text) / 4))
+    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
 
 
 def pack(items: list[dict[str, Any]], batch_size: int, max_tokens: int) -> list[list[dict[str, Any]]]:

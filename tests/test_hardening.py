@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from prefect import flow
 from typer.testing import CliRunner
@@ -231,3 +232,30 @@ def test_thousands_of_benchmarks_pass_by_reference(sb, workspace_block, tmp_path
     rerun = CliRunner().invoke(app, ["rerun-failed", str(Path(first["files"]["csv"]).parent)], env=WIDE)
     assert rerun.exit_code == 0, rerun.output
     assert "Rerun 2500 failed rows" in rerun.output and "genie_error" not in rerun.output
+
+
+def test_a_row_over_the_endpoints_context_is_never_sent_whole(sb, workspace_block, ledger_block, tmp_path):
+    from flows.enrich import EnrichSettings, enrich
+
+    rows = tmp_path / "rows.csv"
+    huge = "word " * 2_000_000  # 10 MB, ~2.5 M tokens
+    rows.write_text("id,text\n" + "".join(f"t{i},short note {i}\n" for i in range(4)) + f"big,{huge}\n")
+    kwargs = {"workspace_block": workspace_block, "ledger_block": ledger_block}
+    refused = enrich(["text"], input_path=str(rows), id_column="id", output_dir=str(tmp_path / "a"), **kwargs)
+    assert refused["failed"] == 1 and refused["newly_enriched"] == 4
+    (failure,) = refused["failures"]
+    assert failure["row_key"] == "big" and "~2,500,002 tokens, over max_item_tokens 8,000" in failure["message"]
+    assert all("big" not in r["ids"] for r in sb.requests("chat"))
+
+    cut = enrich(
+        ["text"],
+        input_path=str(rows),
+        id_column="id",
+        output_dir=str(tmp_path / "b"),
+        settings=EnrichSettings(oversized="truncate", max_item_tokens=500),
+        **kwargs,
+    )
+    assert cut["failed"] == 0 and cut["truncated"] == 1
+    out = pd.read_parquet(cut["files"]["parquet"])
+    assert out.set_index("id").loc["big", "truncated"]
+    assert cut["tokens"] < 5000  # the cut text, not 2.5 M tokens
