@@ -259,3 +259,26 @@ def test_a_row_over_the_endpoints_context_is_never_sent_whole(sb, workspace_bloc
     out = pd.read_parquet(cut["files"]["parquet"])
     assert out.set_index("id").loc["big", "truncated"]
     assert cut["tokens"] < 5000  # the cut text, not 2.5 M tokens
+
+
+def test_the_team_postgres_needs_its_password():
+    """scripts/postgres.sh used trust authentication: anyone on the host could read Prefect's blocks."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from deployments.local import Postgres, ServerError
+
+    try:
+        pg = Postgres().start()
+    except ServerError as exc:
+        pytest.skip(f"PostgreSQL unavailable here: {exc}")
+    try:
+        url = make_url(pg.url)
+        assert url.password and url.host == "127.0.0.1"
+        where = {"host": "127.0.0.1", "port": url.port, "user": "postgres", "dbname": "prefect", "connect_timeout": 5}
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(**where, password="")
+        with psycopg.connect(**where, password=url.password) as connection:
+            assert connection.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pg.stop()
