@@ -86,7 +86,10 @@ class DatabricksWorkspace(Block):
     def _build(self, timeout_s: float) -> WorkspaceClient:
         kwargs: dict[str, Any] = {
             "http_timeout_seconds": timeout_s,
-            "retry_timeout_seconds": max(1, int(timeout_s)),
+            # batchflows retries API calls itself (the clock below), so this budget is only the SDK's host-metadata
+            # probe's at client creation: a best-effort read that would otherwise retry an unreachable host for
+            # the whole timeout before the first call could say so
+            "retry_timeout_seconds": 1,
             "clock": _NoRetryClock(),
             # databricks-sdk hands these to requests' HTTPAdapter crosswise (max_connection_pools becomes
             # pool_maxsize, with pool_block=True): set both, or every thread past 20 waits for a connection

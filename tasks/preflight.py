@@ -14,6 +14,14 @@ from tasks.inputs import InputError
 from tasks.resilience import run_logger
 
 TIMEOUT_S = 10
+_CAUSES = (
+    (
+        ("NameResolution", "Name or service not known", "nodename nor servname", "getaddrinfo"),
+        "its name does not resolve",
+    ),
+    (("Connection refused",), "connection refused"),
+    (("reset by peer", "RemoteDisconnected", "aborted"), "the connection was dropped"),
+)
 
 
 class PreflightError(InputError):
@@ -69,7 +77,9 @@ def describe(error: BatchflowsError, what: str, host: str) -> str:
     if isinstance(error, NotFound):
         return f"{what} does not exist in {host}, or this user cannot see it ({error})"
     if isinstance(error, ConnectionFailed):
-        return f"cannot reach the workspace at {host}: {error} (check DATABRICKS_HOST and the network)"
+        text = str(error)
+        cause = next((why for words, why in _CAUSES if any(w in text for w in words)), text)
+        return f"cannot reach the workspace at {host}: {cause} (check DATABRICKS_HOST and the network)"
     if isinstance(error, CallTimeout):
         return f"the workspace at {host} did not answer within {TIMEOUT_S} s (check DATABRICKS_HOST and the network)"
     return f"{what}: {error.kind}: {error}"
