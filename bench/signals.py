@@ -18,6 +18,7 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--genie-latency-ms", type=float, default=1500)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="bench-signals-"))
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     with SandboxProcess() as sandbox, PrefectServer(home / "prefect") as server:
         sandbox.set_faults("genie", latency_ms=args.genie_latency_ms)
         subprocess.run(
@@ -71,6 +72,7 @@ def main() -> None:
         for name, signals in (("SIGTERM", [signal.SIGTERM]), ("SIGINT", [signal.SIGINT]),
                               ("SIGINT x2", [signal.SIGINT, signal.SIGINT])):  # fmt: skip
             sandbox.reset(clear_faults=False)
+            print(f"{name}...", file=sys.stderr, flush=True)
             process = score(server, home / name.replace(" ", ""))
             asked = until_asked(sandbox, 4)
             t0 = time.monotonic()
@@ -84,8 +86,16 @@ def main() -> None:
             rows.append((name, f"{exited:.1f}", process.returncode, after, taken(server), "-"))
 
         sandbox.reset(clear_faults=False)
-        process = score(server, home / "kill9", PREFECT_API_URL="", PREFECT_HOME=str(home / "kill9-prefect"))
-        until_asked(sandbox, 4)
+        print("kill -9...", file=sys.stderr, flush=True)
+        command = [CLI, "score", "--sandbox", "--genie-rpm", "0", "--output-dir", str(home / "kill9")]
+        environment = server.env(PREFECT_API_URL="", PREFECT_HOME=str(home / "kill9-prefect"))
+        process = subprocess.Popen(
+            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for line in process.stdout or []:  # its own temporary server is up once the sandbox block is saved
+            if "Embedded sandbox workspace on" in line:
+                break
+        time.sleep(3)
         children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
         t0 = time.monotonic()
         process.kill()
@@ -98,6 +108,7 @@ def main() -> None:
         rows.append(("kill -9", f"{exited:.1f}", process.returncode, "-", "-", f"{left} of {len(children)} alive"))
 
         sandbox.reset(clear_faults=False)
+        print("server restart...", file=sys.stderr, flush=True)
         process = score(server, home / "restart")
         until_asked(sandbox, 4)
         t0 = time.monotonic()

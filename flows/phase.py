@@ -13,11 +13,13 @@ from typing import Any
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_API_URL
 
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
 from blocks.workspace import DatabricksWorkspace
 from tasks import progress, stopping
+from tasks.inputs import InputError
 from tasks.limits import RateLimit, ensure_service_limits, hold
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, Stop, lane, run_logger, run_rows
 
@@ -68,9 +70,16 @@ def _progress_of(phase: str) -> Callable[[RowOutcome], None]:
 
 
 def load_blocks(workspace_block: str | None, ledger_block: str | None) -> tuple[DatabricksWorkspace, RowLedger]:
-    """The saved blocks by name, or the defaults (databricks-sdk env/profile; ~/.batchflows ledger)."""
-    workspace = DatabricksWorkspace.load(workspace_block) if workspace_block else DatabricksWorkspace()
-    ledger = RowLedger.load(ledger_block) if ledger_block else RowLedger()
+    """The saved blocks by name, or the defaults (databricks-sdk env/profile; ~/.batchflows ledger).
+
+    Raises:
+        InputError: no block of that name on this Prefect server.
+    """
+    try:
+        workspace = DatabricksWorkspace.load(workspace_block) if workspace_block else DatabricksWorkspace()
+        ledger = RowLedger.load(ledger_block) if ledger_block else RowLedger()
+    except ValueError as exc:
+        raise InputError(f"{exc} on the Prefect server {PREFECT_API_URL.value() or '(ephemeral)'}") from exc
     return workspace, ledger  # type: ignore[return-value]
 
 

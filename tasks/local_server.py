@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator
 
 import httpx
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 _PRIVATE: list[str] = []  # the API URL of this process's own server, while it runs
@@ -57,6 +59,10 @@ def local_server() -> Iterator[str | None]:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
+        # what is queued for the server (logs, events) goes before it stops
+        with contextlib.suppress(Exception), temporary_settings(updates={PREFECT_API_URL: url}):
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
         if _PRIVATE and _PRIVATE[-1] == url:
             _PRIVATE.pop()
         process.terminate()

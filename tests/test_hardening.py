@@ -275,10 +275,26 @@ def test_the_team_postgres_needs_its_password():
     try:
         url = make_url(pg.url)
         assert url.password and url.host == "127.0.0.1"
-        where = {"host": "127.0.0.1", "port": url.port, "user": "postgres", "dbname": "prefect", "connect_timeout": 5}
+        where: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": url.port,
+            "user": "postgres",
+            "dbname": "prefect",
+            "connect_timeout": 5,
+        }
         with pytest.raises(psycopg.OperationalError, match="password"):
             psycopg.connect(**where, password="")
         with psycopg.connect(**where, password=url.password) as connection:
             assert connection.execute("SELECT 1").fetchone() == (1,)
     finally:
         pg.stop()
+
+
+def test_an_unknown_workspace_block_is_one_clear_line(prefect_api, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["enrich", "--text-columns", "text", "--input", _rows(tmp_path, 3), "--workspace-block", "no-such-block"],
+        env=WIDE,
+    )
+    assert result.exit_code == 2, result.output
+    assert "error: Unable to find block document named no-such-block" in result.output
