@@ -87,7 +87,7 @@ def run_batched(
         todo = [item for item in batch if item["id"] not in kept]
         earlier = {item["id"]: kept[item["id"]] for item in batch if item["id"] in kept}
         if not todo:
-            return {"good": earlier, "problems": {}, "calls": 0, "tokens": 0}
+            return {"good": earlier, "problems": {}, "tokens": 0}
         try:
             answer = call(todo, rate_limit)
         except PartialAnswer as partial:

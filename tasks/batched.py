@@ -28,7 +28,6 @@ class BatchAnswer(TypedDict):
 
     good: dict[str, Any]  # item id -> valid answer
     problems: dict[str, str]  # item id -> why it has none
-    calls: int
     tokens: int
 
 
@@ -80,14 +79,13 @@ def ask_validated(
     ask: Callable[[list[dict[str, Any]]], str],
     validate: Validator,
     on_good: Callable[[dict[str, Any]], None] | None = None,
-) -> tuple[dict[str, Any], dict[str, str], int]:
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Ask for `items` in one call; re-ask invalid or missing ones in halves until single items.
 
-    Returns (valid elements by id, final problems by id, number of calls made). `on_good` gets each call's
-    valid elements the moment they are validated, so a transient error in a later re-ask, which propagates
-    to the caller's retry policy, loses none of them.
+    Returns (valid elements by id, final problems by id); tasks.meter counts the calls. `on_good` gets each
+    call's valid elements the moment they are validated, so a transient error in a later re-ask, which
+    propagates to the caller's retry policy, loses none of them.
     """
-    calls = 1
     ids = [str(item["id"]) for item in items]
     try:
         good, problems = check_elements(ids, parse_array(ask(items)), validate)
@@ -96,7 +94,7 @@ def ask_validated(
     if good and on_good is not None:
         on_good(good)
     if not problems or len(items) == 1:
-        return good, problems, calls
+        return good, problems
     retry = [item for item in items if str(item["id"]) in problems]
     halves = [retry] if len(retry) < len(items) else [retry[: len(retry) // 2], retry[len(retry) // 2 :]]
     final_problems: dict[str, str] = {}
@@ -104,13 +102,12 @@ def ask_validated(
         if not half:
             continue
         if len(half) > 1 and half is retry:
-            half_good, half_problems, n = _ask_each(half, ask, validate, on_good)
+            half_good, half_problems = _ask_each(half, ask, validate, on_good)
         else:
-            half_good, half_problems, n = ask_validated(half, ask, validate, on_good)
+            half_good, half_problems = ask_validated(half, ask, validate, on_good)
         good.update(half_good)
         final_problems.update(half_problems)
-        calls += n
-    return good, final_problems, calls
+    return good, final_problems
 
 
 def _ask_each(
@@ -118,14 +115,14 @@ def _ask_each(
     ask: Callable[[list[dict[str, Any]]], str],
     validate: Validator,
     on_good: Callable[[dict[str, Any]], None] | None,
-) -> tuple[dict[str, Any], dict[str, str], int]:
+) -> tuple[dict[str, Any], dict[str, str]]:
     good: dict[str, Any] = {}
     problems: dict[str, str] = {}
     for item in items:
-        g, p, _ = ask_validated([item], ask, validate, on_good)
+        g, p = ask_validated([item], ask, validate, on_good)
         good.update(g)
         problems.update(p)
-    return good, problems, len(items)
+    return good, problems
 
 
 def ask_task(
@@ -140,14 +137,14 @@ def ask_task(
 ) -> BatchAnswer:
     """Ask `endpoint` for `items` in one call, the payload (`{**payload, "items": batch}`) as fenced JSON after
     `intro`, re-asking invalid elements (`ask_validated`). `before_call` runs before every call after the
-    first (the rate limit of the re-asks). Returns the valid elements by id, problems, calls and tokens."""
-    tokens = calls = 0
+    first (the rate limit of the re-asks). Returns the valid elements by id, problems and tokens."""
+    tokens = asked = 0
 
     def ask(batch: list[dict[str, Any]]) -> str:
-        nonlocal tokens, calls
-        if calls and before_call is not None:
+        nonlocal tokens, asked
+        if asked and before_call is not None:
             before_call()
-        calls += 1
+        asked += 1
         text = f"{intro}```json\n" + json.dumps({**payload, "items": batch}, ensure_ascii=False) + "\n```"
         reply = chat(client, endpoint, text, system=system)
         tokens += (reply["prompt_tokens"] or 0) + (reply["completion_tokens"] or 0)
@@ -155,9 +152,9 @@ def ask_task(
 
     kept: dict[str, Any] = {}
     try:
-        good, problems, _ = ask_validated(items, ask, validate, kept.update)
+        good, problems = ask_validated(items, ask, validate, kept.update)
     except Exception as exc:
         if kept:
             raise PartialAnswer(exc, kept) from exc
         raise
-    return {"good": good, "problems": problems, "calls": calls, "tokens": tokens}
+    return {"good": good, "problems": problems, "tokens": tokens}

@@ -186,7 +186,7 @@ def embed_batch(
         else:
             good[doc["id"]] = vector
     tokens = response.usage.total_tokens if response.usage and response.usage.total_tokens else 0
-    return {"good": good, "problems": problems, "calls": 1, "tokens": tokens}
+    return {"good": good, "problems": problems, "tokens": tokens}
 
 
 class VectorStore:

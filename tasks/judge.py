@@ -60,7 +60,7 @@ def validate_verdict(element: dict[str, Any]) -> str | None:
 
 
 def judge_cases(client: WorkspaceClient, endpoint: str, items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Judge a chunk of items. Returns {"verdicts": {case id: {"verdict", "reason"}}, "calls": n}.
+    """Judge a chunk of items. Returns {"verdicts": {case id: {"verdict", "reason"}}}.
 
     Invalid elements are re-asked (alone, or in halves when the whole reply is broken); an item still
     invalid after being asked alone comes back as {"verdict": None, "reason": problem}.
@@ -71,7 +71,7 @@ def judge_cases(client: WorkspaceClient, endpoint: str, items: list[dict[str, An
         prompt = "Judge these items.\n```json\n" + json.dumps(payload, ensure_ascii=False, default=str) + "\n```"
         return str(chat(client, endpoint, prompt, system=SYSTEM)["content"])
 
-    good, problems, calls = ask_validated(items, ask, validate_verdict)
+    good, problems = ask_validated(items, ask, validate_verdict)
     verdicts = {i: {"verdict": e["verdict"], "reason": e["reason"]} for i, e in good.items()}
     verdicts.update({i: {"verdict": None, "reason": f"judge gave no valid verdict: {p}"} for i, p in problems.items()})
-    return {"verdicts": verdicts, "calls": calls}
+    return {"verdicts": verdicts}
