@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import pytest
 from prefect import flow
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from batchflows_cli import app
 from blocks.workspace import DatabricksWorkspace
@@ -30,18 +30,23 @@ def test_rerun_hint_after_score_sandbox_works_as_printed(prefect_api, tmp_path):
         ' {"id": "bad", "question": "How many orders were placed in 2024?", "expected_sql": "SELECT * FROM nope"}]'
     )
     out = tmp_path / "out"
-    scored = CliRunner().invoke(
-        app,
-        ["score", "--sandbox", "--benchmarks", str(benchmarks), "--genie-rpm", "0", "--output-dir", str(out)],
-        env=WIDE,
-    )
+    scored = _cli("score", "--sandbox", "--benchmarks", str(benchmarks), "--genie-rpm", "0", "--output-dir", str(out))
     assert scored.exit_code == 0, scored.output
     hint = next(line for line in scored.output.splitlines() if line.startswith("Rerun just the 1 failed rows: "))
     command = shlex.split(hint.split(": ", 1)[1])
     assert command[:2] == ["batchflows", "rerun-failed"] and command[-1] == "--sandbox"
-    rerun = CliRunner().invoke(app, [*command[1:], "--fresh"], env=WIDE)
+    rerun = _cli(*command[1:], "--fresh")
     assert rerun.exit_code == 0, rerun.output
     assert "Rerun 1 failed rows: 0 now judged, 1 still failed" in rerun.output
+
+
+def _cli(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args), env=WIDE)
+
+
+def _enrich(rows: str, workspace_block: str, *more: str) -> Result:
+    """`batchflows enrich` of the rows file's `text` column through a saved workspace block."""
+    return _cli("enrich", "--text-columns", "text", "--input", rows, "--workspace-block", workspace_block, *more)
 
 
 def _sample() -> str:
@@ -77,21 +82,7 @@ def test_a_wrong_connection_is_one_clear_line_and_no_call(sb, prefect_api, tmp_p
         "refused": (f"http://127.0.0.1:{_free_port()}", sb.token, "cannot reach the workspace at http://127.0.0.1"),
     }[case]
     block = _workspace(f"wrong-{case}", host, token)
-    result = CliRunner().invoke(
-        app,
-        [
-            "enrich",
-            "--text-columns",
-            "text",
-            "--input",
-            _rows(tmp_path),
-            "--workspace-block",
-            block,
-            "--output-dir",
-            str(tmp_path / "out"),
-        ],
-        env=WIDE,
-    )
+    result = _enrich(_rows(tmp_path), block, "--output-dir", str(tmp_path / "out"))
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and words in errors[0], result.output
@@ -100,43 +91,25 @@ def test_a_wrong_connection_is_one_clear_line_and_no_call(sb, prefect_api, tmp_p
 
 
 def test_unknown_warehouse_and_endpoint_are_named_before_any_call(sb, workspace_block, tmp_path):
-    scored = CliRunner().invoke(
-        app,
-        [
-            "score",
-            "--benchmarks",
-            _sample(),
-            "--space-id",
-            "retail",
-            "--warehouse-id",
-            "no-such-warehouse",
-            "--workspace-block",
-            workspace_block,
-            "--genie-rpm",
-            "0",
-            "--output-dir",
-            str(tmp_path),
-        ],
-        env=WIDE,
+    scored = _cli(
+        "score",
+        "--benchmarks",
+        _sample(),
+        "--space-id",
+        "retail",
+        "--warehouse-id",
+        "no-such-warehouse",
+        "--workspace-block",
+        workspace_block,
+        "--genie-rpm",
+        "0",
+        "--output-dir",
+        str(tmp_path),
     )
     assert scored.exit_code == 2, scored.output
     assert "error: SQL warehouse 'no-such-warehouse' does not exist in" in scored.output
-    enriched = CliRunner().invoke(
-        app,
-        [
-            "enrich",
-            "--text-columns",
-            "text",
-            "--input",
-            _rows(tmp_path),
-            "--workspace-block",
-            workspace_block,
-            "--set",
-            "endpoint=no-such-endpoint",
-            "--output-dir",
-            str(tmp_path),
-        ],
-        env=WIDE,
+    enriched = _enrich(
+        _rows(tmp_path), workspace_block, "--set", "endpoint=no-such-endpoint", "--output-dir", str(tmp_path)
     )
     assert enriched.exit_code == 2, enriched.output
     assert "error: serving endpoint 'no-such-endpoint' does not exist in" in enriched.output
@@ -163,23 +136,7 @@ def test_a_permanent_refusal_stops_the_phase_at_once(sb, prefect_api):
 
 def test_a_run_that_succeeds_on_nothing_exits_non_zero(sb, workspace_block, tmp_path):
     sb.set_faults("chat", down=True)
-    result = CliRunner().invoke(
-        app,
-        [
-            "enrich",
-            "--text-columns",
-            "text",
-            "--input",
-            _rows(tmp_path, 10),
-            "--workspace-block",
-            workspace_block,
-            "--set",
-            "retry_attempts=0",
-            "--output-dir",
-            str(tmp_path),
-        ],
-        env=WIDE,
-    )
+    result = _enrich(_rows(tmp_path, 10), workspace_block, "--set", "retry_attempts=0", "--output-dir", str(tmp_path))
     assert result.exit_code == 1, result.output
     assert "failed: 0 of 10 rows enriched" in result.output
     assert list(tmp_path.glob("enrich-*/*.csv"))  # the report with its failures is written all the same
@@ -201,36 +158,32 @@ def test_thousands_of_benchmarks_pass_by_reference(sb, workspace_block, tmp_path
     path.write_text(json.dumps(many))
     assert path.stat().st_size > 512 * 1024
     sb.set_faults("genie", down=True)
-    scored = CliRunner().invoke(
-        app,
-        [
-            "score",
-            "--benchmarks",
-            str(path),
-            "--space-id",
-            "retail",
-            "--warehouse-id",
-            "sandbox-warehouse",
-            "--workspace-block",
-            workspace_block,
-            "--genie-rpm",
-            "0",
-            "--set",
-            "genie_retry_attempts=0",
-            "--set",
-            "genie_circuit_threshold=1000",
-            "--output-dir",
-            str(tmp_path),
-            "--json",
-        ],
-        env=WIDE,
+    scored = _cli(
+        "score",
+        "--benchmarks",
+        str(path),
+        "--space-id",
+        "retail",
+        "--warehouse-id",
+        "sandbox-warehouse",
+        "--workspace-block",
+        workspace_block,
+        "--genie-rpm",
+        "0",
+        "--set",
+        "genie_retry_attempts=0",
+        "--set",
+        "genie_circuit_threshold=1000",
+        "--output-dir",
+        str(tmp_path),
+        "--json",
     )
     assert scored.exit_code == 1, scored.output  # nothing judged: Genie is down
     first = json.loads(scored.output[scored.output.index("{\n") : scored.output.rindex("}") + 1])
     assert first["total"] == 400 and first["verdicts"]["genie_error"] == 400
 
     sb.reset()
-    rerun = CliRunner().invoke(app, ["rerun-failed", str(Path(first["files"]["csv"]).parent)], env=WIDE)
+    rerun = _cli("rerun-failed", str(Path(first["files"]["csv"]).parent))
     assert rerun.exit_code == 0, rerun.output
     assert "Rerun 400 failed rows" in rerun.output and "genie_error" not in rerun.output
 
@@ -292,10 +245,6 @@ def test_the_team_postgres_needs_its_password():
 
 
 def test_an_unknown_workspace_block_is_one_clear_line(prefect_api, tmp_path):
-    result = CliRunner().invoke(
-        app,
-        ["enrich", "--text-columns", "text", "--input", _rows(tmp_path, 3), "--workspace-block", "no-such-block"],
-        env=WIDE,
-    )
+    result = _enrich(_rows(tmp_path, 3), "no-such-block")
     assert result.exit_code == 2, result.output
     assert "error: Unable to find block document named no-such-block" in result.output
