@@ -22,14 +22,18 @@ class ScoreSettings(BaseModel):
     genie_max_concurrent: int = Field(3, ge=1, le=50, description="Genie questions in flight at once, across all runs")
     genie_retry_attempts: int = Field(2, ge=0, le=10, description="retries per question after the first attempt")
     genie_retry_delay: float = Field(5, ge=0, description="seconds before the first retry; doubles each time")
-    genie_timeout: float = Field(120, gt=0, description="seconds to wait for one Genie answer")
+    genie_timeout: float = Field(
+        600, gt=0, description="seconds to wait for one Genie answer (Databricks advises polling up to 10 minutes)"
+    )
     genie_circuit_threshold: int = Field(5, ge=1, description="consecutive failures that open Genie's circuit")
     genie_circuit_cooldown: float = Field(60, ge=0, description="seconds the circuit stays open before a probe")
     genie_rpm: float = Field(5, ge=0, description="Genie questions per minute across all runs (0: no limit)")
     genie_poll_initial: float = Field(1, gt=0, le=5, description="first poll interval for an answer, seconds")
     genie_poll_max: float = Field(5, gt=0, le=30, description="longest poll interval, seconds")
     sql_max_concurrent: int = Field(10, ge=1, le=100, description="SQL statements in flight at once, across all runs")
-    sql_timeout: float = Field(60, gt=0, description="seconds one statement may take")
+    sql_timeout: float = Field(
+        300, gt=0, description="seconds one statement may take, waiting for a stopped warehouse to start included"
+    )
     sql_retry_attempts: int = Field(2, ge=0, le=10)
     eval_chunk_size: int = Field(10, ge=1, le=JUDGE_MAX_CHUNK, description="undecided cases per judge call")
     eval_timeout: float = Field(30, gt=0, description="seconds one judge call may take")
@@ -82,14 +86,13 @@ PRESETS: dict[str, dict[str, float | int]] = {
     "conservative": {
         "genie_max_concurrent": 2,
         "genie_retry_attempts": 3,
-        "genie_timeout": 150,
         "genie_circuit_threshold": 3,
         "sql_max_concurrent": 5,
     },
     "aggressive": {
         "genie_max_concurrent": 10,
         "genie_retry_attempts": 1,
-        "genie_timeout": 90,
+        "genie_timeout": 300,
         "genie_circuit_threshold": 10,
         "sql_max_concurrent": 20,
     },

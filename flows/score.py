@@ -85,7 +85,8 @@ def score(
     items = load_benchmarks(benchmarks) if isinstance(benchmarks, str) else list(benchmarks)
     workspace, ledger = load_blocks(workspace_block, ledger_block)
     check_workspace(workspace, space_id=space_id, warehouse_id=warehouse_id, endpoints=[settings.judge_endpoint])
-    genie_client = workspace.client(settings.genie_timeout)
+    # one HTTP request never needs the whole answer's time: a hung one is dropped after a minute at most
+    genie_client = workspace.client(min(settings.genie_timeout, 60))
     space, config = _space(genie_client, space_id)
     flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
     cache_scope = flow_run_id if fresh else cache_scope
@@ -143,19 +144,20 @@ def score(
 
     # Phase 2: run the expected SQL and Genie's (read-only) SQL
     t2 = time.monotonic()
-    statements: dict[str, str] = {}
+    statements: dict[str, dict[str, Any]] = {}  # key -> {"sql", "parameters"}
     allowed = settings.allowed_functions
     for b, row in asks:
         if not read_only_problem(b.expected_sql, "the expected SQL", allowed):
-            statements[stable_key(warehouse_id, b.expected_sql)] = b.expected_sql
+            statements[_sql_key(warehouse_id, b.expected_sql)] = {"sql": b.expected_sql}
         answer = answers[row.key]
         if (
             answer.status == "ok"
             and answer.value["kind"] == "sql"
             and not read_only_problem(answer.value["sql"], allowed=allowed)
         ):
-            statements[stable_key(warehouse_id, answer.value["sql"])] = answer.value["sql"]
-    sql_client = workspace.client(settings.sql_timeout + 5)
+            sql, parameters = answer.value["sql"], answer.value.get("parameters")
+            statements[_sql_key(warehouse_id, sql, parameters)] = {"sql": sql, "parameters": parameters}
+    sql_client = workspace.client(min(settings.sql_timeout, 55) + 5)  # above the 50 s the server is asked to wait
     sql_spec = PhaseSpec(
         "sql",
         "sql",
@@ -164,10 +166,12 @@ def score(
         cache=Cache(ledger, "sql", f"sql-v2:{session}"),  # v2: results carry column types, exact numbers
         sequential=sequential,
     )
-    sql_rows = [Row(key, i, sql) for i, (key, sql) in enumerate(statements.items())]
+    sql_rows = [Row(key, i, statement) for i, (key, statement) in enumerate(statements.items())]
     with metered() as sql_calls:
         results = run_phase(
-            sql_spec, sql_rows, lambda sql: run_sql(sql_client, warehouse_id, sql, settings.sql_timeout)
+            sql_spec,
+            sql_rows,
+            lambda s: run_sql(sql_client, warehouse_id, s["sql"], settings.sql_timeout, parameters=s.get("parameters")),
         )
     ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
     phases.append({**_phase_figures("sql", results, t2, sql_calls), "succeeded": ran})
@@ -337,6 +341,11 @@ def _genie_key(space_id: str, question: str, repeat: int) -> str:
     return stable_key(space_id, question) if repeat == 0 else stable_key(space_id, question, repeat)
 
 
+def _sql_key(warehouse_id: str, sql: str, parameters: dict[str, Any] | None = None) -> str:
+    """The identity of one statement run: its SQL, and the values bound to its markers (Genie's answers)."""
+    return stable_key(warehouse_id, sql, parameters) if parameters else stable_key(warehouse_id, sql)
+
+
 def _decide(
     b: Benchmark,
     answer: RowOutcome,
@@ -351,6 +360,7 @@ def _decide(
         "question": b.question,
         "expected_sql": b.expected_sql,
         "genie_sql": None,
+        "genie_parameters": None,
         "expected_rows": None,
         "genie_rows": None,
         "verdict": None,
@@ -373,11 +383,12 @@ def _decide(
         row.update(verdict="no_sql", reason=f"Genie answered with text only: {answer.value['text']}")
         return row
     row["genie_sql"] = answer.value["sql"]
+    row["genie_parameters"] = answer.value.get("parameters")
     refused = read_only_problem(b.expected_sql, "the expected SQL", allowed)
     if refused:
         row.update(verdict="sql_error", reason=refused, error_kind="expected_not_read_only")
         return row
-    expected = results[stable_key(warehouse_id, b.expected_sql)]
+    expected = results[_sql_key(warehouse_id, b.expected_sql)]
     if expected.status != "ok" or "error" in expected.value:
         row.update(
             verdict="sql_error",
@@ -390,7 +401,7 @@ def _decide(
     if problem:
         row.update(verdict="sql_error", reason=problem, error_kind="not_read_only")
         return row
-    actual = results[stable_key(warehouse_id, answer.value["sql"])]
+    actual = results[_sql_key(warehouse_id, answer.value["sql"], answer.value.get("parameters"))]
     if actual.status != "ok" or "error" in actual.value:
         kind = actual.error_kind or "genie_sql"
         row.update(
@@ -423,9 +434,9 @@ def _judge(
     cases: dict[str, dict[str, Any]] = {}
     key_of_row: list[str] = []
     for row, b in undecided:
-        expected = results[stable_key(warehouse_id, b.expected_sql)].value
-        actual = results[stable_key(warehouse_id, row["genie_sql"])].value
-        item = case_item(b, row["genie_sql"], expected, actual, row["reason"])
+        expected = results[_sql_key(warehouse_id, b.expected_sql)].value
+        actual = results[_sql_key(warehouse_id, row["genie_sql"], row.get("genie_parameters"))].value
+        item = case_item(b, row["genie_sql"], expected, actual, row["reason"], row.get("genie_parameters"))
         key = stable_key(item, PROMPT_VERSION, settings.judge_endpoint)
         cases[key] = {**item, "id": f"c{len(cases) + 1}"} if key not in cases else cases[key]
         key_of_row.append(key)

@@ -12,12 +12,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 
 from sandbox import models
 from sandbox.faults import GROUPS, FaultMiddleware, FaultSpec, Ledger
 from sandbox.genie import AnswerMix, Genie, normalise_question
+from sandbox.space_rules import SpaceRuleError, check
 from sandbox.userdata import load_answers
-from sandbox.warehouse import ROW_CAP, Warehouse
+from sandbox.warehouse import INLINE_LIMIT_BYTES, ROW_CAP, Statement, Warehouse
 
 CHAT_ENDPOINTS = ("databricks-meta-llama-3-3-70b-instruct", "databricks-claude-sonnet-4")
 EMBEDDING_ENDPOINTS = ("databricks-gte-large-en", "databricks-bge-large-en")
@@ -28,6 +30,21 @@ class ApiError(Exception):
     def __init__(self, status: int, error_code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.error_code, self.message = status, error_code, message
+
+
+class Contracts(BaseModel):
+    """Limits a real workspace enforces, each settable at /sandbox/contracts (tests shrink them)."""
+
+    chunk_bytes: int = Field(64 * 2**10, ge=1, description="INLINE results are split into chunks of about this size")
+    inline_limit_bytes: int = Field(INLINE_LIMIT_BYTES, ge=1, description="INLINE results above this fail")
+    link_ttl_s: float = Field(900, ge=0, description="how long an EXTERNAL_LINKS URL stays valid")
+    cold_start_s: float | None = Field(
+        None, ge=0, description="stop the warehouse; the next use starts it and it serves after this long"
+    )
+    max_conversations: int = Field(10_000, ge=1, description="conversations a space can hold")
+    result_ttl_s: float | None = Field(
+        None, ge=0, description="a COMPLETED Genie message turns QUERY_RESULT_EXPIRED this long after it answered"
+    )
 
 
 class Workspace:
@@ -44,6 +61,7 @@ class Workspace:
         genie_answers: str | None = None,
     ) -> None:
         self.token = token
+        self.contracts = Contracts()
         self.ledger = Ledger(seed, faults)
         self.warehouse = Warehouse(allow_writes=allow_writes, data=data)
         self.genie = Genie(seed, mix)
@@ -81,7 +99,10 @@ def create_app(ws: Workspace) -> Any:
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Response:
         path = request.url.path
-        if path.startswith("/.well-known/") or path == "/oidc/.well-known/oauth-authorization-server":
+        if (
+            path.startswith(("/.well-known/", "/sandbox/external/"))
+            or path == "/oidc/.well-known/oauth-authorization-server"
+        ):
             return await call_next(request)
         if request.headers.get("authorization") != f"Bearer {ws.token}":
             refused(request, 401)
@@ -134,10 +155,25 @@ def _genie_routes(app: FastAPI, ws: Workspace) -> None:
         content = (await _json(request)).get("content")
         if not isinstance(content, str) or not content.strip():
             raise ApiError(400, "INVALID_PARAMETER_VALUE", "content must be a non-empty string")
+        if conversation_id is None and genie.conversation_count(space_id) >= ws.contracts.max_conversations:
+            raise ApiError(
+                400,
+                "RESOURCE_LIMIT_EXCEEDED",
+                f"Genie space {space_id} holds {ws.contracts.max_conversations} conversations, its limit; "
+                "delete conversations to start new ones.",
+            )
+        if conversation_id is not None and not genie.has_conversation(space_id, conversation_id):
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Conversation {conversation_id} does not exist.")
         spec = ws.ledger.spec("genie")
         fail = ws.ledger.draw("genie", ("genie_failed",)) == "genie_failed"
+        now = time.time()
         message = genie.ask(
-            space_id, conversation_id or uuid.uuid4().hex, content, spec.latency_s(ws.ledger.rng()), fail
+            space_id,
+            conversation_id or uuid.uuid4().hex,
+            content,
+            spec.latency_s(ws.ledger.rng()),
+            fail,
+            warehouse_at=ws.warehouse.warm_at_time(now),
         )
         ws.ledger.open_interval("genie", message.created, message.ready_at)
         ws.ledger.record(
@@ -148,12 +184,19 @@ def _genie_routes(app: FastAPI, ws: Workspace) -> None:
             question=content,
             outcome=message.outcome,
             message_id=message.message_id,
+            conversation_id=message.conversation_id,
         )
         return {
             "conversation_id": message.conversation_id,
             "message_id": message.message_id,
-            "conversation": {"id": message.conversation_id, "space_id": space_id, "title": content[:60]},
-            "message": message.as_dict(time.time()),
+            "conversation": {
+                "id": message.conversation_id,
+                "conversation_id": message.conversation_id,
+                "space_id": space_id,
+                "title": content[:60],
+                "created_timestamp": int(message.created * 1000),
+            },
+            "message": message.as_dict(now, ws.contracts.result_ttl_s),
         }
 
     @app.post(base + "/{space_id}/start-conversation")
@@ -164,31 +207,39 @@ def _genie_routes(app: FastAPI, ws: Workspace) -> None:
     async def create_message(request: Request, space_id: str, conversation_id: str) -> dict[str, Any]:
         return (await ask(request, space_id, conversation_id))["message"]
 
-    def message_of(space_id: str, message_id: str) -> Any:
+    def message_of(space_id: str, conversation_id: str, message_id: str) -> Any:
         _space(ws, space_id)
         message = genie.messages.get(message_id)
-        if message is None or message.space_id != space_id:
+        if message is None or message.space_id != space_id or message.conversation_id != conversation_id:
             raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Message {message_id} does not exist.")
         return message
 
     @app.get(base + "/{space_id}/conversations/{conversation_id}/messages/{message_id}")
-    async def get_message(space_id: str, conversation_id: str, message_id: str) -> dict[str, Any]:
-        message = message_of(space_id, message_id)
+    async def get_message(request: Request, space_id: str, conversation_id: str, message_id: str) -> dict[str, Any]:
+        message = message_of(space_id, conversation_id, message_id)
+        ws.ledger.record("genie_poll", request.url.path, 200, "ok", message_id=message_id)
+        now = time.time()
         row_count, truncated = None, False
-        if message.sql is not None and message.status(time.time()) == "COMPLETED":
+        if message.sql is not None and message.status(now) == "COMPLETED":
             try:
-                result = await run_in_threadpool(_query_result, ws, message.sql)
-                row_count, truncated = result["manifest"]["total_row_count"], result["manifest"]["truncated"]
+                stmt = await run_in_threadpool(_query_result, ws, message.sql, message.statement_parameters())
+                row_count, truncated = len(stmt.result["rows"]), stmt.result["truncated"]  # type: ignore[index]
             except ApiError:
                 pass  # Genie still answers with its (broken) SQL; running it shows the error
-        return message.as_dict(time.time(), row_count, truncated)
+        return message.as_dict(now, ws.contracts.result_ttl_s, row_count, truncated)
 
-    async def query_result(space_id: str, message_id: str) -> dict[str, Any]:
-        message = message_of(space_id, message_id)
-        if message.status(time.time()) != "COMPLETED" or message.sql is None:
+    async def query_result(request: Request, space_id: str, conversation_id: str, message_id: str) -> dict[str, Any]:
+        message = message_of(space_id, conversation_id, message_id)
+        status = message.as_dict(time.time(), ws.contracts.result_ttl_s)["status"]
+        if status == "QUERY_RESULT_EXPIRED":
+            raise ApiError(400, "INVALID_STATE", f"The query result of message {message_id} has expired.")
+        if status != "COMPLETED" or message.sql is None:
             raise ApiError(400, "INVALID_STATE", f"Message {message_id} has no query result.")
-        result = await run_in_threadpool(_query_result, ws, message.sql)
-        return {"statement_response": {"statement_id": message.attachment_id, **result}}
+        stmt = await run_in_threadpool(_query_result, ws, message.sql, message.statement_parameters())
+        base_url = str(request.base_url).rstrip("/")
+        return {
+            "statement_response": {**stmt.as_response(time.time(), base_url), "statement_id": message.attachment_id}
+        }
 
     for suffix in ("/attachments/{attachment_id}/query-result", "/query-result", "/query-result/{attachment_id}"):
         app.get(base + "/{space_id}/conversations/{conversation_id}/messages/{message_id}" + suffix)(query_result)
@@ -196,6 +247,24 @@ def _genie_routes(app: FastAPI, ws: Workspace) -> None:
         base + "/{space_id}/conversations/{conversation_id}/messages/{message_id}"
         "/attachments/{attachment_id}/execute-query"
     )(query_result)
+
+    @app.get(base + "/{space_id}/conversations")
+    async def list_conversations(space_id: str, page_size: int = 100, page_token: str | None = None) -> dict[str, Any]:
+        _space(ws, space_id)
+        summaries = genie.conversations_of(space_id)
+        start = int(page_token or 0)
+        page = summaries[start : start + page_size]
+        body: dict[str, Any] = {"conversations": page}
+        if start + page_size < len(summaries):
+            body["next_page_token"] = str(start + page_size)
+        return body
+
+    @app.delete(base + "/{space_id}/conversations/{conversation_id}")
+    async def delete_conversation(space_id: str, conversation_id: str) -> dict[str, Any]:
+        _space(ws, space_id)
+        if not genie.delete_conversation(space_id, conversation_id):
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Conversation {conversation_id} does not exist.")
+        return {}
 
     @app.get(base)
     async def list_spaces() -> dict[str, Any]:
@@ -251,14 +320,19 @@ def _parse_serialized(value: Any) -> dict[str, Any]:
         config = None
     if not isinstance(config, dict):
         raise ApiError(400, "INVALID_PARAMETER_VALUE", "serialized_space must be a JSON object encoded as a string")
+    try:
+        check(config)
+    except SpaceRuleError as exc:
+        raise ApiError(400, "INVALID_PARAMETER_VALUE", f"Invalid serialized_space: {exc}") from exc
     return config
 
 
-def _query_result(ws: Workspace, sql: str) -> dict[str, Any]:
-    try:
-        return ws.warehouse.run(sql, ROW_CAP)
-    except Exception as exc:
-        raise ApiError(400, "BAD_REQUEST", f"Query failed: {exc}") from exc
+def _query_result(ws: Workspace, sql: str, parameters: list[dict[str, Any]] | None = None) -> Statement:
+    """Genie's run of its own SQL (capped at 5,000 rows), as a finished statement."""
+    stmt = ws.warehouse.submit(sql, 0.0, ROW_CAP, parameters, "INLINE", ws.contracts)
+    if stmt.error is not None:
+        raise ApiError(400, "BAD_REQUEST", f"Query failed: {stmt.error}")
+    return stmt
 
 
 def _wait_seconds(value: Any) -> float:
@@ -269,6 +343,9 @@ def _wait_seconds(value: Any) -> float:
 
 
 def _sql_routes(app: FastAPI, ws: Workspace) -> None:
+    def base_url(request: Request) -> str:
+        return str(request.base_url).rstrip("/")
+
     @app.post("/api/2.0/sql/statements")
     @app.post("/api/2.0/sql/statements/")
     async def execute(request: Request) -> dict[str, Any]:
@@ -276,8 +353,17 @@ def _sql_routes(app: FastAPI, ws: Workspace) -> None:
         sql, warehouse_id = body.get("statement"), body.get("warehouse_id")
         if not isinstance(sql, str) or not sql.strip():
             raise ApiError(400, "INVALID_PARAMETER_VALUE", "statement must be a non-empty string")
+        if len(sql.encode()) > 16 * 2**20:
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "statement exceeds the maximum query text size of 16 MiB")
         if warehouse_id not in ws.warehouse.warehouse_ids:
             raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Warehouse {warehouse_id} does not exist.")
+        disposition = body.get("disposition") or "INLINE"
+        if disposition not in ("INLINE", "EXTERNAL_LINKS"):
+            raise ApiError(
+                400, "INVALID_PARAMETER_VALUE", f"disposition must be INLINE or EXTERNAL_LINKS, got {disposition!r}"
+            )
+        if (body.get("format") or "JSON_ARRAY") != "JSON_ARRAY":
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "the sandbox warehouse serves format JSON_ARRAY only")
         wait = _wait_seconds(body.get("wait_timeout"))
         latency = ws.ledger.spec("sql").latency_s(ws.ledger.rng())
         parameters = body.get("parameters")
@@ -285,15 +371,17 @@ def _sql_routes(app: FastAPI, ws: Workspace) -> None:
             isinstance(parameters, list) and all(isinstance(p, dict) for p in parameters)
         ):
             raise ApiError(400, "INVALID_PARAMETER_VALUE", "parameters must be a list of {name, value, type}")
-        stmt = await run_in_threadpool(ws.warehouse.submit, sql, latency, body.get("row_limit"), parameters)
+        stmt = await run_in_threadpool(
+            ws.warehouse.submit, sql, latency, body.get("row_limit"), parameters, disposition, ws.contracts
+        )
         ws.ledger.open_interval("sql", stmt.submitted, stmt.ready_at)
         ws.ledger.record("sql", request.url.path, 200, "ok", statement=sql, statement_id=stmt.statement_id)
         await asyncio.sleep(max(0.0, min(wait, stmt.ready_at - time.time())))
         if time.time() < stmt.ready_at and body.get("on_wait_timeout") == "CANCEL":
             stmt.canceled = True
-        return stmt.as_response(time.time())
+        return stmt.as_response(time.time(), base_url(request))
 
-    def statement(statement_id: str) -> Any:
+    def statement(statement_id: str) -> Statement:
         stmt = ws.warehouse.get(statement_id)
         if stmt is None:
             raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Statement {statement_id} does not exist.")
@@ -306,15 +394,41 @@ def _sql_routes(app: FastAPI, ws: Workspace) -> None:
         return {
             "id": warehouse_id,
             "name": warehouse_id,
-            "state": "RUNNING",
+            "state": ws.warehouse.state(time.time()),
             "cluster_size": "2X-Small",
             "warehouse_type": "PRO",
             "enable_serverless_compute": True,
+            "auto_stop_mins": 10,
         }
 
     @app.get("/api/2.0/sql/statements/{statement_id}")
-    async def get_statement(statement_id: str) -> dict[str, Any]:
-        return statement(statement_id).as_response(time.time())
+    async def get_statement(request: Request, statement_id: str) -> dict[str, Any]:
+        return statement(statement_id).as_response(time.time(), base_url(request))
+
+    @app.get("/api/2.0/sql/statements/{statement_id}/result/chunks/{chunk_index}")
+    async def get_chunk(request: Request, statement_id: str, chunk_index: int) -> dict[str, Any]:
+        stmt = statement(statement_id)
+        if stmt.state(time.time()) != "SUCCEEDED":
+            raise ApiError(
+                400, "INVALID_STATE", f"Statement {statement_id} has no result: it is {stmt.state(time.time())}"
+            )
+        if not 0 <= chunk_index < len(stmt.chunks):
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", f"chunk_index {chunk_index} is out of range")
+        return stmt.chunk(chunk_index, base_url(request))
+
+    @app.get("/sandbox/external/{statement_id}/{chunk_index}")
+    async def external(request: Request, statement_id: str, chunk_index: int, expires: int, signature: str) -> Response:
+        """A presigned link, as cloud storage serves it: no workspace token (one is refused), a signature, an expiry."""
+        if "authorization" in request.headers:
+            return JSONResponse({"Code": "InvalidArgument", "Message": "Only one auth mechanism allowed"}, 400)
+        stmt = ws.warehouse.get(statement_id)
+        if stmt is None or stmt.result is None or signature != stmt.signature(chunk_index, expires):
+            return JSONResponse({"Code": "AccessDenied", "Message": "Signature does not match"}, 403)
+        if time.time() > expires:
+            return JSONResponse({"Code": "AccessDenied", "Message": "Request has expired"}, 403)
+        offset, count = stmt.chunks[chunk_index]
+        body = json.dumps(stmt.result["rows"][offset : offset + count])
+        return Response(body, media_type="application/json")
 
     @app.post("/api/2.0/sql/statements/{statement_id}/cancel")
     async def cancel(statement_id: str) -> dict[str, Any]:
@@ -445,6 +559,18 @@ def _blank(value: Any) -> Any:
 
 
 def _admin_routes(app: FastAPI, ws: Workspace) -> None:
+    @app.put("/sandbox/contracts")
+    async def put_contracts(request: Request) -> dict[str, Any]:
+        """Set the enforced limits; `cold_start_s` also stops the warehouse."""
+        try:
+            contracts = Contracts.model_validate(await _json(request))
+        except ValueError as exc:
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", str(exc)) from exc
+        ws.contracts = contracts
+        if contracts.cold_start_s is not None:
+            ws.warehouse.stop(contracts.cold_start_s)
+        return contracts.model_dump()
+
     @app.get("/sandbox/stats")
     async def stats() -> dict[str, Any]:
         return ws.ledger.stats()
@@ -457,6 +583,8 @@ def _admin_routes(app: FastAPI, ws: Workspace) -> None:
     async def reset() -> dict[str, Any]:
         ws.ledger.reset()
         ws.genie.flaky.clear()
+        ws.contracts = Contracts()
+        ws.warehouse.warm_at = 0.0
         return {}
 
     @app.put("/sandbox/genie/flaky")

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-GROUPS = ("genie", "sql", "chat", "embeddings")
+GROUPS = ("genie", "genie_poll", "sql", "chat", "embeddings")
 UNKNOWN_ENDPOINT = "unknown_endpoint"  # invocations of endpoints the sandbox does not serve: counted, never faulted
 TRANSPORT_FAULTS = ("429", "500", "503", "reset", "hang")
 CONTENT_FAULTS = ("malformed", "missing_id", "extra_id", "bad_enum", "empty", "genie_failed")
@@ -40,10 +40,12 @@ FaultKind = Literal[
 ]
 
 _PRIMARY = [
-    (re.compile(r"^/api/2\.0/genie/spaces/[^/]+/start-conversation$"), "genie"),
-    (re.compile(r"^/api/2\.0/genie/spaces/[^/]+/conversations/[^/]+/messages$"), "genie"),
-    (re.compile(r"^/api/2\.0/sql/statements/?$"), "sql"),
-    (re.compile(r"^/serving-endpoints/[^/]+/invocations$"), "invocations"),
+    ("POST", re.compile(r"^/api/2\.0/genie/spaces/[^/]+/start-conversation$"), "genie"),
+    ("POST", re.compile(r"^/api/2\.0/genie/spaces/[^/]+/conversations/[^/]+/messages$"), "genie"),
+    ("POST", re.compile(r"^/api/2\.0/sql/statements/?$"), "sql"),
+    ("POST", re.compile(r"^/serving-endpoints/[^/]+/invocations$"), "invocations"),
+    # polls of a Genie message: their own group, so tests can fault a poll without touching questions
+    ("GET", re.compile(r"^/api/2\.0/genie/spaces/[^/]+/conversations/[^/]+/messages/[^/]+$"), "genie_poll"),
 ]
 
 
@@ -182,9 +184,9 @@ def _max_overlap(intervals: list[list[float]]) -> int:
     return peak
 
 
-def primary_group(path: str) -> str | None:
-    for pattern, group in _PRIMARY:
-        if pattern.match(path):
+def primary_group(method: str, path: str) -> str | None:
+    for verb, pattern, group in _PRIMARY:
+        if verb == method and pattern.match(path):
             return group
     return None
 
@@ -198,11 +200,11 @@ class FaultMiddleware:
         self.group_of_endpoint = group_of_endpoint
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        group = primary_group(path)
+        group = primary_group(scope["method"], path)
         if group == "invocations":
             group = self.group_of_endpoint(path.split("/")[2])
             if group is None:  # the app refuses it (404); counted as a call all the same

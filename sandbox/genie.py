@@ -44,25 +44,40 @@ def load_brain() -> list[dict[str, Any]]:
     return yaml.safe_load(resources.files("sandbox").joinpath("data/genie_brain.yaml").read_text("utf-8"))
 
 
+def hex_id(*parts: str) -> str:
+    """A stable 32-character lowercase hex id, the form a workspace requires in serialized_space."""
+    return hashlib.md5("\x1f".join(parts).encode()).hexdigest()
+
+
 def full_configuration(brain: list[dict[str, Any]]) -> dict[str, Any]:
     """The serialized configuration of a space that covers every question of the brain."""
     terms = sorted({n.split(":", 1)[1] for b in brain for n in b["needs"] if n.startswith("term:")})
     joins = sorted({n.split(":", 1)[1] for b in brain for n in b["needs"] if n.startswith("join:")})
     config = bare_configuration()
     config["instructions"]["text_instructions"] = [
-        {"id": "glossary", "content": [f"Glossary terms explained for this domain: {', '.join(terms)}."]}
+        {"id": hex_id("glossary"), "content": [f"Glossary terms explained for this domain: {', '.join(terms)}."]}
     ]
-    config["instructions"]["join_specs"] = [
-        {"id": j, "left": {"identifier": j.split("=")[0]}, "right": {"identifier": j.split("=")[1]}} for j in joins
-    ]
+    specs: list[dict[str, Any]] = []
+    for join in joins:
+        (lt, lc), (rt, rc) = (side.split(".") for side in join.split("="))
+        specs.append(
+            {
+                "id": hex_id("join", join),
+                "left": {"identifier": f"samples.retail.{lt}", "alias": lt},
+                "right": {"identifier": f"samples.retail.{rt}", "alias": rt},
+                "sql": [f"{lt}.{lc} = {rt}.{rc}"],
+            }
+        )
+    config["instructions"]["join_specs"] = sorted(specs, key=lambda s: str(s["id"]))
     config["instructions"]["sql_snippets"]["measures"] = [
-        {"id": "revenue", "alias": "revenue", "sql": ["SUM(quantity * unit_price * (1 - discount))"]}
+        {"id": hex_id("revenue"), "alias": "revenue", "sql": ["SUM(quantity * unit_price * (1 - discount))"]}
     ]
     return config
 
 
 def bare_configuration() -> dict[str, Any]:
-    tables = ["customers", "products", "stores", "orders", "order_items"]
+    """A space with the sample tables and benchmarks, and nothing else."""
+    tables = sorted(["customers", "products", "stores", "orders", "order_items"])
     return {
         "version": 1,
         "config": {"sample_questions": []},
@@ -73,7 +88,22 @@ def bare_configuration() -> dict[str, Any]:
             "join_specs": [],
             "sql_snippets": {"measures": [], "filters": [], "expressions": []},
         },
+        "benchmarks": {"questions": sample_benchmarks()},
     }
+
+
+def sample_benchmarks() -> list[dict[str, Any]]:
+    """The sample benchmarks as a space keeps them: serialized_space.benchmarks.questions."""
+    rows = yaml.safe_load(resources.files("sandbox").joinpath("data/benchmarks.yaml").read_text("utf-8"))
+    questions = [
+        {
+            "id": hex_id("benchmark", row["id"]),
+            "question": [row["question"]],
+            "answer": [{"format": "SQL", "content": [row["expected_sql"]]}],
+        }
+        for row in rows
+    ]
+    return sorted(questions, key=lambda q: q["id"])
 
 
 def covered(need: str, config: dict[str, Any], question: str) -> bool:
@@ -85,16 +115,25 @@ def covered(need: str, config: dict[str, Any], question: str) -> bool:
         texts += [d for t in config.get("data_sources", {}).get("tables", []) for d in _descriptions(t)]
         return any(value.casefold() in text.casefold() for text in texts)
     if kind == "join":
-        left, right = value.split("=")
-        for spec in instructions.get("join_specs", []):
-            pair = {spec.get("left", {}).get("identifier"), spec.get("right", {}).get("identifier")}
-            if pair == {left, right}:
-                return True
-        return False
+        wanted = {side.strip().casefold() for side in value.split("=")}
+        return any(_join_columns(spec) == wanted for spec in instructions.get("join_specs", []))
     if kind == "snippet":
         snippets = instructions.get("sql_snippets", {})
         return any(s.get("alias") == value for kind_list in snippets.values() for s in kind_list)
     return False
+
+
+def _join_columns(spec: dict[str, Any]) -> set[str]:
+    """{"table.column", "table.column"} of a join spec, its aliases resolved to the tables' names."""
+    tables = {
+        spec.get(side, {}).get("alias", ""): str(spec.get(side, {}).get("identifier", "")).split(".")[-1]
+        for side in ("left", "right")
+    }
+    for predicate in spec.get("sql", []):
+        sides = [s.strip().strip("`") for s in predicate.split("=")]
+        if len(sides) == 2 and all("." in s for s in sides):
+            return {f"{tables.get(a, a)}.{c}".casefold() for a, c in (s.rsplit(".", 1) for s in sides)}
+    return set()
 
 
 def _descriptions(table: dict[str, Any]) -> list[str]:
@@ -155,11 +194,16 @@ class Message:
     text: str | None = None
     failed: bool = False
     attachment_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    queued_until: float = 0.0  # the warehouse is starting: PENDING_WAREHOUSE until then
+    parameters: list[dict[str, Any]] = field(default_factory=list)  # {keyword, sql_type, value}
 
     def status(self, now: float) -> str:
         if now >= self.ready_at:
             return "FAILED" if self.failed else "COMPLETED"
-        progress = (now - self.created) / max(1e-9, self.ready_at - self.created)
+        if now < self.queued_until:
+            return "PENDING_WAREHOUSE"
+        start = max(self.created, self.queued_until)
+        progress = (now - start) / max(1e-9, self.ready_at - start)
         if progress < 0.2:
             return "SUBMITTED"
         if progress < 0.4:
@@ -168,8 +212,16 @@ class Message:
             return "ASKING_AI"
         return "EXECUTING_QUERY"
 
-    def as_dict(self, now: float, row_count: int | None = None, truncated: bool = False) -> dict[str, Any]:
+    def statement_parameters(self) -> list[dict[str, Any]]:
+        """The attachment's parameters as the Statement Execution API binds them."""
+        return [{"name": p["keyword"], "value": p.get("value"), "type": p.get("sql_type")} for p in self.parameters]
+
+    def as_dict(
+        self, now: float, result_ttl_s: float | None = None, row_count: int | None = None, truncated: bool = False
+    ) -> dict[str, Any]:
         status = self.status(now)
+        if status == "COMPLETED" and self.sql is not None and result_ttl_s is not None:
+            status = "QUERY_RESULT_EXPIRED" if now >= self.ready_at + result_ttl_s else status
         body: dict[str, Any] = {
             "id": self.message_id,
             "message_id": self.message_id,
@@ -187,8 +239,8 @@ class Message:
                 "error": "Genie could not process the request.",
                 "type": "GENERIC_CHAT_COMPLETION_EXCEPTION",
             }
-        elif status == "COMPLETED" and self.sql is not None:
-            query = {
+        elif status in ("COMPLETED", "QUERY_RESULT_EXPIRED") and self.sql is not None:
+            query: dict[str, Any] = {
                 "id": self.attachment_id,
                 "query": self.sql,
                 "title": self.content[:60],
@@ -196,6 +248,8 @@ class Message:
                 "statement_id": self.attachment_id,
                 "query_result_metadata": {"row_count": row_count or 0, "is_truncated": truncated},
             }
+            if self.parameters:
+                query["parameters"] = self.parameters
             body["attachments"] = [{"attachment_id": self.attachment_id, "query": query}]
         elif status == "COMPLETED":
             body["attachments"] = [
@@ -215,6 +269,7 @@ class Genie:
         self.flaky: dict[str, int] = {}  # question -> times asked; answered right, then wrong, in turn
         self.spaces: dict[str, dict[str, Any]] = {}
         self.messages: dict[str, Message] = {}
+        self.conversations: dict[str, dict[str, Any]] = {}  # id -> {space_id, created, title}
         brain = list(self.brain.values())
         self.create_space("retail", "Retail sales", warehouse_id, full_configuration(brain))
         self.create_space("retail-bare", "Retail sales (unconfigured)", warehouse_id, bare_configuration())
@@ -255,18 +310,65 @@ class Genie:
     def config(self, space_id: str) -> dict[str, Any]:
         return copy.deepcopy(json.loads(self.spaces[space_id]["serialized_space"]))
 
-    def ask(self, space_id: str, conversation_id: str, content: str, latency_s: float, fail: bool) -> Message:
+    def ask(
+        self,
+        space_id: str,
+        conversation_id: str,
+        content: str,
+        latency_s: float,
+        fail: bool,
+        warehouse_at: float = 0.0,
+    ) -> Message:
+        """A new message; a conversation id not seen before starts that conversation. Genie works only once
+        the space's warehouse serves (`warehouse_at`): until then the message is PENDING_WAREHOUSE."""
         now = time.time()
         outcome, sql, text = self._answer(space_id, content)
         recorded = self.recorded.get(normalise_question(content))
+        parameters: list[dict[str, Any]] = []
         if recorded:
             latency_s = recorded.get("delay_ms", latency_s * 1000) / 1000
             fail = fail or bool(recorded.get("error"))
+            parameters = list(recorded.get("parameters") or [])
+        start = max(now, warehouse_at)
         message = Message(
-            space_id, conversation_id, uuid.uuid4().hex, content, now, now + latency_s, outcome, sql, text, failed=fail
+            space_id,
+            conversation_id,
+            uuid.uuid4().hex,
+            content,
+            now,
+            start + latency_s,
+            outcome,
+            sql,
+            text,
+            failed=fail,
+            queued_until=start if start > now else 0.0,
+            parameters=parameters,
         )
+        self.conversations.setdefault(conversation_id, {"space_id": space_id, "created": now, "title": content[:60]})
         self.messages[message.message_id] = message
         return message
+
+    def has_conversation(self, space_id: str, conversation_id: str) -> bool:
+        return self.conversations.get(conversation_id, {}).get("space_id") == space_id
+
+    def conversation_count(self, space_id: str) -> int:
+        return sum(1 for c in self.conversations.values() if c["space_id"] == space_id)
+
+    def conversations_of(self, space_id: str) -> list[dict[str, Any]]:
+        return [
+            {"conversation_id": cid, "title": c["title"], "created_timestamp": int(c["created"] * 1000)}
+            for cid, c in self.conversations.items()
+            if c["space_id"] == space_id
+        ]
+
+    def delete_conversation(self, space_id: str, conversation_id: str) -> bool:
+        """Delete a conversation and its messages; False when the space holds no such conversation."""
+        if not self.has_conversation(space_id, conversation_id):
+            return False
+        del self.conversations[conversation_id]
+        for message_id in [m.message_id for m in self.messages.values() if m.conversation_id == conversation_id]:
+            del self.messages[message_id]
+        return True
 
     def _answer(self, space_id: str, question: str) -> tuple[str, str | None, str | None]:
         key = normalise_question(question)

@@ -42,9 +42,14 @@ class _Admin:
         """Make Genie answer these questions right and wrong in turn (the same question, asked again)."""
         self._admin.put("/sandbox/genie/flaky", json={"questions": list(questions)}).raise_for_status()
 
+    def set_contracts(self, **contracts: Any) -> None:
+        """Shrink or set the limits the sandbox enforces (chunk_bytes, inline_limit_bytes, cold_start_s,
+        max_conversations, result_ttl_s, link_ttl_s); a reset restores the defaults."""
+        self._admin.put("/sandbox/contracts", json=contracts).raise_for_status()
+
     def reset(self, clear_faults: bool = True) -> None:
         if clear_faults:
-            for group in ("genie", "sql", "chat", "embeddings"):
+            for group in ("genie", "genie_poll", "sql", "chat", "embeddings"):
                 self.set_faults(group)
         self._admin.post("/sandbox/reset").raise_for_status()
 

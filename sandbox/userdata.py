@@ -85,7 +85,8 @@ def _literal(text: str) -> str:
 
 
 def load_answers(path: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Recorded Genie answers from JSONL: {"question", "sql" | "text", "delay_ms"?, "error"?} per line.
+    """Recorded Genie answers from JSONL: {"question", "sql" | "text", "delay_ms"?, "error"?, "parameters"?}
+    per line; `parameters` are the query attachment's [{"keyword", "sql_type", "value"}] for :keyword markers.
 
     Returns (answers, problems by line); a bad line is reported and the others are kept.
     """
@@ -109,6 +110,11 @@ def load_answers(path: str) -> tuple[list[dict[str, Any]], list[str]]:
             problems.append(f"line {number}: needs a non-empty 'question'")
         elif not (record.get("sql") or record.get("text") is not None or record.get("error")):
             problems.append(f"line {number}: needs 'sql', 'text' or 'error'")
+        elif "parameters" in record and not (
+            isinstance(record["parameters"], list)
+            and all(isinstance(p, dict) and str(p.get("keyword", "")).strip() for p in record["parameters"])
+        ):
+            problems.append(f"line {number}: 'parameters' must be a list of {{keyword, sql_type, value}}")
         elif "delay_ms" in record and not (isinstance(record["delay_ms"], int | float) and record["delay_ms"] >= 0):
             problems.append(f"line {number}: 'delay_ms' must be a number >= 0")
         else:

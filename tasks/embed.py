@@ -15,10 +15,13 @@ import duckdb
 import pandas as pd
 from databricks.sdk import WorkspaceClient
 
+from tasks import stopping
 from tasks.batched import BatchAnswer
 from tasks.calls import run_sql
 from tasks.enrich import estimate_tokens
-from tasks.inputs import InputError
+from tasks.errors import RateLimited, TransientError, classify
+from tasks.inputs import QUERY_ROW_CAP, InputError
+from tasks.resilience import RetryPolicy
 
 TOKENIZER = "estimate: 4 characters a token (no tokenizer ships its vocabulary offline; tiktoken downloads)"
 
@@ -81,8 +84,22 @@ def schema_documents(
     return docs
 
 
+SCHEMA_READ = RetryPolicy(retries=3, base_delay_s=2)
+
+
 def _rows(client: WorkspaceClient, warehouse_id: str, sql: str, timeout_s: float) -> list[list[Any]]:
-    result = run_sql(client, warehouse_id, sql, timeout_s)
+    """Every row of a metadata query; a transient failure (5xx, 429, reset, timeout) is retried with backoff."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            result = run_sql(client, warehouse_id, sql, timeout_s, row_limit=QUERY_ROW_CAP)
+            break
+        except Exception as exc:  # classified: only transient failures are retried
+            error = classify(exc)
+            if not isinstance(error, TransientError) or attempt > SCHEMA_READ.retries:
+                raise error from exc
+            stopping.sleep(SCHEMA_READ.delay(attempt, error.retry_after_s if isinstance(error, RateLimited) else None))
     if "error" in result:
         raise InputError(f"reading the schema's metadata failed: {result['error']}")
     return [list(r) for r in result["rows"]]

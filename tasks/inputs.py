@@ -32,22 +32,25 @@ def read_rows(path: str) -> pd.DataFrame:
     raise InputError(f"{path}: unknown file type {suffix or '(none)'}; use .csv, .jsonl, .json or .parquet")
 
 
+QUERY_ROW_CAP = 1_000_000  # rows one input query may bring (read chunk by chunk, or through external links)
+
+
 def read_input(
     client: Any, input_path: str | None, query: str | None, warehouse_id: str | None, timeout_s: float
 ) -> pd.DataFrame:
-    """Rows from a file or from a warehouse query (refused when the result was cut at the inline limit)."""
+    """Rows from a file or from a warehouse query (every chunk of its result; refused over QUERY_ROW_CAP)."""
     if bool(input_path) == bool(query):
         raise InputError("give exactly one of an input file or a SQL query")
     if input_path:
         return _checked(read_rows(input_path), input_path)
     if not warehouse_id:
         raise InputError("a SQL query needs a warehouse id")
-    result = run_sql(client, warehouse_id, str(query), timeout_s * 4)
+    result = run_sql(client, warehouse_id, str(query), max(timeout_s * 4, 300), row_limit=QUERY_ROW_CAP)
     if "error" in result:
         raise InputError(f"the input query failed: {result['error']}")
     if result["truncated"]:
         raise InputError(
-            f"the input query returned more than {result['row_count']} rows, the inline result limit; "
+            f"the input query returned more than {QUERY_ROW_CAP:,} rows, the limit of one run; "
             "export the rows to a file (or narrow the query) so none is silently left out"
         )
     return _checked(pd.DataFrame(result["rows"], columns=result["columns"]), "the query")

@@ -26,7 +26,12 @@ SYSTEM = (
 
 
 def case_item(
-    benchmark: Benchmark, answer_sql: str, expected: dict[str, Any], actual: dict[str, Any], note: str
+    benchmark: Benchmark,
+    answer_sql: str,
+    expected: dict[str, Any],
+    actual: dict[str, Any],
+    note: str,
+    answer_parameters: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One judge item: the question, both SQLs, the comparison's reason, and both results cut to SAMPLE_ROWS
     rows (with their full row counts) to bound the prompt."""
@@ -40,7 +45,7 @@ def case_item(
             "truncated": result.get("truncated", False),
         }
 
-    return {
+    item = {
         "id": benchmark.id,
         "question": benchmark.question,
         "expected_sql": benchmark.expected_sql,
@@ -49,6 +54,9 @@ def case_item(
         "expected": cut(expected),
         "actual": cut(actual),
     }
+    if answer_parameters:  # the values Genie bound to the answer's :markers, so the judge reads the SQL run
+        item["answer_parameters"] = answer_parameters
+    return item
 
 
 def validate_verdict(element: dict[str, Any]) -> str | None:
