@@ -45,6 +45,8 @@ from tasks.improve import (
 from tasks.preflight import check_workspace
 from tasks.report import publish, stable_key
 from tasks.resilience import Cache, RetryPolicy, run_logger
+from tasks.space_config import SpaceConfigError
+from tasks.space_config import check as check_space_config
 
 DEV_MARK = "batchflows dev copy of {space_id} for flow run "
 ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
@@ -159,6 +161,10 @@ def improve(
             break
         fixes, rejected, errors = _propose(client, ledger, settings, llm, failing, patterns, config)
         new_config, applied, skipped = apply_fixes(config, fixes)
+        try:  # checked before any write: a workspace refuses what breaks its rules, after the dev copy's costs
+            check_space_config(new_config)
+        except SpaceConfigError as exc:
+            raise ImproveError(f"iteration {k}: {exc}") from exc
         record: dict[str, Any] = {
             "iteration": k,
             "failing": len(failing),
@@ -363,6 +369,7 @@ def _compare(before: dict[str, Any], after: dict[str, Any], settings: ImproveSet
 
 def _promote(client: WorkspaceClient, space_id: str, etag: str | None, config: dict[str, Any]) -> str | None:
     """Write `config` to production, only if production is still the version that was scored."""
+    check_space_config(config)
     try:
         space = client.genie.update_space(space_id, serialized_space=json.dumps(config, ensure_ascii=False), etag=etag)
     except ResourceConflict as exc:

@@ -13,6 +13,8 @@ from flows.phase import load_blocks
 from tasks.history import HistoryStore, default_url, workspace_key
 from tasks.inputs import InputError
 from tasks.resilience import run_logger
+from tasks.space_config import SpaceConfigError
+from tasks.space_config import check as check_space_config
 
 
 class RollbackError(InputError):
@@ -84,6 +86,10 @@ def rollback_space(
         raise RollbackError(f"space {space_id} has no version {to} in the history (known: {known})")
     if target.config is None:
         raise RollbackError(f"version {to} of {space_id} was recorded without its configuration; it cannot be restored")
+    try:
+        check_space_config(target.config)
+    except SpaceConfigError as exc:
+        raise RollbackError(f"version {to} of {space_id} cannot be restored as it was recorded: {exc}") from exc
     space = client.genie.get_space(space_id)
     latest = versions[-1]
     if latest.etag and space.etag != latest.etag and not force:

@@ -21,6 +21,7 @@ from databricks.sdk import WorkspaceClient
 from pydantic import BaseModel, Field, StringConstraints, TypeAdapter, ValidationError, field_validator, model_validator
 
 from tasks.batched import BatchAnswer, ask_task
+from tasks.space_config import join_columns, new_id, normalised
 
 LEARN_PROMPT = "learn-v1"
 PROPOSE_PROMPT = "propose-v1"
@@ -208,10 +209,7 @@ def space_summary(config: dict[str, Any]) -> dict[str, Any]:
         texts += table.get("description", [])
         for column in table.get("column_configs", []):
             texts += column.get("description", []) + column.get("synonyms", [])
-    joins = [
-        " = ".join(sorted((s.get("left", {}).get("identifier", ""), s.get("right", {}).get("identifier", ""))))
-        for s in instructions.get("join_specs", [])
-    ]
+    joins = [j for j in (join_columns(s) for s in instructions.get("join_specs", [])) if j]
     snippets = [s.get("alias", "") for kind in instructions.get("sql_snippets", {}).values() for s in kind]
     samples = [" ".join(e.get("question", [])) for e in instructions.get("example_question_sqls", [])]
     return {"texts": texts, "join_specs": joins, "snippets": snippets, "sample_questions": samples}
@@ -224,8 +222,8 @@ class FixNotApplicable(ValueError):
 def apply_fixes(
     config: dict[str, Any], fixes: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
-    """A new configuration with `fixes` applied. Returns (config, fixes applied, (fix, reason) not applied:
-    already present, or not applicable)."""
+    """A new configuration with `fixes` applied, in the shape a workspace accepts (tasks.space_config).
+    Returns (config, fixes applied, (fix, reason) not applied: already present, or not applicable)."""
     new = copy.deepcopy(config)
     instructions = new.setdefault("instructions", {})
     applied: list[dict[str, Any]] = []
@@ -240,35 +238,47 @@ def apply_fixes(
             applied.append(fix)
         else:
             skipped.append((fix, "already in the space"))
-    return new, applied, skipped
+    return normalised(new), applied, skipped
 
 
 def _instruction(_: dict[str, Any], ins: dict[str, Any], fix: dict[str, Any]) -> bool:
+    """A space has one text instruction block: new text joins it."""
     texts = ins.setdefault("text_instructions", [])
-    ours = next((t for t in texts if t.get("id") == "batchflows"), None)
-    if ours is None:
-        ours = {"id": "batchflows", "content": []}
-        texts.append(ours)
     if any(fix["text"] in t.get("content", []) for t in texts):
         return False
-    ours["content"].append(fix["text"])
+    if not texts:
+        texts.append({"id": new_id("text_instructions"), "content": []})
+    texts[0].setdefault("content", []).append(fix["text"])
     return True
 
 
-def _join(_: dict[str, Any], ins: dict[str, Any], fix: dict[str, Any]) -> bool:
+def _join(config: dict[str, Any], ins: dict[str, Any], fix: dict[str, Any]) -> bool:
+    """A join spec between two tables of the space, each named by its identifier and an alias."""
+    (left, left_column), (right, right_column) = (_table_of(config, c) for c in (fix["left"], fix["right"]))
+    left_alias, right_alias = left.split(".")[-1], right.split(".")[-1]
+    if left_alias == right_alias:  # a self-join needs two aliases
+        left_alias, right_alias = f"{left_alias}_1", f"{right_alias}_2"
+    spec = {
+        "id": new_id("join_spec", left, left_column, right, right_column),
+        "left": {"identifier": left, "alias": left_alias},
+        "right": {"identifier": right, "alias": right_alias},
+        "sql": [f"{left_alias}.{left_column} = {right_alias}.{right_column}"],
+    }
     specs = ins.setdefault("join_specs", [])
-    pair = {fix["left"], fix["right"]}
-    if any({s.get("left", {}).get("identifier"), s.get("right", {}).get("identifier")} == pair for s in specs):
+    if join_columns(spec) in {join_columns(s) for s in specs}:
         return False
-    specs.append(
-        {
-            "id": f"{fix['left']}={fix['right']}",
-            "left": {"identifier": fix["left"]},
-            "right": {"identifier": fix["right"]},
-            "sql": [f"{fix['left']} = {fix['right']}"],
-        }
-    )
+    specs.append(spec)
     return True
+
+
+def _table_of(config: dict[str, Any], column: str) -> tuple[str, str]:
+    """(the space's table identifier, column) for "table.column" or "schema.table.column"."""
+    table, _, name = column.rpartition(".")
+    for entry in config.get("data_sources", {}).get("tables", []):
+        identifier = str(entry.get("identifier", ""))
+        if identifier.casefold() == table.casefold() or identifier.casefold().endswith(f".{table.casefold()}"):
+            return identifier, name
+    raise FixNotApplicable(f"table {table!r} is not a table of the space")
 
 
 def _snippet(_: dict[str, Any], ins: dict[str, Any], fix: dict[str, Any]) -> bool:
@@ -276,7 +286,7 @@ def _snippet(_: dict[str, Any], ins: dict[str, Any], fix: dict[str, Any]) -> boo
     if any(s.get("alias") == fix["alias"] for kind in snippets.values() for s in kind):
         return False
     snippets.setdefault(f"{fix['snippet_type']}s", []).append(
-        {"id": fix["alias"], "alias": fix["alias"], "sql": [fix["sql"]]}
+        {"id": new_id("sql_snippet", fix["alias"]), "alias": fix["alias"], "sql": [fix["sql"]]}
     )
     return True
 
@@ -286,7 +296,7 @@ def _sample(_: dict[str, Any], ins: dict[str, Any], fix: dict[str, Any]) -> bool
     question = fix["question"].casefold()
     if any(" ".join(e.get("question", [])).casefold() == question for e in samples):
         return False
-    samples.append({"id": f"sample-{len(samples) + 1}", "question": [fix["question"]], "sql": [fix["sql"]]})
+    samples.append({"id": new_id("sample_query", question), "question": [fix["question"]], "sql": [fix["sql"]]})
     return True
 
 
