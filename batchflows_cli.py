@@ -10,7 +10,6 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,10 +29,6 @@ console = Console()
 SANDBOX_SPACE = "retail"
 SANDBOX_BARE_SPACE = "retail-bare"  # what `improve --sandbox` improves: a space with no instructions yet
 SANDBOX_WAREHOUSE = "sandbox-warehouse"
-
-
-def _sample_benchmarks() -> str:
-    return str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
 
 
 @app.command()
@@ -559,14 +554,17 @@ def _catalog(
     score["warehouse_id"] = warehouse_id
     if score_set:
         score["settings"] = _settings(ScoreSettings, score_set).model_dump(exclude_defaults=True)
-    if (cron or interval) and not all(score.values()):
-        raise typer.BadParameter("a schedule needs --benchmarks, --space-id and --warehouse-id (the runs' parameters)")
+    if (cron or interval) and not (space_id and warehouse_id):
+        raise typer.BadParameter("a schedule needs --space-id and --warehouse-id (the runs' parameters)")
     out = str(output_dir.resolve()) if output_dir else None
-    return jobs(workspace_block, {k: v for k, v in score.items() if v}, cron, interval, out)
+    # benchmarks stays a parameter when absent: None scores the ones the space keeps
+    return jobs(workspace_block, {k: v for k, v in score.items() if v or k == "benchmarks"}, cron, interval, out)
 
 
 _BLOCK = Annotated[str | None, typer.Option(help="saved DatabricksWorkspace block every deployment uses")]
-_BENCH = Annotated[Path | None, typer.Option(help="benchmarks file of the scheduled scoring")]
+_BENCH = Annotated[
+    Path | None, typer.Option(help="benchmarks file of the scheduled scoring (default: the ones the space keeps)")
+]
 _SPACE = Annotated[str | None, typer.Option(help="Genie space of the scheduled scoring")]
 _WAREHOUSE = Annotated[str | None, typer.Option(help="SQL warehouse of the scheduled scoring")]
 _CRON = Annotated[str | None, typer.Option(help="cron schedule of the scoring, e.g. '0 2 * * *' (nightly)")]
@@ -654,10 +652,10 @@ def _scoring_inputs(
     benchmarks: Path | None,
     space_id: str | None,
     warehouse_id: str | None,
-) -> tuple[Any, str]:
-    """(scoring settings, the benchmarks file) of a scoring or improvement command, the file checked here;
-    exit 2 naming a bad value. The flow gets the file's path, never its rows: Prefect caps a flow run's
-    parameters (512 KB by default), which a few thousand benchmarks exceed."""
+) -> tuple[Any, str | None]:
+    """(scoring settings, the benchmarks file or None for the space's own) of a scoring or improvement
+    command, the file checked here; exit 2 naming a bad value. The flow gets the file's path, never its rows:
+    Prefect caps a flow run's parameters (512 KB by default), which a few thousand benchmarks exceed."""
     from blocks.settings import score_settings
     from tasks.benchmarks import BenchmarkFileError, load_benchmarks
 
@@ -666,9 +664,11 @@ def _scoring_inputs(
     except ValueError as exc:
         console.print(f"[red]invalid scoring settings:[/red] {exc}")
         raise typer.Exit(2) from exc
-    if not use_sandbox and not (benchmarks and space_id and warehouse_id):
-        raise typer.BadParameter("--benchmarks, --space-id and --warehouse-id are required (or use --sandbox)")
-    path = str(Path(benchmarks).resolve()) if benchmarks else _sample_benchmarks()
+    if not use_sandbox and not (space_id and warehouse_id):
+        raise typer.BadParameter("--space-id and --warehouse-id are required (or use --sandbox)")
+    if benchmarks is None:  # the benchmarks the space keeps
+        return settings, None
+    path = str(Path(benchmarks).resolve())
     try:
         load_benchmarks(path)
         return settings, path

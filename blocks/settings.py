@@ -35,6 +35,13 @@ class ScoreSettings(BaseModel):
         300, gt=0, description="seconds one statement may take, waiting for a stopped warehouse to start included"
     )
     sql_retry_attempts: int = Field(2, ge=0, le=10)
+    sql_row_limit: int = Field(
+        100_000,
+        ge=1,
+        le=1_000_000,
+        description="rows read from each statement's result (every chunk up to this); a result with more is "
+        "truncated and goes to the judge undecided",
+    )
     eval_chunk_size: int = Field(10, ge=1, le=JUDGE_MAX_CHUNK, description="undecided cases per judge call")
     eval_timeout: float = Field(30, gt=0, description="seconds one judge call may take")
     eval_max_concurrent: int = Field(4, ge=1, le=50, description="judge calls in flight at once")

@@ -28,7 +28,7 @@ from blocks.settings import ScoreSettings
 from flows.batched import BatchedJob, run_all
 from flows.phase import load_blocks
 from flows.score import score
-from tasks.benchmarks import Benchmark, load_benchmarks
+from tasks.benchmarks import Benchmark, load_benchmarks, space_benchmarks
 from tasks.history import workspace_key
 from tasks.improve import (
     CATEGORIES,
@@ -78,7 +78,7 @@ class ImproveError(RuntimeError):
 
 @flow(name="improve-genie-space", task_runner=ThreadPoolTaskRunner(max_workers=16), persist_result=False)  # type: ignore[arg-type]
 def improve(
-    benchmarks: str | list[Benchmark],
+    benchmarks: str | list[Benchmark] | None,
     space_id: str,
     warehouse_id: str,
     settings: ImproveSettings | None = None,
@@ -93,7 +93,8 @@ def improve(
     """Raise a Genie space's benchmark score by fixing its configuration, safely.
 
     Args:
-        benchmarks: path of a JSON/YAML/CSV benchmarks file, or the benchmarks themselves.
+        benchmarks: path of a JSON/YAML/CSV benchmarks file, or the benchmarks themselves; None: the
+            benchmarks the space keeps.
         space_id: the production Genie space; it changes only when a dev copy scores better.
         warehouse_id: the SQL warehouse the scoring runs on.
         settings: iterations, promotion margin, regressions, LLM endpoint and batch sizes.
@@ -108,7 +109,6 @@ def improve(
     log = run_logger()
     settings = settings or ImproveSettings()
     started = time.monotonic()
-    items = load_benchmarks(benchmarks) if isinstance(benchmarks, str) else list(benchmarks)
     workspace, ledger = load_blocks(workspace_block, ledger_block)
     check_workspace(
         workspace,
@@ -124,6 +124,10 @@ def improve(
     production = client.genie.get_space(space_id, include_serialized_space=True)
     config = json.loads(production.serialized_space or "{}")
     etag = production.etag
+    if isinstance(benchmarks, str):
+        items = load_benchmarks(benchmarks)
+    else:  # None: the space's own, which its dev copies carry too
+        items = list(benchmarks) if benchmarks is not None else space_benchmarks(config, space_id)[0]
 
     def rescore(target: str, folder: str) -> dict[str, Any]:
         return score(

@@ -20,7 +20,7 @@ from blocks.ledger import RowLedger, history_store
 from blocks.settings import Preset, ScorePreset, ScoreSettings, score_settings
 from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace
 from flows.phase import PhaseSpec, load_blocks, run_phase
-from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions
+from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions, space_benchmarks
 from tasks.calls import ask_genie, run_sql
 from tasks.compare import Rounding, Rules, compare, rounding, sorting
 from tasks.guard import read_only_problem
@@ -43,7 +43,7 @@ HISTORY_ERRORS = (SQLAlchemyError, HistoryError, OSError)
     persist_result=False,
 )
 def score(
-    benchmarks: str | list[Benchmark],
+    benchmarks: str | list[Benchmark] | None,
     space_id: str,
     warehouse_id: str,
     settings: ScoreSettings | None = None,
@@ -61,7 +61,8 @@ def score(
     """Score `space_id` on the benchmarks (a file path or a list) and return the scorecard.
 
     Args:
-        benchmarks: path of a JSON/YAML/CSV benchmarks file, or the benchmarks themselves.
+        benchmarks: path of a JSON/YAML/CSV benchmarks file, or the benchmarks themselves; None scores the
+            benchmarks the space keeps (serialized_space.benchmarks).
         space_id: the Genie space to score.
         warehouse_id: the SQL warehouse that runs the expected SQL and Genie's SQL.
         settings: concurrency, retries, timeouts and breaker (a preset with overrides).
@@ -82,12 +83,12 @@ def score(
     if settings is None:
         settings = ScorePreset.load(settings_block).settings if settings_block else score_settings(preset)  # type: ignore[union-attr]
     started = time.monotonic()
-    items = load_benchmarks(benchmarks) if isinstance(benchmarks, str) else list(benchmarks)
     workspace, ledger = load_blocks(workspace_block, ledger_block)
     check_workspace(workspace, space_id=space_id, warehouse_id=warehouse_id, endpoints=[settings.judge_endpoint])
     # one HTTP request never needs the whole answer's time: a hung one is dropped after a minute at most
     genie_client = workspace.client(min(settings.genie_timeout, 60))
     space, config = _space(genie_client, space_id)
+    items = _benchmarks(benchmarks, config, space_id)
     flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
     cache_scope = flow_run_id if fresh else cache_scope
     session = stable_key(space_id, space.etag, warehouse_id, cache_scope)
@@ -163,7 +164,8 @@ def score(
         "sql",
         settings.sql_max_concurrent,
         RetryPolicy(retries=settings.sql_retry_attempts, base_delay_s=1),
-        cache=Cache(ledger, "sql", f"sql-v2:{session}"),  # v2: results carry column types, exact numbers
+        # v3: every chunk of a result is read (v2 stopped at the first); results carry column types, exact numbers
+        cache=Cache(ledger, "sql", f"sql-v3:{session}:{settings.sql_row_limit}"),
         sequential=sequential,
     )
     sql_rows = [Row(key, i, statement) for i, (key, statement) in enumerate(statements.items())]
@@ -171,7 +173,14 @@ def score(
         results = run_phase(
             sql_spec,
             sql_rows,
-            lambda s: run_sql(sql_client, warehouse_id, s["sql"], settings.sql_timeout, parameters=s.get("parameters")),
+            lambda s: run_sql(
+                sql_client,
+                warehouse_id,
+                s["sql"],
+                settings.sql_timeout,
+                row_limit=settings.sql_row_limit,
+                parameters=s.get("parameters"),
+            ),
         )
     ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
     phases.append({**_phase_figures("sql", results, t2, sql_calls), "succeeded": ran})
@@ -339,6 +348,20 @@ def _phase_figures(name: str, outcomes: dict[str, RowOutcome], since: float, cal
 
 def _genie_key(space_id: str, question: str, repeat: int) -> str:
     return stable_key(space_id, question) if repeat == 0 else stable_key(space_id, question, repeat)
+
+
+def _benchmarks(benchmarks: str | list[Benchmark] | None, config: dict[str, Any] | None, space_id: str) -> list[Any]:
+    """The benchmarks to score: a file's, the given list, or (None) the ones the space keeps."""
+    if isinstance(benchmarks, str):
+        return load_benchmarks(benchmarks)
+    if benchmarks is not None:
+        return list(benchmarks)
+    items, skipped = space_benchmarks(config, space_id)
+    log = get_run_logger()
+    log.info(f"Scoring the {len(items)} benchmarks space {space_id} keeps")
+    if skipped:
+        log.warning(f"{len(skipped)} benchmark question(s) of the space have no SQL answer and are left out: {skipped}")
+    return items
 
 
 def _sql_key(warehouse_id: str, sql: str, parameters: dict[str, Any] | None = None) -> str:

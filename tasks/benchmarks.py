@@ -125,6 +125,51 @@ def load_benchmarks(path: str | Path) -> list[Benchmark]:
     return benchmarks
 
 
+def space_benchmarks(config: dict[str, Any] | None, space_id: str) -> tuple[list[Benchmark], list[str]]:
+    """The benchmarks a space keeps (serialized_space.benchmarks.questions, each with an answer in SQL),
+    and the ids of the questions left out because they have no SQL answer.
+
+    A benchmark's id is the first 8 characters of the space's 32-character id (the whole id where two
+    would share them); its question and SQL are their segments joined.
+
+    Raises:
+        InputError: the configuration cannot be read, or holds no benchmark with a SQL answer.
+    """
+    from tasks.inputs import InputError
+
+    if config is None:
+        raise InputError(
+            f"space {space_id}: its configuration cannot be read with these credentials (reading its benchmarks "
+            "needs CAN EDIT); pass a benchmarks file"
+        )
+    questions = (config.get("benchmarks") or {}).get("questions") or []
+    short = [str(q.get("id", ""))[:8] for q in questions]
+    found: list[Benchmark] = []
+    skipped: list[str] = []
+    for n, q in enumerate(questions):
+        full_id = str(q.get("id") or f"benchmark-{n + 1}")
+        sql = next(
+            (
+                "".join(a.get("content") or [])
+                for a in q.get("answer") or []
+                if str(a.get("format", "")).upper() == "SQL"
+            ),
+            "",
+        )
+        question = "".join(q.get("question") or []).strip()
+        if not sql.strip() or not question:
+            skipped.append(full_id)
+            continue
+        bid = short[n] if short[n] and short.count(short[n]) == 1 else full_id
+        found.append(Benchmark(id=bid, question=question, expected_sql=sql.strip()))
+    if not found:
+        raise InputError(
+            f"space {space_id} keeps no benchmark with a SQL answer ({len(questions)} question(s)); "
+            "add benchmarks to the space or pass a benchmarks file"
+        )
+    return found, skipped
+
+
 def repeated_questions(benchmarks: list[Benchmark]) -> list[list[str]]:
     """Ids of benchmarks that ask the same question, one list per question (Genie is asked it once)."""
     by_question: dict[str, list[str]] = {}
