@@ -164,6 +164,7 @@ def _genie_routes(app: FastAPI, ws: Workspace) -> None:
             )
         if conversation_id is not None and not genie.has_conversation(space_id, conversation_id):
             raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Conversation {conversation_id} does not exist.")
+        fields = sorted(await _json(request))
         spec = ws.ledger.spec("genie")
         fail = ws.ledger.draw("genie", ("genie_failed",)) == "genie_failed"
         now = time.time()
@@ -185,16 +186,18 @@ def _genie_routes(app: FastAPI, ws: Workspace) -> None:
             outcome=message.outcome,
             message_id=message.message_id,
             conversation_id=message.conversation_id,
+            fields=fields,
         )
         return {
             "conversation_id": message.conversation_id,
             "message_id": message.message_id,
             "conversation": {
                 "id": message.conversation_id,
-                "conversation_id": message.conversation_id,
                 "space_id": space_id,
                 "title": content[:60],
                 "created_timestamp": int(message.created * 1000),
+                "last_updated_timestamp": int(message.created * 1000),
+                "user_id": 1,
             },
             "message": message.as_dict(now, ws.contracts.result_ttl_s),
         }
@@ -375,7 +378,17 @@ def _sql_routes(app: FastAPI, ws: Workspace) -> None:
             ws.warehouse.submit, sql, latency, body.get("row_limit"), parameters, disposition, ws.contracts
         )
         ws.ledger.open_interval("sql", stmt.submitted, stmt.ready_at)
-        ws.ledger.record("sql", request.url.path, 200, "ok", statement=sql, statement_id=stmt.statement_id)
+        ws.ledger.record(
+            "sql",
+            request.url.path,
+            200,
+            "ok",
+            statement=sql,
+            statement_id=stmt.statement_id,
+            fields=sorted(body),
+            parameters=parameters,
+            disposition=disposition,
+        )
         await asyncio.sleep(max(0.0, min(wait, stmt.ready_at - time.time())))
         if time.time() < stmt.ready_at and body.get("on_wait_timeout") == "CANCEL":
             stmt.canceled = True

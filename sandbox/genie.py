@@ -232,7 +232,6 @@ class Message:
             "created_timestamp": int(self.created * 1000),
             "last_updated_timestamp": int(now * 1000),
             "user_id": 1,
-            "attachments": [],
         }
         if status == "FAILED":
             body["error"] = {

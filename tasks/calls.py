@@ -221,13 +221,16 @@ def run_sql(
     while chunk is not None:
         chunks += 1
         rows += [[None if v is None else cast(v) for cast, v in zip(casts, row, strict=False)] for row in _data(chunk)]
-        if chunk.next_chunk_index is None or len(rows) >= row_limit:
+        # INLINE chunks name the next one; with EXTERNAL_LINKS each link does
+        following = chunk.external_links[-1].next_chunk_index if chunk.external_links else chunk.next_chunk_index
+        if following is None or len(rows) >= row_limit:
             break
         if time.monotonic() >= deadline:
             raise CallTimeout(f"statement result not read within {timeout_s:g}s ({len(rows)} rows so far)", timeout_s)
-        chunk = client.statement_execution.get_statement_result_chunk_n(
-            response.statement_id or "", chunk.next_chunk_index
-        )
+        chunk = client.statement_execution.get_statement_result_chunk_n(response.statement_id or "", following)
+    total = response.manifest.total_row_count
+    if total is not None and len(rows) < min(total, row_limit):  # never a short result passed off as whole
+        raise InvalidResponse(f"read {len(rows)} of the statement's {total} rows: its chunks ended early")
     truncated = bool(response.manifest.truncated) or len(rows) > row_limit
     return {
         "columns": [c.name for c in columns],

@@ -1,0 +1,261 @@
+"""The strict sandbox enforces what a real workspace enforces, and the client obeys it.
+
+Each contract is read from Databricks' documentation or databricks-sdk's source: responses round-trip
+through the SDK's dataclasses with no field lost; serialized_space rules; chunked INLINE results and the
+25 MiB INLINE cap; Genie polls, conversations, parameters and expiry; exact BIGINT and DECIMAL.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from databricks.sdk.errors import InvalidParameterValue
+from databricks.sdk.service import dashboards, iam, serving, sql
+
+from sandbox.genie import bare_configuration, full_configuration, load_brain
+from tasks.calls import ask_genie, run_sql
+from tasks.compare import Rules, compare
+from tasks.errors import InvalidResponse
+from tasks.improve import apply_fixes
+from tasks.space_config import problems
+
+WAREHOUSE = "sandbox-warehouse"
+
+
+def _http(sb: Any) -> httpx.Client:
+    return httpx.Client(base_url=sb.host, headers={"Authorization": f"Bearer {sb.token}"}, timeout=30)
+
+
+def _round_trips(cls: Any, body: dict[str, Any]) -> None:
+    """The SDK reads every field of `body` and writes it back unchanged."""
+    again = cls.from_dict(body).as_dict()
+    assert again == body, f"{cls.__name__}: {_differences(body, again)}"
+
+
+def _differences(sent: Any, read: Any, where: str = "") -> list[str]:
+    if isinstance(sent, dict) and isinstance(read, dict):
+        found = [f"{where}.{k}: lost" for k in sent if k not in read]
+        return found + [d for k in sent if k in read for d in _differences(sent[k], read[k], f"{where}.{k}")]
+    if isinstance(sent, list) and isinstance(read, list) and len(sent) == len(read):
+        return [d for n, (a, b) in enumerate(zip(sent, read, strict=True)) for d in _differences(a, b, f"{where}[{n}]")]
+    return [] if sent == read else [f"{where}: {str(sent)[:80]} read as {str(read)[:80]}"]
+
+
+def test_every_route_answers_in_the_sdks_shapes(sb):
+    with _http(sb) as http:
+        _round_trips(iam.User, http.get("/api/2.0/preview/scim/v2/Me").json())
+        _round_trips(dashboards.GenieListSpacesResponse, http.get("/api/2.0/genie/spaces").json())
+        _round_trips(
+            dashboards.GenieSpace,
+            http.get("/api/2.0/genie/spaces/retail", params={"include_serialized_space": "true"}).json(),
+        )
+        started = http.post("/api/2.0/genie/spaces/retail/start-conversation", json={"content": "x"}).json()
+        _round_trips(dashboards.GenieStartConversationResponse, started)
+        conversation = f"/api/2.0/genie/spaces/retail/conversations/{started['conversation_id']}"
+        message = http.get(f"{conversation}/messages/{started['message_id']}").json()
+        _round_trips(dashboards.GenieMessage, message)
+        _round_trips(
+            dashboards.GenieListConversationsResponse, http.get("/api/2.0/genie/spaces/retail/conversations").json()
+        )
+        assert http.delete(conversation).status_code == 200
+
+        sb.set_contracts(chunk_bytes=2000)
+        body = {"statement": "SELECT * FROM products", "warehouse_id": WAREHOUSE, "wait_timeout": "10s"}
+        statement = http.post("/api/2.0/sql/statements", json=body).json()
+        _round_trips(sql.StatementResponse, statement)
+        assert statement["result"]["next_chunk_index"] == 1
+        chunk = http.get(f"/api/2.0/sql/statements/{statement['statement_id']}/result/chunks/1").json()
+        _round_trips(sql.ResultData, chunk)
+        linked = http.post("/api/2.0/sql/statements", json={**body, "disposition": "EXTERNAL_LINKS"}).json()
+        _round_trips(sql.StatementResponse, linked)
+        _round_trips(sql.GetWarehouseResponse, http.get(f"/api/2.0/sql/warehouses/{WAREHOUSE}").json())
+
+        endpoint = "databricks-meta-llama-3-3-70b-instruct"
+        _round_trips(serving.ServingEndpointDetailed, http.get(f"/api/2.0/serving-endpoints/{endpoint}").json())
+
+
+def test_the_clients_requests_use_only_the_sdks_fields(sb, client):
+    """What goes over the wire is what the SDK's typed methods send: no invented field."""
+    run_sql(client, WAREHOUSE, "SELECT :n AS n", 10, parameters={"n": 3})
+    ask_genie(client, "retail", "How many customers do we have?", 10, 0.05, 0.1)
+    statement = sb.requests("sql")[-1]
+    execute = inspect.signature(client.statement_execution.execute_statement).parameters
+    assert set(statement["fields"]) <= set(execute), statement["fields"]
+    asked = sb.requests("genie")[-1]
+    assert set(asked["fields"]) <= set(inspect.signature(client.genie.start_conversation).parameters)
+
+
+# --- serialized_space: one case per documented rule, in the shapes improve used to write -------------------
+
+
+def _broken(rule: str) -> dict[str, Any]:
+    config = full_configuration(load_brain())
+    ins = config["instructions"]
+    if rule == "id not hex":
+        ins["text_instructions"][0]["id"] = "batchflows"
+    elif rule == "ids unsorted":
+        ins["join_specs"].reverse()
+    elif rule == "two text instructions":
+        ins["text_instructions"].append({"id": "f" * 32, "content": ["more"]})
+    elif rule == "join without aliases":
+        ins["join_specs"][0] = {
+            "id": ins["join_specs"][0]["id"],
+            "left": {"identifier": "orders.customer_id"},
+            "right": {"identifier": "customers.customer_id"},
+            "sql": ["orders.customer_id = customers.customer_id"],
+        }
+    elif rule == "join predicate not on aliases":
+        ins["join_specs"][0]["sql"] = ["samples.retail.orders.customer_id = c.customer_id"]
+    elif rule == "text not a list":
+        ins["sql_snippets"]["measures"][0]["sql"] = "SUM(quantity)"
+    elif rule == "tables unsorted":
+        config["data_sources"]["tables"].reverse()
+    elif rule == "columns unsorted":
+        config["data_sources"]["tables"][0]["column_configs"] = [
+            {"column_name": "b", "description": ["x"]},
+            {"column_name": "a", "description": ["y"]},
+        ]
+    elif rule == "string too long":
+        ins["text_instructions"][0]["content"] = ["x" * 25_001]
+    elif rule == "id used twice":
+        ins["sql_snippets"]["measures"].append({**ins["sql_snippets"]["measures"][0], "alias": "again"})
+    return config
+
+
+RULES = {
+    "id not hex": "32-character lowercase hex",
+    "ids unsorted": "sorted by id",
+    "two text instructions": "at most one",
+    "join without aliases": "alias",
+    "join predicate not on aliases": "alias",
+    "text not a list": "list of strings",
+    "tables unsorted": "sorted by identifier",
+    "columns unsorted": "sorted by column_name",
+    "string too long": "25000",
+    "id used twice": "used twice",
+}
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_workspace_refuses_each_broken_rule(client, rule):
+    config = _broken(rule)
+    with pytest.raises(InvalidParameterValue, match=RULES[rule]):
+        client.genie.create_space(warehouse_id=WAREHOUSE, serialized_space=json.dumps(config), title=rule)
+    assert problems(config), f"the client's own reading lets '{rule}' through"
+
+
+def test_every_kind_of_fix_leaves_a_configuration_the_workspace_accepts(client):
+    fixes = [
+        {"category": "instruction", "text": "Fiscal years start in April."},
+        {"category": "instruction", "text": "VIP customers spend over 10,000."},
+        {"category": "join_spec", "left": "orders.store_id", "right": "stores.store_id"},
+        {"category": "join_spec", "left": "order_items.product_id", "right": "products.product_id"},
+        {"category": "sql_snippet", "snippet_type": "measure", "alias": "revenue", "sql": "SUM(quantity)"},
+        {"category": "sample_query", "question": "How many stores?", "sql": "SELECT COUNT(*) FROM stores"},
+        {"category": "metadata", "table": "orders", "column": "status", "description": "Order state", "synonyms": []},
+        {"category": "metadata", "table": "orders", "column": "order_date", "description": "Placed", "synonyms": []},
+    ]
+    config, applied, skipped = apply_fixes(bare_configuration(), fixes)
+    assert len(applied) == len(fixes) and not skipped
+    assert len(config["instructions"]["text_instructions"]) == 1 and problems(config) == []
+    created = client.genie.create_space(warehouse_id=WAREHOUSE, serialized_space=json.dumps(config), title="fixed")
+    again, applied_again, _ = apply_fixes(copy.deepcopy(config), fixes)
+    assert again == config and applied_again == []  # the same fixes twice: same ids, nothing new
+    client.genie.trash_space(created.space_id)
+
+
+# --- statement results: chunks, the INLINE cap, external links, exact numbers ---------------------------
+
+
+def test_a_result_over_many_chunks_is_read_in_full(sb, client):
+    result = run_sql(client, WAREHOUSE, "SELECT i, i * 2 AS d FROM range(20000) t(i) ORDER BY i", 30, row_limit=50_000)
+    assert result["chunks"] >= 3 and result["row_count"] == 20_000 and not result["truncated"]
+    assert result["rows"][-1] == [19_999, 39_998]
+    capped = run_sql(client, WAREHOUSE, "SELECT i FROM range(20000) t(i)", 30, row_limit=12_345)
+    assert capped["row_count"] == 12_345 and capped["truncated"]  # cut at the cap, and saying so
+
+
+def test_a_result_over_25_mib_comes_through_external_links(sb, client):
+    query = "SELECT i, repeat('x', 6000) AS pad FROM range(5000) t(i)"
+    result = run_sql(client, WAREHOUSE, query, 60)
+    assert result["row_count"] == 5000 and not result["truncated"]
+    assert {len(r[1]) for r in result["rows"]} == {6000} and sorted(r[0] for r in result["rows"]) == list(range(5000))
+    dispositions = [r["disposition"] for r in sb.requests("sql")]
+    assert dispositions == ["INLINE", "EXTERNAL_LINKS"]  # refused INLINE at the cap, then fetched by link
+
+    sb.set_contracts(link_ttl_s=0)  # a link read after it expired: a clear error, never a short result
+    with pytest.raises(InvalidResponse, match="expired"):
+        run_sql(client, WAREHOUSE, query, 60)
+
+
+def test_bigint_and_decimal_beyond_2_53_compare_exactly(sb, client):
+    def value(big: str, dec: str) -> dict[str, Any]:
+        sql_text = f"SELECT CAST({big} AS BIGINT) AS b, CAST('{dec}' AS DECIMAL(38,10)) AS d"
+        return run_sql(client, WAREHOUSE, sql_text, 10)
+
+    expected = value("9007199254740993", "1234567890123456789012345678.1234567891")
+    assert expected["rows"] == [[9007199254740993, "1234567890123456789012345678.1234567891"]]
+    assert Decimal(expected["rows"][0][1]) == Decimal("1234567890123456789012345678.1234567891")
+    rules = Rules()
+    assert compare(expected, value("9007199254740993", "1234567890123456789012345678.1234567891"), None, rules)[0] == (
+        "correct"
+    )
+    assert compare(expected, value("9007199254740992", "1234567890123456789012345678.1234567891"), None, rules)[0] == (
+        "incorrect"
+    )
+    assert compare(expected, value("9007199254740993", "1234567890123456789012345678.1234567892"), None, rules)[0] == (
+        "incorrect"
+    )
+
+
+def test_databricks_sql_runs_as_databricks_sql(client):
+    """Valid Databricks SQL that DuckDB spells differently: transpiled, not refused."""
+    for query in (
+        "SELECT size(collect_list(city)) AS n FROM customers",
+        "SELECT transform(array(1, 2, 3), x -> x + 1) AS t",
+        "SELECT datediff(DATE '2024-02-01', DATE '2024-01-01') AS days",
+        "SELECT nvl(NULL, 1) AS n",
+    ):
+        result = run_sql(client, WAREHOUSE, query, 10)
+        assert "error" not in result, (query, result)
+    assert run_sql(client, WAREHOUSE, "SELECT transform(array(1, 2), x -> x + 1) AS t", 10)["rows"] == [["[2, 3]"]]
+    assert "error" in run_sql(client, WAREHOUSE, "SELEC 1", 10)
+
+
+# --- Genie: polls on the same message, conversations deleted, a space's cap ----------------------------------
+
+
+def test_poll_failures_are_retried_on_the_same_message(sb, client):
+    sb.set_faults("genie", latency_ms=300)
+    sb.set_faults("genie_poll", script=["503", "500", "reset", "429"])
+    answer = ask_genie(client, "retail", "How many customers do we have?", 30, 0.05, 0.1)
+    assert answer["kind"] == "sql" and answer["poll_errors"] == 4
+    assert sb.stats()["genie"]["calls"] == 1  # 4 failed polls, 0 extra questions
+    assert sb.stats()["genie_poll"]["faults"] == {"503": 1, "500": 1, "reset": 1, "429": 1}
+    with _http(sb) as http:
+        assert http.get("/api/2.0/genie/spaces/retail/conversations").json()["conversations"] == []
+
+
+def test_a_space_holds_a_bounded_number_of_conversations(sb, client):
+    sb.set_contracts(max_conversations=2)
+    for _ in range(3):  # each deleted once read: the cap is never reached
+        ask_genie(client, "retail", "How many customers do we have?", 30, 0.05, 0.1)
+    with _http(sb) as http:
+        for _ in range(2):
+            http.post("/api/2.0/genie/spaces/retail/start-conversation", json={"content": "kept"}).raise_for_status()
+        full = http.post("/api/2.0/genie/spaces/retail/start-conversation", json={"content": "one more"})
+        assert full.status_code == 400 and full.json()["error_code"] == "RESOURCE_LIMIT_EXCEEDED"
+        for c in http.get("/api/2.0/genie/spaces/retail/conversations").json()["conversations"]:
+            http.delete(f"/api/2.0/genie/spaces/retail/conversations/{c['conversation_id']}").raise_for_status()
+
+
+def test_an_expired_query_result_still_gives_its_sql(sb, client):
+    sb.set_contracts(result_ttl_s=0)
+    answer = ask_genie(client, "retail", "How many customers do we have?", 30, 0.05, 0.1)
+    assert answer["kind"] == "sql" and answer["sql"].startswith("SELECT COUNT(*)")
