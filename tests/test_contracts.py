@@ -151,7 +151,7 @@ def test_a_workspace_refuses_each_broken_rule(client, rule):
 
 
 def test_every_kind_of_fix_leaves_a_configuration_the_workspace_accepts(client):
-    fixes = [
+    fixes: list[dict[str, Any]] = [
         {"category": "instruction", "text": "Fiscal years start in April."},
         {"category": "instruction", "text": "VIP customers spend over 10,000."},
         {"category": "join_spec", "left": "orders.store_id", "right": "stores.store_id"},
