@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -10,9 +11,6 @@ from databricks.sdk.clock import Clock, RealClock
 from databricks.sdk.config import Config
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
-from requests.adapters import BaseAdapter
-
-from tasks import meter
 
 _CLIENTS: dict[tuple[Any, ...], WorkspaceClient] = {}
 _CLIENTS_LOCK = threading.Lock()
@@ -38,21 +36,6 @@ class _NoRetryClock(Clock):
 
     def sleep(self, seconds: float) -> None:
         raise SdkRetrySuppressed(f"databricks-sdk wanted to retry after {seconds:.1f}s")
-
-
-class _CountingAdapter(BaseAdapter):
-    """The SDK's HTTP adapter, counting every attempt on the current call meters (tasks.meter)."""
-
-    def __init__(self, inner: BaseAdapter) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        meter.count(str(request.method), str(request.url))
-        return self.inner.send(request, *args, **kwargs)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class DatabricksWorkspace(Block):
@@ -102,11 +85,20 @@ class DatabricksWorkspace(Block):
             kwargs["host"] = self.host
         if self.token:
             kwargs["token"] = self.token.get_secret_value()
-        client = WorkspaceClient(config=Config(**kwargs))
-        # the SDK mounts its sized adapter on https:// only; plain-http hosts (the sandbox) would get requests'
-        # default pool of 10 and open a new connection for every call past the tenth. Both count each attempt.
-        session = client.api_client._api_client._session
-        counting = _CountingAdapter(session.get_adapter("https://"))
-        session.mount("https://", counting)
-        session.mount("http://", counting)
-        return client
+        return WorkspaceClient(config=Config(**kwargs))
+
+
+class _LoopbackPoolNotice(logging.Filter):
+    """databricks-sdk sizes its connection pool for https:// hosts only (through its public settings
+    above); a plain-http host on loopback, the sandbox, keeps requests' pool of 10, so past 10 calls in
+    flight urllib3 opens extra connections and says so for each. That is harmless on loopback: not worth a
+    warning per call, nor a reach into the SDK's private session to change."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Connection pool is full") and ("127.0.0.1" in message or "localhost" in message)
+        )
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_LoopbackPoolNotice())

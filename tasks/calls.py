@@ -23,6 +23,7 @@ from databricks.sdk.service.sql import (
     StatementState,
 )
 
+from tasks import meter
 from tasks.errors import CallTimeout, InvalidResponse, NotFound, PermanentError, TransientError, classify
 
 TERMINAL_GENIE = {"COMPLETED", "FAILED", "CANCELLED", "QUERY_RESULT_EXPIRED"}
@@ -73,6 +74,7 @@ def ask_genie(
         GenieFailed: Genie's message ended FAILED or CANCELLED.
     """
     deadline = time.monotonic() + timeout_s
+    meter.count("genie")
     started: Any = client.genie.start_conversation(space_id=space_id, content=question).response
     conversation_id, message_id = started.conversation_id, started.message_id
     try:
@@ -257,6 +259,7 @@ def _execute(
     server is asked to wait no longer than the client's HTTP timeout allows, so the answer always comes."""
     http_timeout = float(client.config.http_timeout_seconds or 60)
     wait_s = int(min(50, timeout_s, http_timeout - 5))
+    meter.count("sql")
     response = client.statement_execution.execute_statement(
         statement=sql,
         warehouse_id=warehouse_id,
@@ -320,6 +323,7 @@ def chat(
     """One chat completion. Returns {"content", "prompt_tokens", "completion_tokens"}."""
     messages = [ChatMessage(role=ChatMessageRole.SYSTEM, content=system)] if system else []
     messages.append(ChatMessage(role=ChatMessageRole.USER, content=prompt))
+    meter.count("invocations")
     response = client.serving_endpoints.query(name=endpoint, messages=messages, max_tokens=max_tokens, temperature=0.0)
     if not response.choices or response.choices[0].message is None:
         raise InvalidResponse(f"endpoint {endpoint} returned no choices")

@@ -15,7 +15,7 @@ import duckdb
 import pandas as pd
 from databricks.sdk import WorkspaceClient
 
-from tasks import stopping
+from tasks import meter, stopping
 from tasks.batched import BatchAnswer
 from tasks.calls import run_sql
 from tasks.enrich import estimate_tokens
@@ -179,6 +179,7 @@ def embed_batch(
 ) -> BatchAnswer:
     """One call for a batch; each item's vector is checked (present once, same length, finite numbers)."""
     del before_call  # a single call per batch: the phase took its rate slot already
+    meter.count("invocations")
     response = client.serving_endpoints.query(name=endpoint, input=[d["text"] for d in batch])
     by_index: dict[int, list[float]] = {}
     twice: set[int] = set()

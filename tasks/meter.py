@@ -1,8 +1,9 @@
-"""Call accounting from one place: the HTTP transport of every workspace client counts each attempt.
+"""Call accounting from one place: every billable call counts itself where it is made, attempt by attempt.
 
-Counting where the request leaves the process sees what per-row bookkeeping cannot: re-asks inside a batch,
-retries, calls of rows whose outcome was later replaced (a breaker's fallback), refused and failed
-attempts. A phase reads its own count:
+The calls are Genie questions, statement submissions and endpoint invocations (tasks.calls, tasks.embed);
+databricks-sdk makes no attempt of its own (blocks.workspace suppresses its retry loop), so one count per
+attempt is what reaches the workspace: re-asks inside a batch, retries, calls of rows whose outcome was
+later replaced (a breaker's fallback), refused and failed attempts. A phase reads its own count:
 
     with metered() as meter:
         run_phase(...)
@@ -15,28 +16,21 @@ Meters nest (a job's meter sees its phases' calls) and follow the context into w
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextvars import ContextVar
-from urllib.parse import urlsplit
+from typing import Literal
 
-# the requests that are billable calls: the rest (polls, result reads, metadata) are counted as requests
-_CALLS = (
-    ("genie", "POST", re.compile(r"/api/2\.0/genie/spaces/[^/]+/(start-conversation|conversations/[^/]+/messages)$")),
-    ("sql", "POST", re.compile(r"/api/2\.0/sql/statements/?$")),
-    ("invocations", "POST", re.compile(r"/serving-endpoints/[^/]+/invocations$")),
-)
+Kind = Literal["genie", "sql", "invocations"]
 
 
 class Meter:
-    """HTTP attempts counted while this meter (or a meter nested in it) was current."""
+    """Call attempts counted while this meter (or a meter nested in it) was current."""
 
     def __init__(self, parent: Meter | None = None) -> None:
         self.parent = parent
         self.by_kind: Counter[str] = Counter()
-        self.requests = 0
         self._lock = threading.Lock()
 
     @property
@@ -44,11 +38,9 @@ class Meter:
         """Billable calls: Genie questions, statement submissions and endpoint invocations."""
         return sum(self.by_kind.values())
 
-    def _add(self, kind: str | None) -> None:
+    def _add(self, kind: Kind) -> None:
         with self._lock:
-            self.requests += 1
-            if kind is not None:
-                self.by_kind[kind] += 1
+            self.by_kind[kind] += 1
 
 
 _CURRENT: ContextVar[Meter | None] = ContextVar("batchflows_meter", default=None)
@@ -65,10 +57,8 @@ def metered() -> Iterator[Meter]:
         _CURRENT.reset(token)
 
 
-def count(method: str, url: str) -> None:
-    """Count one HTTP attempt on every current meter (called by the workspace clients' transport)."""
-    path = urlsplit(url).path
-    kind = next((k for k, m, pattern in _CALLS if m == method and pattern.search(path)), None)
+def count(kind: Kind) -> None:
+    """Count one attempt of a billable call on every current meter; called just before the request."""
     meter = _CURRENT.get()
     while meter is not None:
         meter._add(kind)
