@@ -136,7 +136,16 @@ def test_a_permanent_refusal_stops_the_phase_at_once(sb, prefect_api):
 
 def test_a_run_that_succeeds_on_nothing_exits_non_zero(sb, workspace_block, tmp_path):
     sb.set_faults("chat", down=True)
-    result = _enrich(_rows(tmp_path, 10), workspace_block, "--set", "retry_attempts=0", "--output-dir", str(tmp_path))
+    result = _enrich(
+        _rows(tmp_path, 10),
+        workspace_block,
+        "--set",
+        "retry_attempts=0",
+        "--set",
+        "rpm=0",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert result.exit_code == 1, result.output
     assert "failed: 0 of 10 rows enriched" in result.output
     assert list(tmp_path.glob("enrich-*/*.csv"))  # the report with its failures is written all the same
