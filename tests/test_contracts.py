@@ -259,3 +259,15 @@ def test_an_expired_query_result_still_gives_its_sql(sb, client):
     sb.set_contracts(result_ttl_s=0)
     answer = ask_genie(client, "retail", "How many customers do we have?", 30, 0.05, 0.1)
     assert answer["kind"] == "sql" and answer["sql"].startswith("SELECT COUNT(*)")
+
+
+def test_the_client_never_asks_the_warehouse_to_wait_longer_than_it_listens(sb):
+    """A 6 s HTTP client asking for a 60 s statement: it asks the server to answer at once and polls, instead
+    of asking for 50 s of waiting and timing out its own read at 6 s."""
+    from blocks.workspace import DatabricksWorkspace
+
+    sb.set_faults("sql", latency_ms=8000)
+    short = DatabricksWorkspace(host=sb.host, token=sb.token).client(6)
+    result = run_sql(short, WAREHOUSE, "SELECT 1 AS one", 60)
+    assert result["rows"] == [[1]]
+    assert sb.stats()["sql"]["calls"] == 1  # polled, not resubmitted
