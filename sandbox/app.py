@@ -598,6 +598,8 @@ def _admin_routes(app: FastAPI, ws: Workspace) -> None:
         ws.genie.flaky.clear()
         ws.contracts = Contracts()
         ws.warehouse.warm_at = 0.0
+        ws.genie.conversations.clear()
+        ws.genie.messages.clear()
         return {}
 
     @app.put("/sandbox/genie/flaky")

@@ -32,10 +32,12 @@ def _http(sb: Any) -> httpx.Client:
     return httpx.Client(base_url=sb.host, headers={"Authorization": f"Bearer {sb.token}"}, timeout=30)
 
 
-def _round_trips(cls: Any, body: dict[str, Any]) -> None:
-    """The SDK reads every field of `body` and writes it back unchanged."""
+def _round_trips(cls: Any, body: dict[str, Any], sdk_misses: tuple[str, ...] = ()) -> None:
+    """The SDK reads every field of `body` and writes it back unchanged (`sdk_misses`: fields a real endpoint
+    sends that this SDK version reads under another name)."""
     again = cls.from_dict(body).as_dict()
-    assert again == body, f"{cls.__name__}: {_differences(body, again)}"
+    differences = [d for d in _differences(body, again) if not any(d.startswith(f"{m}:") for m in sdk_misses)]
+    assert not differences, f"{cls.__name__}: {differences}"
 
 
 def _differences(sent: Any, read: Any, where: str = "") -> list[str]:
@@ -63,7 +65,29 @@ def test_every_route_answers_in_the_sdks_shapes(sb):
         _round_trips(
             dashboards.GenieListConversationsResponse, http.get("/api/2.0/genie/spaces/retail/conversations").json()
         )
+        follow = http.post(f"{conversation}/messages", json={"content": "and per city?"}).json()
+        _round_trips(dashboards.GenieMessage, follow)
+        asked = http.post(
+            "/api/2.0/genie/spaces/retail/start-conversation", json={"content": "How many customers do we have?"}
+        )
+        done = asked.json()
+        answered = f"/api/2.0/genie/spaces/retail/conversations/{done['conversation_id']}/messages/{done['message_id']}"
+        for _ in range(100):
+            if http.get(answered).json()["status"] == "COMPLETED":
+                break
+        attachment = http.get(answered).json()["attachments"][0]["attachment_id"]
+        result = http.get(f"{answered}/attachments/{attachment}/query-result").json()
+        _round_trips(dashboards.GenieGetMessageQueryResultResponse, result)
         assert http.delete(conversation).status_code == 200
+        http.delete(f"/api/2.0/genie/spaces/retail/conversations/{done['conversation_id']}").raise_for_status()
+        config = json.dumps(bare_configuration())
+        space = http.post("/api/2.0/genie/spaces", json={"warehouse_id": WAREHOUSE, "serialized_space": config}).json()
+        _round_trips(dashboards.GenieSpace, space)
+        renamed = http.patch(f"/api/2.0/genie/spaces/{space['space_id']}", json={"title": "renamed"}).json()
+        _round_trips(dashboards.GenieSpace, renamed)
+        stale = http.patch(f"/api/2.0/genie/spaces/{space['space_id']}", json={"title": "x", "etag": space["etag"]})
+        assert stale.status_code == 409 and stale.json()["error_code"] == "RESOURCE_CONFLICT"
+        http.delete(f"/api/2.0/genie/spaces/{space['space_id']}").raise_for_status()
 
         sb.set_contracts(chunk_bytes=2000)
         body = {"statement": "SELECT * FROM products", "warehouse_id": WAREHOUSE, "wait_timeout": "10s"}
@@ -78,6 +102,12 @@ def test_every_route_answers_in_the_sdks_shapes(sb):
 
         endpoint = "databricks-meta-llama-3-3-70b-instruct"
         _round_trips(serving.ServingEndpointDetailed, http.get(f"/api/2.0/serving-endpoints/{endpoint}").json())
+        chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 20}
+        answer = http.post(f"/serving-endpoints/{endpoint}/invocations", json=chat).json()
+        # chat endpoints answer OpenAI's "finish_reason"; databricks-sdk 0.156 reads "finishReason"
+        _round_trips(serving.QueryEndpointResponse, answer, sdk_misses=(".choices[0].finish_reason",))
+        vectors = http.post("/serving-endpoints/databricks-gte-large-en/invocations", json={"input": ["a", "b"]}).json()
+        _round_trips(serving.QueryEndpointResponse, vectors)
 
 
 def test_the_clients_requests_use_only_the_sdks_fields(sb, client):
