@@ -134,6 +134,7 @@ def test_with_the_ephemeral_api_a_killed_runs_slots_come_back(sb: Any, tmp_path:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "PREFECT__FLOW_RUN_ID"}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), BATCHFLOWS_HOME=str(tmp_path / "home"))
     env["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"  # each job starts its own API server
     args = ("--concurrency", "4", "--service", "ephem")
     sb.set_faults("chat", latency_ms=100)
     _kill_after(sb, _spawn(sb, *args, "--rows", "400", env=env), 8)
