@@ -118,7 +118,7 @@ def score(
         "repeats": repeats,
     }
     overrides.update(_key_values(set_))
-    settings, benchmarks_file = _scoring_inputs(preset, overrides, use_sandbox, benchmarks, space_id, warehouse_id)
+    _, benchmarks_file = _scoring_inputs(preset, overrides, use_sandbox, benchmarks, space_id, warehouse_id)
     with _job(use_sandbox, workspace_block) as block_name:
         from flows.score import score as score_flow
 
@@ -127,7 +127,8 @@ def score(
             benchmarks_file,
             space_id or SANDBOX_SPACE,
             warehouse_id or SANDBOX_WAREHOUSE,
-            settings,
+            {k: v for k, v in overrides.items() if v is not None},
+            preset=preset,
             sequential=no_batch,
             workspace_block=block_name,
             output_dir=str(output_dir),
@@ -236,14 +237,33 @@ def limits(
     reset: Annotated[
         str | None, typer.Option(help="set this limit's taken slots to 0 (slots no run holds, e.g. after a restart)")
     ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="NAME=VALUE: calls at once, or calls a minute for a NAME ending in -rpm; every run then uses it",
+        ),
+    ] = None,
 ) -> None:
-    """The global concurrency and rate limits batchflows uses, with their taken slots."""
+    """The global concurrency and rate limits batchflows uses (one set per service and workspace), with their
+    taken slots. A run never changes a limit that exists: it says so and uses it."""
     from prefect.client.orchestration import get_client
 
-    from tasks.limits import PREFIX, reset_limit
+    from tasks.limits import PREFIX, ensure_limit, reset_limit
 
     if reset:
         console.print(f"{reset}: {reset_limit(reset)} taken slot(s) set to 0")
+    for name, value in _key_values(set_).items():
+        try:
+            number = float(value)
+            if number <= 0 or (not name.endswith("-rpm") and not number.is_integer()):
+                raise ValueError
+        except ValueError as exc:
+            raise typer.BadParameter(f"{name}={value}: give a positive number (a whole one for calls at once)") from exc
+        if name.endswith("-rpm"):
+            ensure_limit(name, 1, number / 60, change=True)
+        else:
+            ensure_limit(name, int(number), change=True)
     with get_client(sync_client=True) as client:
         found = [g for g in client.read_global_concurrency_limits(limit=200) if g.name.startswith(PREFIX)]
     table = Table(title="batchflows limits")
@@ -730,11 +750,16 @@ def _run(job: Any, *args: Any, **kwargs: Any) -> Any:
     import contextvars
     import threading
 
+    from prefect import tags
+
+    from flows.phase import TAGS, summary_of
+
     result: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            result["value"] = job(*args, **kwargs)
+            with tags(*TAGS):
+                result["value"] = summary_of(job(*args, return_state=True, **kwargs))
         except BaseException as exc:  # handed to the main thread as is
             result["error"] = exc
 

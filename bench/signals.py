@@ -30,7 +30,7 @@ from sandbox import SandboxProcess
 
 BENCHMARKS = str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
 CLI = str(Path(sys.executable).with_name("batchflows"))
-LIMITS = ("batchflows-genie", "batchflows-sql", "batchflows-llm")
+LIMITS = ("batchflows-genie-local-sandbox", "batchflows-sql-local-sandbox", "batchflows-llm-local-sandbox")
 
 
 def taken(server: PrefectServer) -> int:

@@ -8,10 +8,16 @@ import time
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
+from prefect.events import emit_event
 from pydantic import Field, PrivateAttr
 
 State = Literal["CLOSED", "OPEN", "HALF_OPEN"]
 log = logging.getLogger("batchflows.breaker")
+
+
+def breaker_name(service: str, workspace: str) -> str:
+    """The breaker block of one service of one workspace (`workspace_slug`): `genie-breaker-local-sandbox`."""
+    return f"{service}-breaker-{workspace}"
 
 
 class CircuitBreaker(Block):
@@ -48,15 +54,34 @@ class CircuitBreaker(Block):
 
     @classmethod
     def load_or_create(
-        cls, name: str, failure_threshold: int = 5, cooldown_s: float = 60, persist: bool = True
+        cls,
+        name: str,
+        failure_threshold: int | None = None,
+        cooldown_s: float | None = None,
+        persist: bool = True,
+        new: tuple[int, float] = (5, 60),
     ) -> CircuitBreaker:
-        """The saved breaker `name` (thresholds updated from settings), or a new CLOSED one saved under it."""
+        """The saved breaker `name`, or a new CLOSED one saved under it with the threshold and cooldown `new`.
+
+        The saved block's threshold and cooldown are the configuration (edit them in the UI); a run changes
+        them only by passing `failure_threshold` or `cooldown_s`. A breaker set CLOSED by hand (the UI) while
+        its failure count had reached the threshold starts again from 0 failures.
+        """
         breaker: CircuitBreaker
         try:
             breaker = cls.load(name) if persist else cls()  # type: ignore[assignment]
+            created = not persist
         except ValueError:
-            breaker = cls()
-        breaker.failure_threshold, breaker.cooldown_s = failure_threshold, cooldown_s
+            breaker, created = cls(), True
+        if created:
+            breaker.failure_threshold, breaker.cooldown_s = new
+        breaker.failure_threshold = failure_threshold or breaker.failure_threshold
+        breaker.cooldown_s = breaker.cooldown_s if cooldown_s is None else cooldown_s
+        if breaker.state == "CLOSED" and breaker.consecutive_failures >= breaker.failure_threshold:
+            log.info(
+                "Circuit breaker %s: reset by hand to CLOSED; failure count %s → 0", name, breaker.consecutive_failures
+            )
+            breaker.consecutive_failures, breaker.opened_at = 0, None
         breaker._persist, breaker._save_name = persist, name
         if persist:
             breaker.save(name, overwrite=True)
@@ -122,6 +147,15 @@ class CircuitBreaker(Block):
         self.transitions += 1
         self._events.append(message)
         (log.error if state == "OPEN" else log.info)(message)
+        if self._save_name:  # a Prefect event per transition, for an Automation to page someone on
+            try:
+                emit_event(
+                    event=f"batchflows.circuit-breaker.{state.lower().replace('_', '-')}",
+                    resource={"prefect.resource.id": f"batchflows.circuit-breaker.{self._save_name}"},
+                    payload={"message": message, "consecutive_failures": self.consecutive_failures},
+                )
+            except Exception as exc:  # an event lost must not stop the calls
+                log.warning("Circuit breaker: could not emit the %s event: %s", state, exc)
         if self._persist and self._save_name:
             try:
                 self.save(self._save_name, overwrite=True)

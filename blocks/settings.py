@@ -6,18 +6,29 @@ the CLI's flags. Presets are named instances of it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 JUDGE_MAX_CHUNK = 50  # items per judge call the default endpoint handles within its context window
+_WORDS = {"sql": "SQL", "rpm": "calls per minute", "llm": "LLM", "usd": "(USD)", "s": "(s)", "eval": "judge"}
+
+
+def field_title(name: str, _info: object = None) -> str:
+    """A form label in plain words: `sql_max_concurrent` → "SQL max concurrent", `cooldown_s` → "Cooldown (s)"."""
+    text = " ".join(_WORDS.get(word, word) for word in name.split("_"))
+    return text[:1].upper() + text[1:]
+
+
+FORM = ConfigDict(extra="forbid", field_title_generator=field_title)
 
 
 class ScoreSettings(BaseModel):
     """How the scoring job treats Genie, the SQL warehouse and the judge endpoint."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = FORM
 
     genie_max_concurrent: int = Field(3, ge=1, le=50, description="Genie questions in flight at once, across all runs")
     genie_retry_attempts: int = Field(2, ge=0, le=10, description="retries per question after the first attempt")
@@ -27,14 +38,19 @@ class ScoreSettings(BaseModel):
     )
     genie_circuit_threshold: int = Field(5, ge=1, description="consecutive failures that open Genie's circuit")
     genie_circuit_cooldown: float = Field(60, ge=0, description="seconds the circuit stays open before a probe")
-    genie_rpm: float = Field(5, ge=0, description="Genie questions per minute across all runs (0: no limit)")
+    genie_rpm: float = Field(
+        5,
+        ge=0,
+        title="Genie questions per minute",
+        description="Genie questions per minute across all runs (0: no limit)",
+    )
     genie_poll_initial: float = Field(1, gt=0, le=5, description="first poll interval for an answer, seconds")
     genie_poll_max: float = Field(5, gt=0, le=30, description="longest poll interval, seconds")
     sql_max_concurrent: int = Field(10, ge=1, le=100, description="SQL statements in flight at once, across all runs")
     sql_timeout: float = Field(
         300, gt=0, description="seconds one statement may take, waiting for a stopped warehouse to start included"
     )
-    sql_retry_attempts: int = Field(2, ge=0, le=10)
+    sql_retry_attempts: int = Field(2, ge=0, le=10, description="retries per SQL statement after the first attempt")
     sql_row_limit: int = Field(
         100_000,
         ge=1,
@@ -45,7 +61,7 @@ class ScoreSettings(BaseModel):
     eval_chunk_size: int = Field(10, ge=1, le=JUDGE_MAX_CHUNK, description="undecided cases per judge call")
     eval_timeout: float = Field(30, gt=0, description="seconds one judge call may take")
     eval_max_concurrent: int = Field(4, ge=1, le=50, description="judge calls in flight at once")
-    eval_retry_attempts: int = Field(2, ge=0, le=10)
+    eval_retry_attempts: int = Field(2, ge=0, le=10, description="retries per judge call after the first attempt")
     judge_endpoint: str = Field(
         "databricks-meta-llama-3-3-70b-instruct",
         min_length=1,
@@ -116,6 +132,57 @@ def score_settings(preset: str = "default", **overrides: object) -> ScoreSetting
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return ScoreSettings.model_validate(values)
+
+
+class Overrides(BaseModel):
+    """Only the settings a user set for one run; an empty (None) field keeps the preset's value.
+
+    A flow's form built from this shows every field empty, so choosing a preset and filling two fields runs
+    the preset with those two changed. A full settings object given instead (code, a rerun) sets every field.
+    """
+
+    model_config = FORM
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_settings(cls, data: Any) -> Any:
+        return data.model_dump() if isinstance(data, BaseModel) else data
+
+    def changed(self) -> dict[str, Any]:
+        """The fields set, by name."""
+        return {name: value for name, value in self.model_dump().items() if value is not None}
+
+
+def overrides_of(model: type[BaseModel]) -> type[Overrides]:
+    """The Overrides model of a settings model: the same fields, bounds and descriptions, each optional."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        described = FieldInfo.merge_field_infos(
+            info,
+            default=None,
+            default_factory=None,
+            description=f"{info.description}; empty: the preset's value (default {default})",
+        )
+        fields[name] = (info.annotation | None, described)  # type: ignore[operator]  # every field is annotated
+    return create_model(f"{model.__name__}Overrides", __base__=Overrides, __doc__=Overrides.__doc__, **fields)
+
+
+ScoreOverrides = overrides_of(ScoreSettings)
+
+
+def resolve_score_settings(
+    preset: str = "default", overrides: BaseModel | dict[str, Any] | None = None, settings_block: str | None = None
+) -> tuple[ScoreSettings, dict[str, Any]]:
+    """(the settings a scoring run uses, the fields set for the run): the preset (or the saved ScorePreset
+    block `settings_block`) first, then only the fields set in `overrides`.
+
+    Raises:
+        ValueError: unknown preset, unknown field or a value out of bounds, named.
+    """
+    changed = ScoreOverrides.model_validate(overrides or {}).changed()
+    base = ScorePreset.load(settings_block).settings if settings_block else score_settings(preset)  # type: ignore[union-attr]
+    return ScoreSettings.model_validate({**base.model_dump(), **changed}), changed
 
 
 class ScorePreset(Block):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any
+from urllib.parse import urlparse
 
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.clock import Clock, RealClock
@@ -16,6 +18,15 @@ _CLIENTS: dict[tuple[Any, ...], WorkspaceClient] = {}
 _CLIENTS_LOCK = threading.Lock()
 POOL_SIZE = 128  # connections kept per host: above any concurrency a phase runs at
 EMBEDDED_SANDBOX_BLOCK = "sandbox"  # the block `--sandbox` commands save for the sandbox they start
+
+
+def workspace_slug(host: str | None) -> str:
+    """A workspace as part of a name (limits, breakers): `adb-123-azuredatabricks-net`; `local-sandbox` for any
+    sandbox on this machine (the CLI's embedded sandbox takes a new port each run, with the same spaces)."""
+    where = (urlparse(host).hostname if host and "://" in host else host) or "default"
+    if where in ("127.0.0.1", "localhost", "::1"):
+        return "local-sandbox"
+    return re.sub(r"[^a-z0-9]+", "-", where.lower()).strip("-") or "default"
 
 
 class SdkRetrySuppressed(Exception):

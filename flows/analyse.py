@@ -15,7 +15,9 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from flows.phase import PhaseSpec, load_blocks, run_phase
+from blocks.settings import FORM
+from blocks.workspace import workspace_slug
+from flows.phase import PhaseSpec, load_blocks, rows_state, run_name, run_phase
 from tasks.analyse import FAILED_ANALYSIS, PROMPT_VERSION, analyse_item, merge
 from tasks.inputs import InputError, read_input
 from tasks.preflight import check_workspace
@@ -26,15 +28,22 @@ from tasks.resilience import Cache, RetryPolicy, Row, run_logger
 class AnalyseSettings(BaseModel):
     """How items are analysed. Every key can be set from the CLI (--set KEY=VALUE)."""
 
+    model_config = FORM
+
     endpoint: str = Field("databricks-meta-llama-3-3-70b-instruct", description="chat serving endpoint")
     batch_size: int = Field(10, ge=1, le=64, description="items analysed at once (the seed's EXAMINA_BATCH_SIZE)")
-    retry_attempts: int = Field(2, ge=0, le=10)
+    retry_attempts: int = Field(2, ge=0, le=10, description="retries per call after the first attempt")
     retry_delay: float = Field(1, ge=0, description="first retry delay, seconds (doubles each retry)")
     timeout: float = Field(30, gt=0, le=600, description="seconds per call")
     rpm: float = Field(0, ge=0, description="calls per minute, shared by all runs (0: no limit)")
 
 
-@flow(name="analyse-items", task_runner=ThreadPoolTaskRunner(max_workers=16), persist_result=False)  # type: ignore[arg-type]
+@flow(
+    name="analyse-items",
+    flow_run_name=run_name("analyse"),
+    task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
+    persist_result=False,
+)
 def analyse(
     input_path: str | None = None,
     query: str | None = None,
@@ -84,6 +93,7 @@ def analyse(
         rpm=settings.rpm,
         cache=Cache(ledger, "analyse", version),
         sequential=sequential,
+        workspace=workspace_slug(client.config.host),
     )
     rows = [Row(stable_key(i["text"], i["previous"]), n, i) for n, i in enumerate(items, start=1)]
     mode = "sequentially" if sequential else f"in parallel, {settings.batch_size} at a time"
@@ -104,7 +114,8 @@ def analyse(
             )
     groups = merge(items, analyses)
     log.info(f"Merged {len(items)} items into {len(groups)} groups; {len(failures)} analyses failed")
-    return _finish(items, analyses, groups, failures, outcomes, rows, analysis_s, started, output_dir)
+    summary = _finish(items, analyses, groups, failures, outcomes, rows, analysis_s, started, output_dir)
+    return rows_state(summary, summary["items"], (f["error_kind"] for f in summary["failures"]), "analysed")  # type: ignore[return-value]  # Prefect ends the run in this state and returns its data
 
 
 def _items(frame: pd.DataFrame, id_column: str, position_column: str, text_column: str) -> list[dict[str, Any]]:

@@ -12,12 +12,12 @@ and the number of calls and tokens it took (`before_call` is the rate limit, for
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flows.phase import PhaseSpec, run_phase
 from tasks.batched import BatchAnswer, PartialAnswer
-from tasks.limits import rate_limit_for
+from tasks.limits import rate_limit_for, scoped
 from tasks.meter import metered
 from tasks.report import stable_key
 from tasks.resilience import Cache, RetryPolicy, Row, run_logger
@@ -31,6 +31,7 @@ class BatchedJob:
     concurrency: int
     policy: RetryPolicy
     rpm: float = 0
+    workspace: str = ""  # the workspace's slug (PhaseSpec.workspace)
 
 
 @dataclass
@@ -74,7 +75,7 @@ def run_batched(
     log.info(f"Rows to {job.name}: {len(todo)}")
     if not todo:
         return result
-    rate_limit = rate_limit_for(job.service, job.rpm)  # run_phase creates it before the first call
+    rate_limit = rate_limit_for(scoped(job.service, job.workspace), job.rpm)  # run_phase creates it first
 
     kept: dict[str, Any] = {}  # answers kept from attempts that failed part-way: never asked again
 
@@ -113,7 +114,7 @@ def _run_phases(
     log = run_logger()
     result.batches = len(batches)
     log.info(f"Processing {len(batches)} batches")
-    spec = PhaseSpec(job.name, job.service, job.concurrency, job.policy, rpm=job.rpm)
+    spec = PhaseSpec(job.name, job.service, job.concurrency, job.policy, rpm=job.rpm, workspace=job.workspace)
     rows = [Row(stable_key([i["id"] for i in b]), n + 1, b) for n, b in enumerate(batches)]
     failed: list[dict[str, Any]] = []
     outcomes = run_phase(spec, rows, send)
@@ -127,7 +128,7 @@ def _run_phases(
             failed += row.payload
     if failed:
         log.info(f"Falling back to individual processing for {len(failed)} items")
-        one_spec = PhaseSpec(f"{job.name}-single", job.service, job.concurrency, job.policy, rpm=job.rpm)
+        one_spec = replace(spec, name=f"{job.name}-single")
         one_rows = [Row(f"single-{i['id']}", n + 1, [i]) for n, i in enumerate(failed)]
         one_outcomes = run_phase(one_spec, one_rows, send)
         for row in one_rows:

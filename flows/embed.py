@@ -16,8 +16,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from blocks.ledger import default_home
+from blocks.settings import FORM
+from blocks.workspace import workspace_slug
 from flows.batched import BatchedJob, content_key, pending, run_batched
-from flows.phase import load_blocks
+from flows.phase import load_blocks, rows_state, run_name
 from tasks.embed import (
     BudgetExceeded,
     DeltaVectorStore,
@@ -36,11 +38,13 @@ from tasks.resilience import Cache, RetryPolicy, run_logger
 class EmbedSettings(BaseModel):
     """How documents are embedded. Every key can be set from the CLI (--set KEY=VALUE)."""
 
+    model_config = FORM
+
     endpoint: str = Field("databricks-gte-large-en", description="embedding serving endpoint")
     batch_size: int = Field(100, ge=1, le=2048, description="documents per call (EMBEDDING_BATCH_SIZE)")
     max_concurrent: int = Field(4, ge=1, le=64, description="calls in flight at once")
     rpm: float = Field(0, ge=0, description="calls per minute, shared by all runs (0: no limit)")
-    retry_attempts: int = Field(3, ge=0, le=10)
+    retry_attempts: int = Field(3, ge=0, le=10, description="retries per call after the first attempt")
     retry_delay: float = Field(1, ge=0, description="first retry delay, seconds (doubles each retry)")
     timeout: float = Field(60, gt=0, le=600, description="seconds per call")
     price_per_million_tokens: float = Field(0.13, ge=0, description="the model's price, USD per 1M input tokens")
@@ -53,7 +57,12 @@ def default_store() -> str:
     return str(default_home() / "vectors.duckdb")
 
 
-@flow(name="embed-documents", task_runner=ThreadPoolTaskRunner(max_workers=16), persist_result=False)  # type: ignore[arg-type]
+@flow(
+    name="embed-documents",
+    flow_run_name=run_name("embed"),
+    task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
+    persist_result=False,
+)
 def embed(
     input_path: str | None = None,
     catalog: str = "samples",
@@ -116,6 +125,7 @@ def embed(
         settings.max_concurrent,
         RetryPolicy(retries=settings.retry_attempts, base_delay_s=settings.retry_delay),
         settings.rpm,
+        workspace_slug(client.config.host),
     )
     cached, todo = pending(job, docs, content_key)
     plan = estimate(todo, settings.batch_size, settings.price_per_million_tokens)
@@ -153,7 +163,8 @@ def embed(
         call=lambda batch, before_call: embed_batch(client, settings.endpoint, batch, before_call),
     )
     stored = store.upsert(settings.endpoint, docs, result.values)
-    return _finish(docs, errors, result, plan, stored, store.path, started, output_dir)
+    summary = _finish(docs, errors, result, plan, stored, store.path, started, output_dir)
+    return rows_state(summary, summary["total"], (f["error_kind"] for f in summary["failures"]), "embedded")  # type: ignore[return-value]  # Prefect ends the run in this state and returns its data
 
 
 def _seed_counts(kind: str, counts: dict[str, Any]) -> dict[str, int]:

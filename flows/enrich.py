@@ -15,8 +15,10 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
+from blocks.settings import FORM
+from blocks.workspace import workspace_slug
 from flows.batched import BatchedJob, BatchedResult, content_key, run_all
-from flows.phase import load_blocks
+from flows.phase import load_blocks, rows_state, run_name
 from tasks.enrich import (
     MAX_BATCH,
     PROMPT_VERSION,
@@ -41,6 +43,8 @@ DEFAULT_INSTRUCTIONS = (
 class EnrichSettings(BaseModel):
     """How the enrichment calls its endpoint. Every key can be set from the CLI (--set KEY=VALUE)."""
 
+    model_config = FORM
+
     endpoint: str = Field("databricks-meta-llama-3-3-70b-instruct", description="chat serving endpoint")
     batch_size: int = Field(20, ge=1, le=MAX_BATCH, description="rows per call at most")
     max_batch_tokens: int = Field(6000, ge=100, description="estimated prompt tokens per call at most")
@@ -52,12 +56,17 @@ class EnrichSettings(BaseModel):
     )
     rpm: float = Field(15, ge=0, description="calls per minute, shared by all runs (0: no limit)")
     max_concurrent: int = Field(4, ge=1, le=64, description="calls in flight at once")
-    retry_attempts: int = Field(2, ge=0, le=10)
+    retry_attempts: int = Field(2, ge=0, le=10, description="retries per call after the first attempt")
     retry_delay: float = Field(5, ge=0, description="first retry delay, seconds (doubles each retry)")
     timeout: float = Field(30, gt=0, le=600, description="seconds per call")
 
 
-@flow(name="enrich-rows", task_runner=ThreadPoolTaskRunner(max_workers=16), persist_result=False)  # type: ignore[arg-type]
+@flow(
+    name="enrich-rows",
+    flow_run_name=run_name("enrich"),
+    task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
+    persist_result=False,
+)
 def enrich(
     text_columns: list[str],
     input_path: str | None = None,
@@ -107,6 +116,7 @@ def enrich(
         settings.max_concurrent,
         RetryPolicy(retries=settings.retry_attempts, base_delay_s=settings.retry_delay),
         settings.rpm,
+        workspace_slug(client.config.host),
     )
     result = run_all(
         job,
@@ -117,7 +127,8 @@ def enrich(
             client, settings.endpoint, batch, model, instructions, before_call=before_call
         ),
     )
-    return _finish(frame, model, items, errors, result, started, output_dir)
+    summary = _finish(frame, model, items, errors, result, started, output_dir)
+    return rows_state(summary, summary["total"], (f["error_kind"] for f in summary["failures"]), "enriched")  # type: ignore[return-value]  # Prefect ends the run in this state and returns its data
 
 
 def _finish(

@@ -17,16 +17,17 @@ from typing import Any
 
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import NotFound, ResourceConflict
-from prefect import flow
+from prefect import flow, tags
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from blocks.ledger import history_store
-from blocks.settings import ScoreSettings
+from blocks.settings import FORM, ScoreSettings
+from blocks.workspace import workspace_slug
 from flows.batched import BatchedJob, run_all
-from flows.phase import load_blocks
+from flows.phase import TAGS, load_blocks, run_name, summary_of
 from flows.score import score
 from tasks.benchmarks import Benchmark, load_benchmarks, space_benchmarks
 from tasks.history import workspace_key
@@ -55,6 +56,8 @@ ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 class ImproveSettings(BaseModel):
     """How the improvement loop learns, proposes and decides. Every key can be set from the CLI."""
 
+    model_config = FORM
+
     iterations: int = Field(3, ge=1, le=20, description="improvement rounds at most (stops early when none helps)")
     margin: float = Field(
         0.0, ge=0, le=1, description="score gain (0-1) the dev copy needs over production to be promoted"
@@ -67,7 +70,7 @@ class ImproveSettings(BaseModel):
     propose_batch_size: int = Field(5, ge=1, le=50, description="failing benchmarks per proposal call")
     max_concurrent: int = Field(4, ge=1, le=32, description="LLM calls in flight at once")
     rpm: float = Field(0, ge=0, description="LLM calls per minute across all runs (0: no limit)")
-    retry_attempts: int = Field(2, ge=0, le=10)
+    retry_attempts: int = Field(2, ge=0, le=10, description="retries per call after the first attempt")
     retry_delay: float = Field(2, ge=0, description="first retry delay, seconds (doubles each retry)")
     timeout: float = Field(60, gt=0, le=600, description="seconds per LLM call")
 
@@ -76,7 +79,12 @@ class ImproveError(RuntimeError):
     """The loop cannot go on (e.g. production changed while it ran); production is left as it was."""
 
 
-@flow(name="improve-genie-space", task_runner=ThreadPoolTaskRunner(max_workers=16), persist_result=False)  # type: ignore[arg-type]
+@flow(
+    name="improve-genie-space",
+    flow_run_name=run_name("improve", "space_id"),
+    task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
+    persist_result=False,
+)
 def improve(
     benchmarks: str | list[Benchmark] | None,
     space_id: str,
@@ -88,7 +96,7 @@ def improve(
     workspace_block: str | None = None,
     ledger_block: str | None = None,
     output_dir: str = "out",
-    breaker_block: str = "genie-breaker",
+    breaker_block: str | None = None,
 ) -> dict[str, Any]:
     """Raise a Genie space's benchmark score by fixing its configuration, safely.
 
@@ -130,17 +138,21 @@ def improve(
         items = list(benchmarks) if benchmarks is not None else space_benchmarks(config, space_id)[0]
 
     def rescore(target: str, folder: str) -> dict[str, Any]:
-        return score(
-            benchmarks,  # a file's path stays a path: flow parameters are capped (512 KB by default)
-            target,
-            warehouse_id,
-            score_settings,
-            workspace_block=workspace_block,
-            ledger_block=ledger_block,
-            output_dir=str(out / folder),
-            breaker_block=breaker_block,
-            history=target == space_id,  # dev copies live for one round: no history of their own
-        )
+        with tags(*TAGS):
+            state = score(
+                benchmarks,  # a file's path stays a path: flow parameters are capped (512 KB by default)
+                target,
+                warehouse_id,
+                score_settings,
+                workspace_block=workspace_block,
+                ledger_block=ledger_block,
+                output_dir=str(out / folder),
+                breaker_block=breaker_block,
+                history=target == space_id,  # dev copies live for one round: no history of their own
+                return_state=True,
+            )
+        summary: dict[str, Any] = summary_of(state)
+        return summary
 
     current = rescore(space_id, "production")
     log.info(f"Production {space_id}: {current['score']:.1%} ({_passed(current)}/{current['total']})")
@@ -274,8 +286,9 @@ def _learn(
     client: WorkspaceClient, ledger: Any, settings: ImproveSettings, policy: RetryPolicy, items: list[Benchmark]
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Patterns of all benchmarks (passing and failing), one call per batch, each benchmark's cached."""
+    cache = Cache(ledger, "learn", f"{LEARN_PROMPT}:{settings.endpoint}")
     job = BatchedJob(
-        "learn", "llm", Cache(ledger, "learn", f"{LEARN_PROMPT}:{settings.endpoint}"), settings.max_concurrent, policy
+        "learn", "llm", cache, settings.max_concurrent, policy, workspace=workspace_slug(client.config.host)
     )
     todo_items = [{"id": b.id, "question": b.question, "expected_sql": b.expected_sql} for b in items]
 
@@ -310,6 +323,7 @@ def _propose(
         Cache(ledger, "propose", f"{PROPOSE_PROMPT}:{settings.endpoint}"),
         settings.max_concurrent,
         policy,
+        workspace=workspace_slug(client.config.host),
     )
     fields = ("id", "question", "expected_sql", "genie_sql", "verdict", "reason")
     todo_items = [{f: r[f] for f in fields} for r in failing]

@@ -7,21 +7,75 @@ A job's phase is a few lines: build `Row`s and a `call`, then `run_phase(...)`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
-from prefect import flow, task, unmapped
+from prefect import flow, tags, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_API_URL
+from prefect.states import Completed, Failed
 
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
 from blocks.workspace import DatabricksWorkspace
 from tasks import progress, stopping
 from tasks.inputs import InputError
-from tasks.limits import RateLimit, ensure_service_limits, hold
+from tasks.limits import RateLimit, ensure_service_limits, hold, scoped
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, Stop, lane, run_logger, run_rows
+
+TAGS = ("batchflows",)  # on every run of ours, subflows and runs started from a terminal included
+
+
+class RowsFailed(Exception):
+    """Every row of a run failed: the run ends Failed, and `summary` is its report, failures included."""
+
+    def __init__(self, message: str, summary: Any) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return RowsFailed, (str(self), self.summary)
+
+
+def rows_state(data: Any, total: int, failures: Iterable[str], done: str, extra: str = "") -> State:
+    """A run's or chunk's final state, saying what failed by kind: "28/32 judged, 4 failed: genie_error 3,
+    sql_error 1". Failed when every row failed (its data a RowsFailed carrying `data`), else Completed."""
+    kinds = Counter(failures)
+    failed = sum(kinds.values())
+    message = f"{total - failed}/{total} {done}"
+    if failed:
+        message += f", {failed} failed: " + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common())
+    message += extra
+    if total and failed >= total:
+        return Failed(message=message, data=RowsFailed(message, data))
+    return Completed(message=message, data=data)
+
+
+def summary_of(state: State) -> Any:
+    """What a job run returned, also when every row failed (its report); any other failure is raised."""
+    value = state.result(raise_on_failure=False)
+    if isinstance(value, RowsFailed):
+        return value.summary
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def run_name(job: str, *keys: str) -> Callable[[], str]:
+    """A flow run name that says what ran and when: `score-retail-2026-11-24T22:36` (its parameters `keys`)."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        parameters = flow_run.parameters
+        parts = [job, *(str(parameters[k]) for k in keys if parameters.get(k))]
+        return "-".join([*parts, datetime.now().strftime("%Y-%m-%dT%H:%M")])
+
+    return name
 
 
 @dataclass
@@ -38,19 +92,26 @@ class PhaseSpec:
     fallback_delay_s: float = 1.0
     fallback_max_wait_s: float = 180.0
     sequential: bool = False
+    workspace: str = ""  # the workspace's slug: each workspace's service has its own limits
     stop: Stop = field(default_factory=Stop)  # run_phase gives each run its own
+
+    @property
+    def limits(self) -> str:
+        """The name the service's global limits and process lane go by."""
+        return scoped(self.service, self.workspace)
 
 
 @task(task_run_name="{phase}-rows-{first}", cache_policy=NO_CACHE, persist_result=False)
 def run_chunk(
     rows: list[Row], call: Callable[[Any], Any], phase: str, first: int, spec: PhaseSpec, rate_limit: RateLimit | None
-) -> list[RowOutcome]:
-    """One chunk of a phase: its rows' calls, concurrently, through the phase's shared lane."""
+) -> State:
+    """One chunk of a phase: its rows' calls, concurrently, through the phase's shared lane. Its state says
+    how many rows failed and why (Failed when all did); its data is every row's outcome."""
     concurrency = 1 if spec.sequential else spec.concurrency
-    return run_rows(
+    outcomes = run_rows(
         rows,
         call,
-        lane=lane(spec.service, concurrency, rate_limit),
+        lane=lane(spec.limits, concurrency, rate_limit),
         policy=spec.policy,
         log=run_logger(),
         breaker=spec.breaker,
@@ -58,6 +119,14 @@ def run_chunk(
         sequential=spec.sequential,
         on_done=_progress_of(spec.name),
         stop=spec.stop,
+    )
+    deferred = sum(1 for o in outcomes if o.status == "deferred")
+    return rows_state(
+        outcomes,
+        len(outcomes) - deferred,
+        (o.error_kind or "error" for o in outcomes if o.status == "failed"),
+        "succeeded",
+        f"; {deferred} left for the sequential fallback" if deferred else "",
     )
 
 
@@ -105,11 +174,11 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
         log.info(f"{spec.name}: {len(outcomes)}/{len(rows)} rows from cache, {len(pending)} to call")
     if not pending:
         return outcomes
-    spec = replace(spec, stop=Stop())
+    allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
+    spec = replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed))
     concurrency = 1 if spec.sequential else spec.concurrency
-    rate_limit = ensure_service_limits(spec.service, spec.concurrency, spec.rpm)
     chunks = [pending] if spec.sequential else chunk_rows(pending, concurrency)
-    with hold(spec.service, occupy=concurrency):
+    with hold(spec.limits, occupy=concurrency):
         futures = run_chunk.map(
             chunks,
             unmapped(call),
@@ -118,12 +187,15 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
             unmapped(spec),
             unmapped(rate_limit),
         )
-        results = [outcome for future in futures for outcome in future.result()]
+        for future in futures:
+            future.wait()
+        results = [outcome for future in futures for outcome in summary_of(future.state)]
     outcomes.update((o.key, o) for o in results)
     deferred = [r for r in pending if outcomes[r.key].status == "deferred"]
     if deferred:
         log.warning(f"Circuit breaker OPEN - falling back to sequential mode for {len(deferred)} rows")
-        outcomes.update(sequential_fallback(spec, deferred, call, rate_limit))
+        with tags(*TAGS):
+            outcomes.update(sequential_fallback(spec, deferred, call, rate_limit))
     return outcomes
 
 
@@ -135,10 +207,10 @@ def sequential_fallback(
     allow a probe (HALF_OPEN) for at most `fallback_max_wait_s` in all. What still fails is recorded."""
     log = run_logger()
     log.info("Executing in SEQUENTIAL fallback mode")
-    single = lane(f"{spec.service}-fallback", 1, rate_limit)
+    single = lane(f"{spec.limits}-fallback", 1, rate_limit)
     outcomes: dict[str, RowOutcome] = {}
     waited, i = 0.0, 0
-    with hold(spec.service, occupy=1):
+    with hold(spec.limits, occupy=1):
         while i < len(rows):
             row = rows[i]
             outcome = run_rows(

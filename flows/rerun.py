@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import flow
+from prefect import flow, tags
 
 from blocks.settings import ScoreSettings
+from flows.phase import TAGS, run_name, summary_of
 from flows.score import FAILED, score
 from tasks.inputs import InputError
 from tasks.report import publish, write_frame
@@ -64,7 +65,7 @@ def find_report(report: str) -> Path:
     return found[-1]
 
 
-@flow(name="rerun-failed", persist_result=False)
+@flow(name="rerun-failed", flow_run_name=run_name("rerun-failed"), persist_result=False)
 def rerun_failed(
     report: str,
     kinds: list[str] | None = None,
@@ -111,19 +112,22 @@ def rerun_failed(
     todo = Path(out) / f"rerun-benchmarks-{stamp}.json"
     todo.parent.mkdir(parents=True, exist_ok=True)
     todo.write_text(json.dumps([{k: r[k] for k in ("id", "question", "expected_sql")} for r in failed]))
-    again = score(
-        str(todo),
-        run["space_id"],
-        run["warehouse_id"],
-        settings or ScoreSettings(**run["settings"]),
-        workspace_block=run["workspace_block"],
-        ledger_block=run["ledger_block"],
-        breaker_block=run["breaker_block"],
-        output_dir=out,
-        fresh=fresh,
-        cache_scope=run.get("cache_scope", ""),  # the earlier run's cached rows, also when it ran fresh
-        history=False,  # a subset of the benchmarks: its score is no point of the space's trend
-    )
+    with tags(*TAGS):
+        state = score(
+            str(todo),
+            run["space_id"],
+            run["warehouse_id"],
+            settings or ScoreSettings(**run["settings"]),
+            workspace_block=run["workspace_block"],
+            ledger_block=run["ledger_block"],
+            breaker_block=run["breaker_block"],
+            output_dir=out,
+            fresh=fresh,
+            cache_scope=run.get("cache_scope", ""),  # the earlier run's cached rows, also when it ran fresh
+            history=False,  # a subset of the benchmarks: its score is no point of the space's trend
+            return_state=True,
+        )
+    again = summary_of(state)
     new = {r["id"]: r for r in again["rows"]}
     merged = [{**r, **new[r["id"]], "rerun": True} if r["id"] in new else {**r, "rerun": False} for r in rows]
     files = write_frame(pd.DataFrame(merged), Path(out) / f"score-merged-{stamp}", "scorecard")

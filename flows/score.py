@@ -15,11 +15,11 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 from sqlalchemy.exc import SQLAlchemyError
 
-from blocks.breaker import CircuitBreaker
+from blocks.breaker import CircuitBreaker, breaker_name
 from blocks.ledger import RowLedger, history_store
-from blocks.settings import Preset, ScorePreset, ScoreSettings, score_settings
-from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace
-from flows.phase import PhaseSpec, load_blocks, run_phase
+from blocks.settings import Preset, ScoreOverrides, ScoreSettings, resolve_score_settings
+from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace, workspace_slug
+from flows.phase import PhaseSpec, load_blocks, rows_state, run_name, run_phase
 from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions, space_benchmarks
 from tasks.calls import ask_genie, run_sql
 from tasks.compare import Rounding, Rules, compare, rounding, sorting
@@ -39,6 +39,7 @@ HISTORY_ERRORS = (SQLAlchemyError, HistoryError, OSError)
 
 @flow(
     name="score-genie-space",
+    flow_run_name=run_name("score", "space_id"),
     task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
     persist_result=False,
 )
@@ -46,13 +47,13 @@ def score(
     benchmarks: str | list[Benchmark] | None,
     space_id: str,
     warehouse_id: str,
-    settings: ScoreSettings | None = None,
+    settings: ScoreOverrides | None = None,  # type: ignore[valid-type]
     sequential: bool = False,
     workspace_block: str | None = None,
     ledger_block: str | None = None,
     output_dir: str = "out",
     fresh: bool = False,
-    breaker_block: str = "genie-breaker",
+    breaker_block: str | None = None,
     preset: Preset = "default",
     settings_block: str | None = None,
     cache_scope: str = "",
@@ -65,23 +66,30 @@ def score(
             benchmarks the space keeps (serialized_space.benchmarks).
         space_id: the Genie space to score.
         warehouse_id: the SQL warehouse that runs the expected SQL and Genie's SQL.
-        settings: concurrency, retries, timeouts and breaker (a preset with overrides).
-        sequential: run every phase one call at a time (the seeds' --no-batch).
+        settings: the settings to change from the preset (or settings block) for this run; empty fields keep
+            the preset's values.
+        sequential: run every phase one call at a time (slow; for a service that cannot take concurrent calls).
         workspace_block: name of a saved DatabricksWorkspace block (default: databricks-sdk's env/profile).
         ledger_block: name of a saved RowLedger block (default: ~/.batchflows/ledger.sqlite).
         output_dir: where the report's Parquet and CSV files go.
         fresh: ignore finished rows of earlier runs of the same inputs and ask everything again.
-        breaker_block: name of the CircuitBreaker block guarding Genie (created CLOSED if missing).
-        preset: the built-in settings used when neither `settings` nor `settings_block` is given.
-        settings_block: name of a saved ScorePreset block (used when `settings` is not given).
+        breaker_block: name of the CircuitBreaker block guarding Genie (default: one per workspace, created
+            CLOSED if missing). Its threshold and cooldown hold unless this run's settings set them.
+        preset: the built-in settings the run starts from: default, conservative or aggressive.
+        settings_block: a saved ScorePreset block to start from instead of the preset.
         cache_scope: whose finished rows to reuse: "" those of every run of the same space version; a
             `fresh` run's id, its own (rerun-failed passes it, to rerun a fresh run's failures).
         history: record the run, and the space's configuration as a version, in the score history (improve
             turns it off for its short-lived dev copies).
     """
     log = get_run_logger()
-    if settings is None:
-        settings = ScorePreset.load(settings_block).settings if settings_block else score_settings(preset)  # type: ignore[union-attr]
+    overrides = settings
+    settings, changed = resolve_score_settings(preset, overrides, settings_block)
+    log.info(
+        f"Settings: {f'block {settings_block}' if settings_block else f'preset {preset}'}, "
+        f"changed for this run: {', '.join(f'{k}={v}' for k, v in changed.items()) or 'nothing'}; in use: "
+        + json.dumps(settings.model_dump(), separators=(",", ":"))
+    )
     started = time.monotonic()
     workspace, ledger = load_blocks(workspace_block, ledger_block)
     check_workspace(workspace, space_id=space_id, warehouse_id=warehouse_id, endpoints=[settings.judge_endpoint])
@@ -93,15 +101,20 @@ def score(
     cache_scope = flow_run_id if fresh else cache_scope
     session = stable_key(space_id, space.etag, warehouse_id, cache_scope)
 
+    scope = workspace_slug(genie_client.config.host)
+    breaker_block = breaker_block or breaker_name("genie", scope)
     breaker = CircuitBreaker.load_or_create(
-        breaker_block, settings.genie_circuit_threshold, settings.genie_circuit_cooldown
+        breaker_block,
+        changed.get("genie_circuit_threshold"),
+        changed.get("genie_circuit_cooldown"),
+        new=(settings.genie_circuit_threshold, settings.genie_circuit_cooldown),
     )
     log.info(
-        f"BatchGenieClient initialized: max_concurrent={settings.genie_max_concurrent}, "
-        f"retry_attempts={settings.genie_retry_attempts}, circuit_threshold={settings.genie_circuit_threshold}"
-        f"{' (sequential)' if sequential else ''}"
+        f"Phase 1 (Genie): {len(items)} questions, {settings.genie_max_concurrent} at a time, "
+        f"{settings.genie_rpm:g} a minute, {settings.genie_retry_attempts} retries; circuit breaker {breaker_block} "
+        f"{breaker.current_state()} (opens after {breaker.failure_threshold} failures in a row)"
+        f"{'; sequential' if sequential else ''}"
     )
-    log.info(f"Starting batch Genie calls for {len(items)} questions")
 
     # Phase 1: ask Genie (each question `repeats` times; benchmarks that repeat a question share its answers)
     t1 = time.monotonic()
@@ -122,9 +135,18 @@ def score(
         fallback_delay_s=settings.fallback_delay,
         fallback_max_wait_s=settings.fallback_max_wait,
         sequential=sequential,
+        workspace=scope,
     )
     asks = [
-        (b, Row(_genie_key(space_id, b.question, r), i, b.question))
+        (
+            b,
+            Row(
+                _genie_key(space_id, b.question, r),
+                i,
+                b.question,
+                f"{b.id}{f'#{r + 1}' if settings.repeats > 1 else ''}",
+            ),
+        )
         for i, (b, r) in enumerate((b, r) for b in items for r in range(settings.repeats))
     ]
     genie_rows = list({row.key: row for _, row in asks}.values())
@@ -139,7 +161,7 @@ def score(
     answered = sum(1 for o in answers.values() if o.status == "ok")
     phases = [_phase_figures("genie", answers, t1, genie_calls)]
     log.info(
-        f"Batch complete: {answered}/{len(genie_rows)} succeeded in {time.monotonic() - t1:.1f}s "
+        f"Phase 1 (Genie) complete: {answered}/{len(genie_rows)} answered in {time.monotonic() - t1:.1f}s "
         f"(circuit: {breaker.current_state().lower()})"
     )
 
@@ -167,6 +189,7 @@ def score(
         # v3: every chunk of a result is read (v2 stopped at the first); results carry column types, exact numbers
         cache=Cache(ledger, "sql", f"sql-v3:{session}:{settings.sql_row_limit}"),
         sequential=sequential,
+        workspace=scope,
     )
     sql_rows = [Row(key, i, statement) for i, (key, statement) in enumerate(statements.items())]
     with metered() as sql_calls:
@@ -184,7 +207,7 @@ def score(
         )
     ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
     phases.append({**_phase_figures("sql", results, t2, sql_calls), "succeeded": ran})
-    log.info(f"Phase 2 complete: {ran}/{len(sql_rows)} SQL executions succeeded in {time.monotonic() - t2:.1f}s")
+    log.info(f"Phase 2 (SQL) complete: {ran}/{len(sql_rows)} statements ran in {time.monotonic() - t2:.1f}s")
 
     # Compare, then Phase 3: judge what the comparison cannot decide
     t3 = time.monotonic()
@@ -206,7 +229,7 @@ def score(
         }
     )
     log.info(
-        f"Phase 3 complete: {passed}/{len(report)} evaluations passed "
+        f"Phase 3 (compare and judge) complete: {passed}/{len(report)} correct "
         f"({len(undecided)} judged in {judge_calls.calls} LLM calls, {time.monotonic() - t3:.1f}s)"
     )
 
@@ -226,12 +249,14 @@ def score(
         "breaker_block": breaker_block,
     }
     summary = _finish(report, answers, breaker, output_dir, started, phases, settings, run)
+    summary["settings_source"] = {"preset": preset, "settings_block": settings_block, "changed": changed}
     if seen:
         try:
             summary["history"] = _history_after(seen, summary, answers, space.etag, output_dir)
         except HISTORY_ERRORS as exc:
             log.error(f"Score history unavailable, this run is not recorded in it: {exc}")
-    return summary
+    failed = (r["verdict"] for r in report if r["verdict"] in FAILED)
+    return rows_state(summary, summary["total"], failed, "judged")  # type: ignore[return-value]  # Prefect ends the run in this state and returns its data
 
 
 def _space(client: Any, space_id: str) -> tuple[Any, dict[str, Any] | None]:
@@ -474,6 +499,7 @@ def _judge(
         settings.eval_max_concurrent,
         RetryPolicy(retries=settings.eval_retry_attempts, base_delay_s=2),
         sequential=sequential,
+        workspace=workspace_slug(client.config.host),
     )
     rows = [Row(stable_key([k for k, _ in chunk]), i, [c for _, c in chunk]) for i, chunk in enumerate(chunks)]
     outcomes = run_phase(spec, rows, lambda batch: judge_cases(client, settings.judge_endpoint, batch))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 import time
@@ -39,6 +40,7 @@ class SlotWaitError(RuntimeError):
 
 
 def limit_name(service: str) -> str:
+    """`service` is a service of one workspace, e.g. "genie-local-sandbox" (see `scoped`)."""
     return f"{PREFIX}-{service}"
 
 
@@ -46,17 +48,45 @@ def rate_limit_name(service: str) -> str:
     return f"{PREFIX}-{service}-rpm"
 
 
-def ensure_limit(name: str, limit: int, slot_decay_per_second: float = 0.0) -> None:
-    """Create the global limit `name`, or update it to this limit, active, with this decay."""
+def scoped(service: str, workspace: str) -> str:
+    """The name of `service` of one workspace (`blocks.workspace.workspace_slug`): its limits are its own."""
+    return f"{service}-{workspace}" if workspace else service
+
+
+def ensure_limit(name: str, limit: int, slot_decay_per_second: float = 0.0, change: bool = False) -> tuple[int, float]:
+    """Create the global limit `name` (active, with this limit and decay) if missing; returns the (limit, decay)
+    in force.
+
+    A limit that exists already is shared by every run and may have been set on purpose (`batchflows limits
+    --set`, the UI's Concurrency page): a run that wants another value says so and uses the existing one,
+    unless `change`. An inactive limit limits nothing, so it is switched on.
+    """
     wanted = {"limit": limit, "active": True, "slot_decay_per_second": slot_decay_per_second}
     with get_client(sync_client=True) as client:
         try:
             existing = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, **wanted))
-            return
-        if any(getattr(existing, field) != value for field, value in wanted.items()):
-            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(**wanted))
+            return limit, slot_decay_per_second
+        if change:
+            update = wanted
+        else:
+            update = {"active": True} if not existing.active else {}
+            have = (existing.limit, existing.slot_decay_per_second)
+            if not math.isclose(have[1], slot_decay_per_second) or have[0] != limit:
+                run_logger().warning(
+                    f"{name} is set to {_describe(*have)}; this run asked for {_describe(limit, slot_decay_per_second)}"
+                    f" and uses {_describe(*have)} (change it with `batchflows limits --set {name}=VALUE` or on "
+                    "the Prefect UI's Concurrency page)"
+                )
+            limit, slot_decay_per_second = have
+        if update:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(**update))
+    return limit, slot_decay_per_second
+
+
+def _describe(limit: int, decay: float) -> str:
+    return f"{decay * 60:g} calls a minute" if decay else f"{limit} at once"
 
 
 @dataclass(frozen=True)
@@ -75,20 +105,19 @@ def rate_limit_for(service: str, rpm: float) -> RateLimit | None:
     return RateLimit(rate_limit_name(service), rpm) if rpm > 0 else None
 
 
-def ensure_service_limits(service: str, concurrency_limit: int, rpm: float = 0) -> RateLimit | None:
-    """Create the service's concurrency limit and, if `rpm` > 0, its requests-per-minute limit.
-
-    Returns the rate limit (or None when there is none).
-    """
-    ensure_limit(limit_name(service), concurrency_limit)
+def ensure_service_limits(service: str, concurrency_limit: int, rpm: float = 0) -> tuple[int, RateLimit | None]:
+    """The service's concurrency limit and, if `rpm` > 0, its requests-per-minute limit, created if missing
+    (see `ensure_limit`: existing ones are kept). Returns (the concurrency limit in force, the rate limit in
+    force or None)."""
+    concurrency_limit, _ = ensure_limit(limit_name(service), concurrency_limit)
     freed = reclaim(limit_name(service))
     if freed:
         run_logger().warning(f"Gave back {freed} slot(s) of {limit_name(service)} left taken by runs that died")
     if rpm <= 0:
-        return None
+        return concurrency_limit, None
     # one slot that decays at rpm/60 per second: at most `rpm` calls start in any 60 s window
-    ensure_limit(rate_limit_name(service), 1, rpm / 60)
-    return rate_limit_for(service, rpm)
+    _, decay = ensure_limit(rate_limit_name(service), 1, rpm / 60)
+    return concurrency_limit, rate_limit_for(service, decay * 60)
 
 
 @contextlib.contextmanager

@@ -49,11 +49,17 @@ class RetryPolicy(BaseModel):
 
 @dataclass
 class Row:
-    """One unit of work: a stable key, its position for log lines, and the payload the call takes."""
+    """One unit of work: a stable key, its position, the payload the call takes, and the name log lines
+    give it (a benchmark's id; its position when it has none)."""
 
     key: str
     index: int
     payload: Any
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or f"#{self.index}"
 
 
 @dataclass
@@ -254,18 +260,21 @@ def _run_one(
                 breaker.record_success()
             if cache is not None:
                 cache.ledger.put(cache.step, cache.version, row.key, value)
-            log.info(f"[{row.index}] ✅ Success in {elapsed:.1f}s (attempt {attempt})")
+            log.debug(f"[{row.name}] ✅ Success in {elapsed:.1f}s (attempt {attempt})")
             return RowOutcome(row.key, "ok", value, attempts=attempt, latency_s=time.monotonic() - started)
         permanent = isinstance(error, PermanentError)
         if stop.trip(error):
             log.error(f"{lane.name}: stopped by {error.kind}: {error}; its rows not yet called are recorded as failed")
         if breaker is not None:
             breaker.record_success() if permanent else breaker.record_failure()
-        if isinstance(error, CallTimeout):
-            log.warning(f"[{row.index}] ⏱️ Timeout after {error.timeout_s:g}s (attempt {attempt})")
-        else:
-            log.warning(f"[{row.index}] ❌ {error.kind}: {error} (attempt {attempt})")
-        if permanent or attempt > policy.retries:
+        last = permanent or attempt > policy.retries
+        delay = 0.0 if last else policy.delay(attempt, error.retry_after_s if isinstance(error, RateLimited) else None)
+        what = (
+            f"⏱️ Timeout after {error.timeout_s:g}s" if isinstance(error, CallTimeout) else f"❌ {error.kind}: {error}"
+        )
+        then = "recorded as failed" if last else f"retrying in {delay:.3g}s"
+        log.warning(f"[{row.name}] {what} (attempt {attempt}); {then}")
+        if last:
             return RowOutcome(
                 row.key,
                 "failed",
@@ -274,6 +283,4 @@ def _run_one(
                 attempts=attempt,
                 latency_s=time.monotonic() - started,
             )
-        delay = policy.delay(attempt, error.retry_after_s if isinstance(error, RateLimited) else None)
-        log.info(f"[{row.index}] Retrying in {delay:.3g}s...")
         sleep(delay)

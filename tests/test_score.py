@@ -11,6 +11,7 @@ import pytest
 
 from blocks.settings import score_settings
 from flows.rerun import SAME_WITHOUT_FRESH
+from flows.phase import summary_of
 from flows.score import score
 from tasks.benchmarks import Benchmark, BenchmarkFileError, load_benchmarks
 
@@ -24,7 +25,12 @@ FAST = {
 }
 
 
-def _score(
+def _score(*args, **kwargs):
+    """The run's report, also when every row failed (the run then ends Failed)."""
+    return summary_of(_score_state(*args, **kwargs))
+
+
+def _score_state(
     workspace_block,
     ledger_block,
     tmp_path,
@@ -44,6 +50,7 @@ def _score(
         ledger_block=ledger_block,
         output_dir=str(tmp_path),
         breaker_block=breaker or f"b-{uuid.uuid4().hex[:8]}",
+        return_state=True,
     )
 
 
@@ -78,7 +85,10 @@ def test_batch_and_sequential_give_the_same_verdicts(sb, workspace_block, tmp_pa
 
 def test_rerun_asks_genie_nothing_it_already_answered(sb, workspace_block, ledger_block, tmp_path):
     sb.set_faults("genie", script=["500"] * 3)  # three questions fail for good in run one (no retries)
-    first = _score(workspace_block, ledger_block, tmp_path, genie_retry_attempts=0)
+    state = _score_state(workspace_block, ledger_block, tmp_path, genie_retry_attempts=0)
+    # a partial run completes, saying what failed; per-row log lines name the benchmark
+    assert state.is_completed() and state.message == "27/32 judged, 5 failed: genie_error 3, sql_error 2", state
+    first = summary_of(state)
     failed = {r["question"] for r in first["rows"] if r["verdict"] == "genie_error"}
     assert len(failed) == 3
     sb.reset()
@@ -115,9 +125,9 @@ def test_breaker_opens_falls_back_and_recovers(sb, workspace_block, ledger_block
     assert sb.stats()["genie"]["calls"] == 32  # 5 failures, then 27 answered (in batch and fallback)
 
 
-def test_service_down_gives_partial_results_and_completes(sb, workspace_block, ledger_block, tmp_path):
+def test_service_down_records_every_row_and_fails_the_run(sb, workspace_block, ledger_block, tmp_path):
     sb.set_faults("genie", down=True, retry_after_s=0)
-    result = _score(
+    state = _score_state(
         workspace_block,
         ledger_block,
         tmp_path,
@@ -126,6 +136,10 @@ def test_service_down_gives_partial_results_and_completes(sb, workspace_block, l
         genie_circuit_cooldown=0.6,
         fallback_max_wait=1,
     )
+    # nothing judged: the run is Failed, its message says why, and its report still has every row
+    assert state.is_failed(), state
+    assert state.message == "0/32 judged, 32 failed: genie_error 32", state
+    result = summary_of(state)
     assert result["verdicts"]["genie_error"] == 32
     kinds = {f["error_kind"] for f in result["failures"]}
     assert kinds == {"rate_limited", "circuit_open"}

@@ -122,8 +122,8 @@ def test_a_signal_stops_calls_writes_the_report_and_frees_slots(sb, prefect_serv
     interrupted = report[report["error_kind"] == "interrupted"]
     assert len(interrupted) >= 32 - asked - 3  # the questions not asked, and the SQL of those answered
     assert set(interrupted["verdict"]) <= {"genie_error", "sql_error"}
-    assert _active_slots(prefect_server, "batchflows-genie") == 0
-    assert _active_slots(prefect_server, "batchflows-sql") == 0
+    assert _active_slots(prefect_server, "batchflows-genie-local-sandbox") == 0
+    assert _active_slots(prefect_server, "batchflows-sql-local-sandbox") == 0
 
 
 def _children(pid: int) -> list[int]:

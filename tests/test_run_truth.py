@@ -1,0 +1,170 @@
+"""What a Prefect user sees of a run is true: the settings it used, its name, tags and final state, the breaker
+block (per workspace, reset from the UI, its own configuration, an event per transition) and shared limits
+that a run does not overwrite. Against the sandbox and a real Prefect API server."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from importlib import resources
+from typing import Any
+
+import pytest
+
+from blocks.breaker import CircuitBreaker
+from blocks.settings import PRESETS, ScoreOverrides, ScoreSettings, field_title, resolve_score_settings
+from flows.analyse import AnalyseSettings
+from flows.embed import EmbedSettings
+from flows.enrich import EnrichSettings
+from flows.improve import ImproveSettings
+from flows.phase import summary_of
+from flows.score import score
+from tasks import limits
+
+BENCHMARKS = str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
+FAST = {
+    "genie_rpm": 0,
+    "genie_poll_initial": 0.05,
+    "genie_poll_max": 0.2,
+    "genie_retry_delay": 0.05,
+    "fallback_delay": 0.05,
+}
+
+
+def test_preset_first_then_only_the_fields_set_for_the_run() -> None:
+    # the form's shape: every field present, the untouched ones empty
+    form = {name: None for name in ScoreOverrides.model_fields} | {"genie_rpm": 0}
+    settings, changed = resolve_score_settings("aggressive", form)
+    assert changed == {"genie_rpm": 0}
+    assert settings.genie_rpm == 0
+    assert settings.genie_max_concurrent == PRESETS["aggressive"]["genie_max_concurrent"] == 10
+    assert settings.genie_timeout == 300  # the preset's, not the default's 600
+    # a full settings object (code, a rerun) sets every field: the preset is overridden throughout
+    assert resolve_score_settings("aggressive", ScoreSettings())[0] == ScoreSettings()
+    with pytest.raises(ValueError, match="genie_max_concurrent"):
+        resolve_score_settings("default", {"genie_max_concurrent": 0})
+    with pytest.raises(ValueError, match="nonsense"):
+        resolve_score_settings("default", {"nonsense": 1})
+
+
+@pytest.mark.parametrize(
+    "model", [ScoreSettings, ScoreOverrides, ImproveSettings, EnrichSettings, EmbedSettings, AnalyseSettings]
+)
+def test_every_form_field_has_a_plain_label_and_a_description(model: Any) -> None:
+    properties = model.model_json_schema()["properties"]
+    for name, schema in properties.items():
+        assert schema.get("description"), f"{model.__name__}.{name} has no description"
+        title = schema["title"]
+        assert not any(word in title.split() for word in ("Sql", "Rpm", "S", "Usd")), f"{name}: {title}"
+    assert field_title("sql_max_concurrent") == "SQL max concurrent"
+    assert field_title("cooldown_s") == "Cooldown (s)"
+
+
+def test_breaker_set_closed_in_the_ui_starts_from_zero_failures(prefect_api: None) -> None:
+    name = f"b-{uuid.uuid4().hex[:8]}"
+    breaker = CircuitBreaker.load_or_create(name, new=(5, 600))
+    for _ in range(5):
+        breaker.record_failure()
+    assert breaker.state == "OPEN"
+    # what the block page's edit does: State set to CLOSED, Consecutive Failures left as they were
+    saved: Any = CircuitBreaker.load(name)
+    saved.state = "CLOSED"
+    saved.save(name, overwrite=True)
+    again = CircuitBreaker.load_or_create(name)
+    assert (again.state, again.consecutive_failures) == ("CLOSED", 0)
+    again.record_failure()
+    assert again.state == "CLOSED"  # one failure does not reopen it
+
+
+def test_breaker_block_configuration_holds_unless_a_run_sets_it(prefect_api: None) -> None:
+    name = f"b-{uuid.uuid4().hex[:8]}"
+    CircuitBreaker.load_or_create(name, new=(5, 60))
+    edited: Any = CircuitBreaker.load(name)
+    edited.failure_threshold, edited.cooldown_s = 9, 30  # edited in the UI
+    edited.save(name, overwrite=True)
+    kept = CircuitBreaker.load_or_create(name, new=(5, 60))  # a run with the default settings
+    assert (kept.failure_threshold, kept.cooldown_s) == (9, 30)
+    told = CircuitBreaker.load_or_create(name, 3, None, new=(5, 60))  # a run that sets the threshold
+    assert (told.failure_threshold, told.cooldown_s) == (3, 30)
+
+
+def test_breaker_transitions_are_prefect_events(prefect_api: None) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.worker import EventsWorker
+
+    name = f"b-{uuid.uuid4().hex[:8]}"
+    breaker = CircuitBreaker.load_or_create(name, new=(2, 0))
+    breaker.record_failure()
+    breaker.record_failure()  # OPEN
+    assert breaker.current_state() == "HALF_OPEN"  # cooldown 0
+    breaker.record_success()  # CLOSED
+    EventsWorker.drain_all(timeout=30)
+    wanted = sorted(f"batchflows.circuit-breaker.{s}" for s in ("open", "half-open", "closed"))
+    found: list[str] = []
+    deadline = time.monotonic() + 30
+    while found != wanted and time.monotonic() < deadline:  # the server stores events a moment after receipt
+        time.sleep(0.5)
+        with get_client(sync_client=True) as client:
+            page = client.read_events(
+                filter=EventFilter(
+                    event=EventNameFilter(prefix=["batchflows.circuit-breaker."]),
+                    resource=EventResourceFilter(id=[f"batchflows.circuit-breaker.{name}"]),
+                ),
+                limit=50,
+            )
+        found = sorted(e.event for e in page.events)
+    assert found == wanted
+
+
+def test_a_run_keeps_the_shared_limit_and_says_so(prefect_api: None, caplog: pytest.LogCaptureFixture) -> None:
+    service = f"t-{uuid.uuid4().hex[:6]}"
+    assert limits.ensure_service_limits(service, 3, rpm=30)[0] == 3  # the first run creates them
+    with caplog.at_level(logging.WARNING):
+        allowed, rate = limits.ensure_service_limits(service, 10, rpm=120)  # a later run wants more
+    assert allowed == 3 and rate is not None and rate.per_minute == pytest.approx(30)
+    assert "this run asked for 10 at once and uses 3 at once" in caplog.text
+    assert "this run asked for 120 calls a minute and uses 30 calls a minute" in caplog.text
+    limits.ensure_limit(limits.limit_name(service), 5, change=True)  # `batchflows limits --set NAME=5`
+    assert limits.ensure_service_limits(service, 3)[0] == 5
+
+
+def test_run_name_tags_state_and_settings_log_of_a_scoring_run(
+    sb: Any, workspace_block: str, ledger_block: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from prefect import tags
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    sb.set_faults("genie", script=["503"] * 2, retry_after_s=0)  # two questions fail, the breaker opens at 2
+    with caplog.at_level(logging.INFO), tags("batchflows"):
+        state = score(
+            BENCHMARKS,
+            "retail",
+            "sandbox-warehouse",
+            {**FAST, "genie_retry_attempts": 0, "genie_circuit_threshold": 2, "genie_circuit_cooldown": 0.2},
+            preset="aggressive",
+            sequential=True,  # the two failures come in a row: the breaker opens, the fallback subflow runs
+            workspace_block=workspace_block,
+            ledger_block=ledger_block,
+            output_dir=str(tmp_path),
+            return_state=True,
+        )
+    summary = summary_of(state)
+    assert state.is_completed() and state.message == "28/32 judged, 4 failed: genie_error 2, sql_error 2", state
+    assert summary["settings"]["genie_max_concurrent"] == 10  # the preset's
+    assert summary["settings_source"]["changed"]["genie_circuit_threshold"] == 2
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Settings: "))  # logged once
+    assert line.startswith("Settings: preset aggressive, changed for this run: genie_retry_attempts=0, ")
+    assert '"genie_max_concurrent":10,' in line and '"genie_rpm":0.0,' in line
+    assert "[q" in caplog.text and "] ❌ rate_limited" in caplog.text  # per-row lines name the benchmark
+    breaker: Any = CircuitBreaker.load("genie-breaker-local-sandbox")  # one per service and workspace
+    assert breaker.failure_threshold == 2
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))
+        )
+    assert run.name.startswith("score-retail-20"), run.name
+    assert children and all("batchflows" in child.tags for child in children)  # the sequential fallback
