@@ -39,7 +39,9 @@ class CircuitBreaker(Block):
     _description = "Stops a job from hammering a failing service; open sends the rest to a sequential fallback."
 
     failure_threshold: int = Field(5, ge=1, description="consecutive failures that open the circuit")
-    cooldown_s: float = Field(60, ge=0, description="seconds OPEN before a probe is allowed (HALF_OPEN)")
+    cooldown_s: float = Field(
+        60, ge=0, title="Cooldown (s)", description="seconds OPEN before a probe is allowed (HALF_OPEN)"
+    )
     state: State = Field("CLOSED", description="CLOSED, OPEN or HALF_OPEN; set CLOSED to reset")
     consecutive_failures: int = Field(0, ge=0)
     opened_at: float | None = Field(None, description="epoch seconds when the circuit last opened")

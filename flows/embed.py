@@ -164,7 +164,8 @@ def embed(
     )
     stored = store.upsert(settings.endpoint, docs, result.values)
     summary = _finish(docs, errors, result, plan, stored, store.path, started, output_dir)
-    return rows_state(summary, summary["total"], (f["error_kind"] for f in summary["failures"]), "embedded")  # type: ignore[return-value]  # Prefect ends the run in this state and returns its data
+    total = summary["successful"] + len(summary["failures"])  # every item succeeded or has a failure record
+    return rows_state(summary, total, (f["error_kind"] for f in summary["failures"]), "embedded")  # type: ignore[return-value]  # Prefect ends the run in this state and returns its data
 
 
 def _seed_counts(kind: str, counts: dict[str, Any]) -> dict[str, int]:

@@ -109,9 +109,10 @@ def score(
         changed.get("genie_circuit_cooldown"),
         new=(settings.genie_circuit_threshold, settings.genie_circuit_cooldown),
     )
+    pace = f"{settings.genie_rpm:g} a minute" if settings.genie_rpm else "no rate limit"
     log.info(
-        f"Phase 1 (Genie): {len(items)} questions, {settings.genie_max_concurrent} at a time, "
-        f"{settings.genie_rpm:g} a minute, {settings.genie_retry_attempts} retries; circuit breaker {breaker_block} "
+        f"Phase 1 (Genie): {len(items)} questions, {settings.genie_max_concurrent} at a time, {pace}, "
+        f"{settings.genie_retry_attempts} retries; circuit breaker {breaker_block} "
         f"{breaker.current_state()} (opens after {breaker.failure_threshold} failures in a row)"
         f"{'; sequential' if sequential else ''}"
     )

@@ -75,9 +75,9 @@ def ensure_limit(name: str, limit: int, slot_decay_per_second: float = 0.0, chan
             have = (existing.limit, existing.slot_decay_per_second)
             if not math.isclose(have[1], slot_decay_per_second) or have[0] != limit:
                 run_logger().warning(
-                    f"{name} is set to {_describe(*have)}; this run asked for {_describe(limit, slot_decay_per_second)}"
-                    f" and uses {_describe(*have)} (change it with `batchflows limits --set {name}=VALUE` or on "
-                    "the Prefect UI's Concurrency page)"
+                    f"{name}, shared by every run, stays at {_describe(*have)}; this run's settings ask for "
+                    f"{_describe(limit, slot_decay_per_second)} (change the limit with `batchflows limits --set "
+                    f"{name}=VALUE` or on the Prefect UI's Concurrency page)"
                 )
             limit, slot_decay_per_second = have
         if update:

@@ -233,6 +233,8 @@ def _run_one(
     while True:
         if (stopped := stop.outcome(row, attempt, started)) is not None:
             return stopped
+        if breaker is not None and breaker.current_state() == "OPEN":  # no rate slot spent on a row not sent
+            return _deferred(row, attempt)
         if lane.rate_limit is not None:
             lane.rate_limit()
         error: BatchflowsError | None = None
@@ -241,13 +243,7 @@ def _run_one(
                 return stopped
             # checked once the slot is ours: calls queued behind the one that opened the circuit must not go
             if breaker is not None and not breaker.allow():
-                return RowOutcome(
-                    row.key,
-                    "deferred",
-                    attempts=attempt,
-                    error_kind="circuit_open",
-                    message="circuit breaker open: left for the sequential fallback",
-                )
+                return _deferred(row, attempt)
             attempt += 1
             t0 = time.monotonic()
             try:
@@ -284,3 +280,13 @@ def _run_one(
                 latency_s=time.monotonic() - started,
             )
         sleep(delay)
+
+
+def _deferred(row: Row, attempts: int) -> RowOutcome:
+    return RowOutcome(
+        row.key,
+        "deferred",
+        attempts=attempts,
+        error_kind="circuit_open",
+        message="circuit breaker open: left for the sequential fallback",
+    )

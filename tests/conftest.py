@@ -21,6 +21,23 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_limits(request: pytest.FixtureRequest) -> None:
+    """Each test that talks to Prefect starts like a new team set-up: no global limits of ours yet (a run never
+    changes an existing limit, so a test's concurrency would otherwise be whatever an earlier test set)."""
+    if "prefect_api" not in request.fixturenames:
+        return
+    request.getfixturevalue("prefect_api")
+    from prefect.client.orchestration import get_client
+
+    from tasks.limits import PREFIX
+
+    with get_client(sync_client=True) as client:
+        for found in client.read_global_concurrency_limits(limit=200):
+            if found.name.startswith(PREFIX):
+                client.delete_global_concurrency_limit_by_name(found.name)
+
+
 @pytest.fixture(scope="session")
 def sandbox_server() -> Iterator[object]:
     from sandbox import Sandbox

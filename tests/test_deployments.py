@@ -192,7 +192,7 @@ def test_scheduled_and_ad_hoc_runs_on_a_work_pool_then_rerun_of_failed_rows(
         assert {("scorecard-rows", "table"), ("scorecard-summary", "markdown"), ("score-trend", "markdown")} <= kinds
         markdown = str(next(a.data for a in artifacts if a.key == "scorecard-summary"))
         assert "rerun-failed/rerun-failed" in markdown and str(adhoc.id) in markdown
-        breaker: Any = CircuitBreaker.load("genie-breaker")
+        breaker: Any = CircuitBreaker.load("genie-breaker-local-sandbox")  # one per service and workspace
         assert breaker.current_state() == "CLOSED"
 
         # the failed-rows rerun from its deployment, given the run id: exactly 3 Genie calls, none left failed
@@ -279,3 +279,128 @@ def test_two_workers_on_one_pool_share_the_global_limit(server: PrefectServer, s
     assert stats["max_in_flight"] <= 3, stats
     taken = [(server.home / f"{w}.log").read_text().count("submitted to infrastructure") for w in ("w1", "w2")]
     assert sum(taken) == 4 and min(taken) >= 1, taken  # both workers ran some of the four
+
+
+@contextlib.contextmanager
+def _browser() -> Iterator[Any]:
+    """A page of headless Debian chromium driven by Playwright (which cannot download its own browsers here)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium here (apt-get install chromium) for the UI check")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            yield browser.new_page(viewport={"width": 1400, "height": 1600})
+        finally:
+            browser.close()
+
+
+def _choose(page: Any, label: str, option: str) -> None:
+    """Pick `option` in the form's select labelled `label` (Prefect's select opens on the arrow key)."""
+    field = page.locator(".schema-form-property", has=page.locator("label", has_text=label)).last
+    field.locator("button.p-select-button__control").focus()
+    page.keyboard.press("ArrowDown")
+    page.locator(".p-select-option", has_text=option).first.click()
+
+
+def _logs(client: Any, run_id: Any, wanted: str, timeout_s: float = 30) -> str:
+    """The run's log, once it holds `wanted` (a run's logs reach the server a moment after its final state)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
+        text = "\n".join(log.message for log in found)
+        if wanted in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
+def test_the_ui_tells_the_truth_about_a_run(server: PrefectServer, sb: Any, tmp_path: Path) -> None:
+    """In the Prefect UI: the score form's preset is the run's settings, a run with every row failed shows Failed
+    with its message, and a breaker set CLOSED on its block page lets the next run start CLOSED."""
+    if server.database_url is not None:
+        pytest.skip("the UI is the same on either database: checked on SQLite")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    from blocks.workspace import DatabricksWorkspace
+
+    pool = f"ui-{uuid.uuid4().hex[:6]}"
+    with _api(server):
+        DatabricksWorkspace(host=sb.host, token=sb.token).save("e2e-sandbox", overwrite=True)
+    _deploy(
+        server,
+        tmp_path,
+        pool,
+        _subset(tmp_path, 6),
+        "--score-set",
+        "genie_rpm=0",
+        "--score-set",
+        "genie_poll_initial=0.1",
+    )
+    sb.reset()
+    home = {"BATCHFLOWS_HOME": str(tmp_path / "home")}
+    with (
+        _browser() as page,
+        Worker(server, pool, env=home, query_s=1),
+        _api(server),
+        get_client(sync_client=True) as client,
+    ):
+        deployment = client.read_deployment_by_name("score-genie-space/score")
+
+        # 1. the run form: preset "aggressive" with the deployment's own settings; the run uses both and says so
+        page.goto(f"{server.url}/deployments/deployment/{deployment.id}/run", wait_until="networkidle")
+        _choose(page, "preset (Optional)", "aggressive")
+        page.get_by_role("button", name="Submit").click()
+        runs: list[Any] = []
+        deadline = time.monotonic() + 60
+        while not runs and time.monotonic() < deadline:
+            time.sleep(0.5)
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]))
+            )
+        assert runs, "the form created no run"
+        run = _wait(client, runs[0].id)
+        assert run.state.type.value == "COMPLETED", run.state
+        assert run.name.startswith("score-retail-20"), run.name
+        wanted = "Settings: preset aggressive, changed for this run: genie_rpm=0.0, genie_poll_initial=0.1;"
+        logs = _logs(client, run.id, wanted)
+        assert wanted in logs
+        assert '"genie_max_concurrent":10,' in logs and '"genie_timeout":300.0,' in logs
+
+        # 2. Genie down: no row can be judged, and the run page shows Failed with the run's message
+        sb.set_faults("genie", down=True, retry_after_s=0)
+        down = {"genie_rpm": 0, "genie_retry_attempts": 0, "genie_circuit_threshold": 3, "genie_circuit_cooldown": 600}
+        failed = _wait(
+            client,
+            client.create_flow_run_from_deployment(
+                deployment.id, parameters={"fresh": True, "settings": down | {"fallback_max_wait": 1}}
+            ).id,
+        )
+        assert failed.state.type.value == "FAILED", failed.state
+        assert failed.state.message == "0/6 judged, 6 failed: genie_error 6"
+        page.goto(f"{server.url}/runs/flow-run/{failed.id}", wait_until="networkidle")
+        page.get_by_text("0/6 judged, 6 failed: genie_error 6").first.wait_for(timeout=15_000)
+        assert page.locator(".state-badge", has_text="Failed").count() >= 1
+        # (blocks are read through the client: next to Playwright's event loop, Block.load is a coroutine)
+        block = client.read_block_document_by_name("genie-breaker-local-sandbox", "batchflows-circuit-breaker")
+        assert (block.data["state"], block.data["consecutive_failures"]) == ("OPEN", 3)
+
+        # 3. set CLOSED on the breaker's block page: the next run starts CLOSED and completes
+        page.goto(f"{server.url}/blocks/block/{block.id}/edit", wait_until="networkidle")
+        _choose(page, "State (Optional)", "CLOSED")
+        page.get_by_role("button", name="Save").click()
+        page.wait_for_url(f"**/blocks/block/{block.id}", timeout=15_000)
+        sb.reset()
+        healed = _wait(
+            client,
+            client.create_flow_run_from_deployment(deployment.id, parameters={"fresh": True, "settings": down}).id,
+        )
+        assert healed.state.type.value == "COMPLETED", healed.state
+        wanted = "circuit breaker genie-breaker-local-sandbox CLOSED (opens after 3 failures"
+        assert wanted in _logs(client, healed.id, wanted)
+        block = client.read_block_document_by_name("genie-breaker-local-sandbox", "batchflows-circuit-breaker")
+        assert block.data["consecutive_failures"] == 0

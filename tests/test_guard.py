@@ -12,6 +12,7 @@ import pytest
 
 from blocks.settings import score_settings
 from blocks.workspace import DatabricksWorkspace
+from flows.phase import summary_of
 from flows.score import score
 from sandbox import Sandbox
 from tasks.benchmarks import Benchmark, BenchmarkFileError, load_benchmarks
@@ -65,7 +66,7 @@ def test_expected_sql_goes_through_the_guard(workspace_block, ledger_block, tmp_
                 id="drop", question=first.question, expected_sql="SELECT COUNT(*) FROM orders; DROP TABLE customers"
             ),
         ]
-        result = score(
+        state = score(
             items,
             "retail",
             "sandbox-warehouse",
@@ -74,11 +75,13 @@ def test_expected_sql_goes_through_the_guard(workspace_block, ledger_block, tmp_
             ledger_block=ledger_block,
             output_dir=str(tmp_path),
             breaker_block=f"b-{uuid.uuid4().hex[:8]}",
+            return_state=True,
         )
         ran = [r["statement"] for r in writable.requests("sql")]
         assert run_sql(client, "sandbox-warehouse", count, 10)["rows"] == before
         assert run_sql(client, "sandbox-warehouse", "SELECT COUNT(*) AS n FROM customers", 10)["rows"][0][0] > 0
-    rows = {r["id"]: r for r in result["rows"]}
+    assert state.is_failed() and state.message == "0/2 judged, 2 failed: sql_error 2"  # nothing could be judged
+    rows = {r["id"]: r for r in summary_of(state)["rows"]}
     assert {r["verdict"] for r in rows.values()} == {"sql_error"}
     assert {r["error_kind"] for r in rows.values()} == {"expected_not_read_only"}
     assert "DELETE statement" in rows["del"]["reason"] and "2 statements" in rows["drop"]["reason"]

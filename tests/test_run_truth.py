@@ -124,8 +124,8 @@ def test_a_run_keeps_the_shared_limit_and_says_so(prefect_api: None, caplog: pyt
     with caplog.at_level(logging.WARNING):
         allowed, rate = limits.ensure_service_limits(service, 10, rpm=120)  # a later run wants more
     assert allowed == 3 and rate is not None and rate.per_minute == pytest.approx(30)
-    assert "this run asked for 10 at once and uses 3 at once" in caplog.text
-    assert "this run asked for 120 calls a minute and uses 30 calls a minute" in caplog.text
+    assert "stays at 3 at once; this run's settings ask for 10 at once" in caplog.text
+    assert "stays at 30 calls a minute; this run's settings ask for 120 calls a minute" in caplog.text
     limits.ensure_limit(limits.limit_name(service), 5, change=True)  # `batchflows limits --set NAME=5`
     assert limits.ensure_service_limits(service, 3)[0] == 5
 
@@ -162,6 +162,7 @@ def test_run_name_tags_state_and_settings_log_of_a_scoring_run(
     breaker: Any = CircuitBreaker.load("genie-breaker-local-sandbox")  # one per service and workspace
     assert breaker.failure_threshold == 2
     with get_client(sync_client=True) as client:
+        assert state.state_details.flow_run_id is not None
         run = client.read_flow_run(state.state_details.flow_run_id)
         children = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from blocks.settings import score_settings
-from flows.rerun import SAME_WITHOUT_FRESH
 from flows.phase import summary_of
+from flows.rerun import SAME_WITHOUT_FRESH
 from flows.score import score
 from tasks.benchmarks import Benchmark, BenchmarkFileError, load_benchmarks
 
