@@ -7,6 +7,7 @@ A job's phase is a few lines: build `Row`s and a `call`, then `run_phase(...)`.
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ from blocks.workspace import DatabricksWorkspace
 from tasks import progress, stopping
 from tasks.inputs import InputError
 from tasks.limits import RateLimit, ensure_service_limits, hold, scoped
-from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, Stop, lane, run_logger, run_rows
+from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, Stop, attempt_row, lane, run_logger, run_rows
 
 TAGS = ("batchflows",)  # on every run of ours, subflows and runs started from a terminal included
 
@@ -92,6 +93,7 @@ class PhaseSpec:
     fallback_delay_s: float = 1.0
     fallback_max_wait_s: float = 180.0
     sequential: bool = False
+    task_per_row: bool = False  # one Prefect task per row, named by it: for few, slow calls (Genie questions)
     workspace: str = ""  # the workspace's slug: each workspace's service has its own limits
     stop: Stop = field(default_factory=Stop)  # run_phase gives each run its own
 
@@ -128,6 +130,54 @@ def run_chunk(
         "succeeded",
         f"; {deferred} left for the sequential fallback" if deferred else "",
     )
+
+
+class RetryRow(Exception):
+    """Raised by a row's task to have Prefect run it again (after the backoff the task already waited)."""
+
+
+@task(task_run_name="{phase}-{label}", cache_policy=NO_CACHE, persist_result=False)
+def run_row(
+    row: Row,
+    call: Callable[[Any], Any],
+    phase: str,
+    label: str,
+    spec: PhaseSpec,
+    rate_limit: RateLimit | None,
+    cached: RowOutcome | None = None,
+) -> State:
+    """One row as its own Prefect task: an attempt per task run, so Prefect's retries show each one in the UI.
+
+    A transient failure waits the policy's backoff (jitter, Retry-After) and raises `RetryRow`; the task's
+    `retries` (the policy's) run it again. The last failure, or a permanent one, ends the task Failed with the
+    row's failed outcome as its data: a failure is data, never lost. A row from an earlier run is Cached.
+    """
+    if cached is not None:
+        return Completed(name="Cached", message="answered in an earlier run (row ledger)", data=cached)
+    from prefect.runtime import task_run
+
+    attempt = task_run.run_count
+    outcome, delay = attempt_row(
+        row,
+        call,
+        lane(spec.limits, spec.concurrency, rate_limit),
+        spec.policy,
+        run_logger(),
+        spec.breaker,
+        spec.cache,
+        spec.stop,
+        attempt,
+        time.monotonic(),
+    )
+    if outcome is None:
+        stopping.sleep(delay)
+        raise RetryRow(f"{label}: attempt {attempt} failed; Prefect retries it after {delay:.3g}s of backoff")
+    _progress_of(spec.name)(outcome)
+    if outcome.status == "failed":
+        return Failed(message=f"{outcome.error_kind}: {outcome.message}", data=outcome)
+    if outcome.status == "deferred":
+        return Completed(message="circuit open: left for the sequential fallback", data=outcome)
+    return Completed(message=f"answered (attempt {attempt})", data=outcome)
 
 
 def _progress_of(phase: str) -> Callable[[RowOutcome], None]:
@@ -172,6 +222,8 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
     if outcomes:
         progress.advanced(spec.name, len(outcomes))
         log.info(f"{spec.name}: {len(outcomes)}/{len(rows)} rows from cache, {len(pending)} to call")
+    if spec.task_per_row and not spec.sequential:
+        return _run_per_row(spec, rows, outcomes, call)
     if not pending:
         return outcomes
     allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
@@ -191,9 +243,43 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
             future.wait()
         results = [outcome for future in futures for outcome in summary_of(future.state)]
     outcomes.update((o.key, o) for o in results)
-    deferred = [r for r in pending if outcomes[r.key].status == "deferred"]
+    return _fallback(spec, pending, outcomes, call, rate_limit)
+
+
+def _run_per_row(
+    spec: PhaseSpec, rows: Sequence[Row], cached: dict[str, RowOutcome], call: Callable[[Any], Any]
+) -> dict[str, RowOutcome]:
+    """`run_phase` with a Prefect task per row (cached rows too, shown Cached), then the fallback."""
+    allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
+    spec = replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed))
+    outcomes = dict(cached)
+    with hold(spec.limits, occupy=spec.concurrency):
+        futures = run_row.with_options(retries=spec.policy.retries).map(
+            list(rows),
+            unmapped(call),
+            unmapped(spec.name),
+            [row.name for row in rows],
+            unmapped(spec),
+            unmapped(rate_limit),
+            [cached.get(row.key) for row in rows],
+        )
+        for future in futures:
+            future.wait()
+        outcomes.update((o.key, o) for o in (summary_of(f.state) for f in futures))
+    return _fallback(spec, rows, outcomes, call, rate_limit)
+
+
+def _fallback(
+    spec: PhaseSpec,
+    rows: Sequence[Row],
+    outcomes: dict[str, RowOutcome],
+    call: Callable[[Any], Any],
+    rate_limit: RateLimit | None,
+) -> dict[str, RowOutcome]:
+    """The outcomes, with the rows the breaker deferred settled by the sequential fallback subflow."""
+    deferred = [r for r in rows if outcomes[r.key].status == "deferred"]
     if deferred:
-        log.warning(f"Circuit breaker OPEN - falling back to sequential mode for {len(deferred)} rows")
+        run_logger().warning(f"Circuit breaker OPEN - falling back to sequential mode for {len(deferred)} rows")
         with tags(*TAGS):
             outcomes.update(sequential_fallback(spec, deferred, call, rate_limit))
     return outcomes

@@ -136,6 +136,7 @@ def score(
         fallback_delay_s=settings.fallback_delay,
         fallback_max_wait_s=settings.fallback_max_wait,
         sequential=sequential,
+        task_per_row=True,  # a few questions a minute: each one a task the UI shows, retried and cached
         workspace=scope,
     )
     asks = [

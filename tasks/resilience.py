@@ -231,55 +231,75 @@ def _run_one(
 ) -> RowOutcome:
     attempt, started = 0, time.monotonic()
     while True:
-        if (stopped := stop.outcome(row, attempt, started)) is not None:
-            return stopped
-        if breaker is not None and breaker.current_state() == "OPEN":  # no rate slot spent on a row not sent
-            return _deferred(row, attempt)
-        if lane.rate_limit is not None:
-            lane.rate_limit()
-        error: BatchflowsError | None = None
-        with lane:
-            if (stopped := stop.outcome(row, attempt, started)) is not None:  # stopped while this row queued
-                return stopped
-            # checked once the slot is ours: calls queued behind the one that opened the circuit must not go
-            if breaker is not None and not breaker.allow():
-                return _deferred(row, attempt)
-            attempt += 1
-            t0 = time.monotonic()
-            try:
-                value = call(row.payload)
-            except Exception as exc:
-                error = classify(exc)
-        elapsed = time.monotonic() - t0
-        if error is None:
-            if breaker is not None:
-                breaker.record_success()
-            if cache is not None:
-                cache.ledger.put(cache.step, cache.version, row.key, value)
-            log.debug(f"[{row.name}] ✅ Success in {elapsed:.1f}s (attempt {attempt})")
-            return RowOutcome(row.key, "ok", value, attempts=attempt, latency_s=time.monotonic() - started)
-        permanent = isinstance(error, PermanentError)
-        if stop.trip(error):
-            log.error(f"{lane.name}: stopped by {error.kind}: {error}; its rows not yet called are recorded as failed")
-        if breaker is not None:
-            breaker.record_success() if permanent else breaker.record_failure()
-        last = permanent or attempt > policy.retries
-        delay = 0.0 if last else policy.delay(attempt, error.retry_after_s if isinstance(error, RateLimited) else None)
-        what = (
-            f"⏱️ Timeout after {error.timeout_s:g}s" if isinstance(error, CallTimeout) else f"❌ {error.kind}: {error}"
-        )
-        then = "recorded as failed" if last else f"retrying in {delay:.3g}s"
-        log.warning(f"[{row.name}] {what} (attempt {attempt}); {then}")
-        if last:
-            return RowOutcome(
-                row.key,
-                "failed",
-                error_kind=error.kind,
-                message=str(error),
-                attempts=attempt,
-                latency_s=time.monotonic() - started,
-            )
+        attempt += 1
+        outcome, delay = attempt_row(row, call, lane, policy, log, breaker, cache, stop, attempt, started)
+        if outcome is not None:
+            return outcome
         sleep(delay)
+
+
+def attempt_row(
+    row: Row,
+    call: Callable[[Any], Any],
+    lane: Lane,
+    policy: RetryPolicy,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    breaker: CircuitBreaker | None,
+    cache: Cache | None,
+    stop: Stop,
+    attempt: int,
+    started: float,
+) -> tuple[RowOutcome | None, float]:
+    """Attempt number `attempt` (1-based) of a row's call: (its outcome, 0) when the row is settled (ok, failed,
+    deferred by an open circuit, or stopped), or (None, seconds to wait) when a retry is due."""
+    if (stopped := stop.outcome(row, attempt - 1, started)) is not None:
+        return stopped, 0.0
+    if breaker is not None and breaker.current_state() == "OPEN":  # no rate slot spent on a row not sent
+        return _deferred(row, attempt - 1), 0.0
+    if lane.rate_limit is not None:
+        lane.rate_limit()
+    error: BatchflowsError | None = None
+    with lane:
+        if (stopped := stop.outcome(row, attempt - 1, started)) is not None:  # stopped while this row queued
+            return stopped, 0.0
+        # checked once the slot is ours: calls queued behind the one that opened the circuit must not go
+        if breaker is not None and not breaker.allow():
+            return _deferred(row, attempt - 1), 0.0
+        t0 = time.monotonic()
+        try:
+            value = call(row.payload)
+        except Exception as exc:
+            error = classify(exc)
+    elapsed = time.monotonic() - t0
+    if error is None:
+        if breaker is not None:
+            breaker.record_success()
+        if cache is not None:
+            cache.ledger.put(cache.step, cache.version, row.key, value)
+        log.debug(f"[{row.name}] ✅ Success in {elapsed:.1f}s (attempt {attempt})")
+        return RowOutcome(row.key, "ok", value, attempts=attempt, latency_s=time.monotonic() - started), 0.0
+    permanent = isinstance(error, PermanentError)
+    if stop.trip(error):
+        log.error(f"{lane.name}: stopped by {error.kind}: {error}; its rows not yet called are recorded as failed")
+    if breaker is not None:
+        breaker.record_success() if permanent else breaker.record_failure()
+    last = permanent or attempt > policy.retries
+    delay = 0.0 if last else policy.delay(attempt, error.retry_after_s if isinstance(error, RateLimited) else None)
+    what = f"⏱️ Timeout after {error.timeout_s:g}s" if isinstance(error, CallTimeout) else f"❌ {error.kind}: {error}"
+    log.warning(
+        f"[{row.name}] {what} (attempt {attempt}); {'recorded as failed' if last else f'retrying in {delay:.3g}s'}"
+    )
+    if not last:
+        return None, delay
+    failed = RowOutcome(
+        row.key,
+        "failed",
+        error_kind=error.kind,
+        message=str(error),
+        attempts=attempt,
+        latency_s=time.monotonic() - started,
+    )
+    return failed, 0.0
 
 
 def _deferred(row: Row, attempts: int) -> RowOutcome:

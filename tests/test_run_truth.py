@@ -169,3 +169,42 @@ def test_run_name_tags_state_and_settings_log_of_a_scoring_run(
         )
     assert run.name.startswith("score-retail-20"), run.name
     assert children and all("batchflows" in child.tags for child in children)  # the sequential fallback
+
+
+def test_each_genie_question_is_a_task_retried_by_prefect_and_cached_on_rerun(
+    sb: Any, workspace_block: str, ledger_block: str, tmp_path: Any
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tasks.benchmarks import load_benchmarks
+
+    items = load_benchmarks(BENCHMARKS)[:4]
+    sb.set_faults("genie", script=["500"])  # the first question asked fails once, then is answered
+
+    def run() -> dict[str, Any]:
+        state = score(
+            items,
+            "retail",
+            "sandbox-warehouse",
+            {**FAST, "genie_retry_attempts": 1},
+            workspace_block=workspace_block,
+            ledger_block=ledger_block,
+            output_dir=str(tmp_path),
+            breaker_block=f"b-{uuid.uuid4().hex[:8]}",
+            return_state=True,
+        )
+        assert state.state_details.flow_run_id is not None
+        with get_client(sync_client=True) as client:
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+        return {t.name: t for t in tasks if t.name.startswith("genie-")}
+
+    first = run()
+    assert sorted(first) == [f"genie-{b.id}" for b in items]  # one task per question, named by its benchmark
+    assert sorted(t.run_count for t in first.values()) == [1, 1, 1, 2]  # Prefect ran the failed one again
+    assert {t.state.name for t in first.values() if t.state} == {"Completed"}
+    again = run()
+    assert {t.state.name for t in again.values() if t.state} == {"Cached"}
+    assert sb.stats()["genie"]["calls"] == 5
