@@ -1,0 +1,3 @@
+from batchflows_cli import app
+
+app()

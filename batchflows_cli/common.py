@@ -1,0 +1,186 @@
+"""What every command shares: the Typer app, the console, the run wrapper (embedded sandbox, progress bars,
+signals, exit codes) and the settings parsing."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from tasks import stopping
+
+app = typer.Typer(
+    help="Prefect pipelines for slow, flaky, rate-limited Databricks AI and data APIs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+console = Console()
+
+
+SANDBOX_SPACE = "retail"
+
+
+SANDBOX_BARE_SPACE = "retail-bare"  # what `improve --sandbox` improves: a space with no instructions yet
+
+
+SANDBOX_WAREHOUSE = "sandbox-warehouse"
+
+
+def _settings(model: Any, set_: list[str] | None, **explicit: Any) -> Any:
+    """A job's settings model from --set KEY=VALUE pairs and explicit flags; exit 2 naming a bad value."""
+    from pydantic import ValidationError
+
+    values = {**_key_values(set_), **{k: v for k, v in explicit.items() if v is not None}}
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@contextlib.contextmanager
+def _job(use_sandbox: bool, workspace_block: str | None, allow_writes: bool = False) -> Iterator[str | None]:
+    """Around a job's run: the workspace block (or an embedded sandbox), progress bars, and a clean exit 2
+    for inputs the job refuses."""
+    from databricks.sdk.errors import NotFound
+
+    from tasks import progress
+    from tasks.embed import BudgetExceeded
+    from tasks.inputs import InputError
+    from tasks.local_server import local_server
+
+    def stopping_now(name: str) -> None:
+        Console(stderr=True).print(
+            f"[yellow]{name}: stopping[/yellow] - no new calls; calls in flight finish, then the report is "
+            f"written with the rest as 'interrupted' ({name} again quits at once)"
+        )
+
+    stopping.clear()
+    with (
+        local_server(),  # without PREFECT_API_URL: a temporary server that dies with this command
+        _workspace(use_sandbox, workspace_block, allow_writes) as block_name,
+        _Bars() as bars,
+        progress.listening(bars),
+        stopping.graceful_signals(stopping_now),
+    ):
+        try:
+            yield block_name
+        except (InputError, BudgetExceeded, NotFound) as exc:  # NotFound: an unknown space, warehouse or endpoint
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        except KeyboardInterrupt as exc:
+            console.print(f"[red]quit:[/red] {exc or 'interrupted'}; rows finished so far are in the ledger")
+            raise typer.Exit(130) from exc
+
+
+def _run(job: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a job's flow in a worker thread, so the main thread keeps the signal handlers: Prefect replaces
+    SIGTERM's handler for a flow run in the main thread, and a signal must stop the calls, not the flow."""
+    import contextvars
+    import threading
+
+    from prefect import tags
+
+    from flows.phase import TAGS, summary_of
+
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with tags(*TAGS):
+                result["value"] = summary_of(job(*args, return_state=True, **kwargs))
+        except BaseException as exc:  # handed to the main thread as is
+            result["error"] = exc
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="batchflows-job", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _exit_status(succeeded: int, total: int, what: str) -> None:
+    """A run stopped by a signal exits 130 (SIGINT) or 143 (SIGTERM); one that succeeded on none of its rows
+    exits 1. Either way its report is written, failures included."""
+    if (code := stopping.exit_code()) is not None:
+        done = f"; {succeeded} of {total} {what}" if total else ""
+        console.print(f"[red]stopped:[/red] {stopping.reason()}{done}; the rest is recorded as failed, to rerun")
+        raise typer.Exit(code)
+    if total and not succeeded:
+        console.print(f"[red]failed:[/red] 0 of {total} {what}; every row failed (see the report's failures)")
+        raise typer.Exit(1)
+
+
+def _key_values(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+class _Bars:
+    """One rich progress bar per phase, fed by the phases' progress events."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bars = Progress(
+            TextColumn("{task.description:>8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[red]{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def started(self, phase: str, total: int) -> None:
+        self.tasks[phase] = self.bars.add_task(phase, total=total, failed=0)
+
+    def advanced(self, phase: str, done: int, failed: bool) -> None:
+        task = self.tasks[phase]
+        failures = self.bars.tasks[task].fields["failed"] + (done if failed else 0)
+        self.bars.update(task, advance=done, failed=failures)
+
+    def __enter__(self) -> _Bars:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.bars.stop()
+
+
+class _workspace:
+    """The block name to use; with --sandbox, a running embedded sandbox saved as block 'sandbox'."""
+
+    def __init__(self, use_sandbox: bool, block: str | None, allow_writes: bool = False) -> None:
+        self.use_sandbox, self.block, self.allow_writes = use_sandbox, block, allow_writes
+        self.sb: Any = None
+
+    def __enter__(self) -> str | None:
+        if not self.use_sandbox:
+            return self.block
+        from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace
+        from sandbox import Sandbox
+
+        self.sb = Sandbox(port=0, allow_writes=self.allow_writes).start()
+        self.sb.set_faults("genie", latency_ms=800, latency_jitter_ms=400)
+        self.sb.set_faults("sql", latency_ms=150, latency_jitter_ms=100)
+        self.sb.set_faults("chat", latency_ms=400)
+        DatabricksWorkspace(host=self.sb.host, token=self.sb.token).save(EMBEDDED_SANDBOX_BLOCK, overwrite=True)
+        console.print(f"Embedded sandbox workspace on {self.sb.host}")
+        return EMBEDDED_SANDBOX_BLOCK
+
+    def __exit__(self, *_: object) -> None:
+        if self.sb is not None:
+            self.sb.stop()
