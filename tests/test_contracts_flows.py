@@ -23,6 +23,8 @@ from sandbox.genie import bare_configuration
 from tasks.benchmarks import Benchmark, load_benchmarks
 from tasks.inputs import InputError
 
+pytestmark = pytest.mark.e2e  # the end-to-end tier: servers, workers, subprocesses or minutes of calls
+
 FAST: dict[str, Any] = {"genie_rpm": 0, "genie_poll_initial": 0.05, "genie_poll_max": 0.2, "genie_retry_delay": 0.05}
 NUMBERS = "SELECT i AS n, i % 7 AS m FROM range(20000) AS t(i)"
 IN_CITY = "SELECT COUNT(*) AS customers FROM customers WHERE city = :city"

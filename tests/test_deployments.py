@@ -21,6 +21,8 @@ import yaml
 from deployments.local import BIN, Postgres, PrefectServer, ServerError, Worker
 from flows.score import FAILED
 
+pytestmark = pytest.mark.e2e  # the end-to-end tier: servers, workers, subprocesses or minutes of calls
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "sandbox/data/benchmarks.yaml"
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 

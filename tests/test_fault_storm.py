@@ -7,10 +7,13 @@ from collections import Counter
 from importlib import resources
 
 import pandas as pd
+import pytest
 
 from blocks.settings import score_settings
 from flows.enrich import EnrichSettings, enrich
 from flows.score import score
+
+pytestmark = pytest.mark.e2e  # the end-to-end tier: servers, workers, subprocesses or minutes of calls
 
 BENCHMARKS = str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
 # a scripted storm (24 faults in the first 39 calls, whichever rows they hit), then 20% random faults: the

@@ -23,6 +23,8 @@ from sandbox.genie import bare_configuration
 from tasks import history as history_module
 from tasks.history import HistoryStore
 
+pytestmark = pytest.mark.e2e  # the end-to-end tier: servers, workers, subprocesses or minutes of calls
+
 BENCHMARKS = str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
 SCORING = ScoreSettings(genie_rpm=0, genie_retry_delay=0.1, genie_poll_initial=0.05, genie_poll_max=0.2)
 

@@ -22,6 +22,8 @@ from flows.improve import DEV_MARK, ImproveError, ImproveSettings, improve
 from flows.score import score
 from sandbox.genie import bare_configuration
 
+pytestmark = pytest.mark.e2e  # the end-to-end tier: servers, workers, subprocesses or minutes of calls
+
 BENCHMARKS = str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
 SCORING = ScoreSettings(genie_rpm=0, genie_retry_delay=0.1, genie_poll_initial=0.1, genie_poll_max=0.2)
 

@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # the end-to-end tier: servers, workers, subprocesses or minutes of calls
+
 JOB = str(Path(__file__).with_name("phase_job.py"))
 
 

@@ -17,6 +17,8 @@ import httpx
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.e2e  # the end-to-end tier: servers, workers, subprocesses or minutes of calls
+
 BENCHMARKS = str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
 CLI = str(Path(sys.executable).with_name("batchflows"))
 
