@@ -24,9 +24,11 @@ from blocks.ledger import RowLedger
 from blocks.workspace import DatabricksWorkspace
 from flows.analyse import AnalyseSettings, analyse
 from sandbox import SandboxProcess
+from tasks.limits import drop_limits
 
 
 def main() -> None:
+    drop_limits()  # the runs below create the limits from their own settings
     with SandboxProcess() as sb, tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         DatabricksWorkspace(host=sb.host, token=sb.token).save("bench-sandbox", overwrite=True)

@@ -24,12 +24,14 @@ from blocks.ledger import RowLedger
 from blocks.workspace import DatabricksWorkspace
 from flows.embed import EmbedSettings, embed
 from sandbox import SandboxProcess
+from tasks.limits import drop_limits
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=10_000)
     args = parser.parse_args()
+    drop_limits()  # the runs below create the limits from their own settings
     n = args.docs
     with SandboxProcess() as sb, tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)

@@ -29,6 +29,7 @@ from blocks.ledger import RowLedger
 from blocks.workspace import DatabricksWorkspace
 from flows.enrich import EnrichSettings, enrich
 from sandbox import SandboxProcess
+from tasks.limits import drop_limits
 
 
 def rows_file(directory: Path, n: int) -> str:
@@ -61,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
     args = parser.parse_args()
+    drop_limits()  # the runs below create the limits from their own settings
     with SandboxProcess() as sb, tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         DatabricksWorkspace(host=sb.host, token=sb.token).save("bench-sandbox", overwrite=True)

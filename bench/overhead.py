@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def bench_flow(n: int, concurrency: int, host: str, token: str) -> tuple[int, fl
     """Returns (rows ok, seconds spent in run_phase)."""
     client = DatabricksWorkspace(host=host, token=token).client(30)
     rows = [Row(f"r{i}", i, f"call {i}") for i in range(n)]
-    spec = PhaseSpec("bench", "bench", concurrency, RetryPolicy(retries=0))
+    spec = PhaseSpec("bench", f"bench-{uuid.uuid4().hex[:6]}", concurrency, RetryPolicy(retries=0))  # its own limit
     t0 = time.monotonic()
     outcomes = run_phase(spec, rows, lambda p: chat(client, ENDPOINT, p))
     return sum(o.status == "ok" for o in outcomes.values()), time.monotonic() - t0

@@ -13,6 +13,7 @@ import resource
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -28,6 +29,7 @@ from sandbox import SandboxProcess
 from tasks.calls import chat
 from tasks.resilience import Cache, RetryPolicy, Row
 
+SERVICE = f"bench-{uuid.uuid4().hex[:6]}"  # its own global limit: an existing one is never changed by a run
 ENDPOINT = "databricks-meta-llama-3-3-70b-instruct"
 
 
@@ -36,9 +38,8 @@ def phase_flow(n: int, host: str, token: str, ledger_path: str, only_even: bool 
     """Returns (rows ok, seconds in run_phase)."""
     client = DatabricksWorkspace(host=host, token=token).client(30)
     rows = [Row(f"r{i}", i, f"call {i}") for i in range(n) if not only_even or i % 2 == 0]
-    spec = PhaseSpec(
-        "bench", "bench", 20, RetryPolicy(retries=0), cache=Cache(RowLedger(path=ledger_path), "bench", "v1")
-    )
+    cache = Cache(RowLedger(path=ledger_path), "bench", "v1")
+    spec = PhaseSpec("bench", SERVICE, 20, RetryPolicy(retries=0), cache=cache)
     t0 = time.monotonic()
     outcomes = run_phase(spec, rows, lambda p: chat(client, ENDPOINT, p))
     return sum(o.status == "ok" for o in outcomes.values()), time.monotonic() - t0

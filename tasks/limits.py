@@ -192,6 +192,16 @@ def _release(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
     release_concurrency_slots_with_lease(lease_id)
 
 
+def drop_limits() -> list[str]:
+    """Delete every batchflows limit of the current Prefect API (a clean slate: each is created again by the
+    next run that needs it, from that run's settings). For benchmarks and tests that compare settings."""
+    with get_client(sync_client=True) as client:
+        names = [g.name for g in client.read_global_concurrency_limits(limit=200) if g.name.startswith(PREFIX)]
+        for name in names:
+            client.delete_global_concurrency_limit_by_name(name)
+    return names
+
+
 def reset_limit(name: str) -> int:
     """Set limit `name`'s taken slots to 0 (for slots no run holds); returns how many were taken."""
     with get_client(sync_client=True) as client:

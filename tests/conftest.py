@@ -28,14 +28,9 @@ def _fresh_limits(request: pytest.FixtureRequest) -> None:
     if "prefect_api" not in request.fixturenames:
         return
     request.getfixturevalue("prefect_api")
-    from prefect.client.orchestration import get_client
+    from tasks.limits import drop_limits
 
-    from tasks.limits import PREFIX
-
-    with get_client(sync_client=True) as client:
-        for found in client.read_global_concurrency_limits(limit=200):
-            if found.name.startswith(PREFIX):
-                client.delete_global_concurrency_limit_by_name(found.name)
+    drop_limits()
 
 
 @pytest.fixture(scope="session")
