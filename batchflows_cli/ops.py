@@ -203,12 +203,13 @@ def deploy(
 ) -> None:
     """Deploy every job to a process work pool, with this checkout as the code; start workers with
     `prefect worker start --pool POOL`. Also registers the block types and saves the scoring presets."""
+    from deployments.catalog import create_limits, register_blocks
     from deployments.catalog import deploy as deploy_all
-    from deployments.catalog import register_blocks
 
     blocks = register_blocks()
     catalog = _catalog(workspace_block, benchmarks, space_id, warehouse_id, cron, interval, score_set, output_dir)
     ids = deploy_all(catalog, pool)
+    limits = create_limits(workspace_block, next(j for j in catalog if j.name == "score").parameters.get("settings"))
     table = Table(title=f"Deployments on work pool {pool!r}")
     table.add_column("deployment")
     table.add_column("id")
@@ -216,4 +217,5 @@ def deploy(
         table.add_row(name, deployment_id)
     console.print(table)
     console.print(f"Blocks registered: {', '.join(blocks)}")
+    console.print(f"Shared limits: {', '.join(limits) or 'made by the first run (the workspace block names no host)'}")
     console.print(f"Start a worker: prefect worker start --pool {pool}")

@@ -126,6 +126,30 @@ def deploy(job_list: list[Job], pool: str) -> dict[str, str]:
     return ids
 
 
+def create_limits(workspace_block: str | None, settings: dict[str, Any] | None) -> list[str]:
+    """The scoring job's shared limits on the deployments' workspace, made now from the deployed settings so
+    that the team's limits exist before any run (a run never changes one that exists). Returns them as
+    "name=value" lines; none when the block names no host (the first run then creates them)."""
+    from blocks.settings import ScoreSettings
+    from blocks.workspace import DatabricksWorkspace, workspace_slug
+    from tasks.limits import ensure_service_limits, limit_name, scoped
+
+    block: Any = DatabricksWorkspace.load(workspace_block) if workspace_block else DatabricksWorkspace()
+    if not block.host:
+        return []
+    score = ScoreSettings.model_validate(settings or {})
+    made = []
+    for service, concurrency, rpm in (
+        ("genie", score.genie_max_concurrent, score.genie_rpm),
+        ("sql", score.sql_max_concurrent, 0),
+        ("llm", score.eval_max_concurrent, 0),
+    ):
+        name = scoped(service, workspace_slug(block.host))
+        allowed, rate = ensure_service_limits(name, concurrency, rpm)
+        made.append(f"{limit_name(name)}={allowed}" + (f" ({rate.per_minute:g} a minute)" if rate else ""))
+    return made
+
+
 def register_blocks() -> list[str]:
     """Register our block types so the UI lists them (with their descriptions) before any is saved, and save
     the scoring presets as ScorePreset blocks."""

@@ -143,6 +143,9 @@ def test_scheduled_and_ad_hoc_runs_on_a_work_pool_then_rerun_of_failed_rows(
     with Worker(server, "e2e", env=home, query_s=1), _api(server), get_client(sync_client=True) as client:
         score = client.read_deployment_by_name("score-genie-space/score")
         assert score.schedules and score.schedules[0].active
+        # deploy made the team's limits from the deployed settings, before any run
+        assert client.read_global_concurrency_limit_by_name("batchflows-genie-local-sandbox").limit == 3
+        assert client.read_global_concurrency_limit_by_name("batchflows-sql-local-sandbox").limit == 10
         assert score.parameters["settings"]["genie_rpm"] == 0
 
         # the schedule fires a run, which completes against the sandbox
