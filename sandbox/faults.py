@@ -22,12 +22,13 @@ from pydantic import BaseModel, Field
 
 GROUPS = ("genie", "genie_poll", "sql", "chat", "embeddings")
 UNKNOWN_ENDPOINT = "unknown_endpoint"  # invocations of endpoints the sandbox does not serve: counted, never faulted
-TRANSPORT_FAULTS = ("429", "500", "503", "reset", "hang")
+TRANSPORT_FAULTS = ("429", "500", "502", "503", "reset", "hang")
 CONTENT_FAULTS = ("malformed", "missing_id", "extra_id", "bad_enum", "empty", "genie_failed")
 FaultKind = Literal[
     "ok",
     "429",
     "500",
+    "502",
     "503",
     "reset",
     "hang",
@@ -239,6 +240,12 @@ class FaultMiddleware:
 
 
 async def _send_error(send: Any, status: int, retry_after: float) -> None:
+    if status == 502:  # a load balancer's answer, not the API's: HTML, no error code
+        page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+        headers = [(b"content-type", b"text/html"), (b"content-length", str(len(page)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": page})
+        return
     codes = {
         429: ("REQUEST_LIMIT_EXCEEDED", "Too many requests. Please wait and retry."),
         500: ("INTERNAL_ERROR", "Internal error. Please try again later."),

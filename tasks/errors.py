@@ -3,7 +3,7 @@
 BatchflowsError
 ├── TransientError          retried with backoff
 │   ├── RateLimited         429 (and 503 with Retry-After): carries retry_after_s
-│   ├── ServerError         5xx
+│   ├── ServerError         5xx, and statuses databricks-sdk has no class for (a gateway's 502)
 │   ├── CallTimeout         the call overran its deadline, or the HTTP read timed out
 │   └── ConnectionFailed    reset, refused, dropped
 └── PermanentError          fails at once
@@ -109,7 +109,7 @@ def classify(exc: BaseException, timeout_s: float = 0) -> BatchflowsError:
         retry_after = getattr(exc, "retry_after_secs", None)
         if status == 429 or (status == 503 and retry_after is not None):
             return RateLimited(message, retry_after)
-        if status is not None and status >= 500:
+        if status is None or status >= 500:  # a status the SDK has no class for: a gateway's 502, say
             return ServerError(message)
         if status in (401, 403):
             return Unauthorized(message)
@@ -126,22 +126,11 @@ def classify(exc: BaseException, timeout_s: float = 0) -> BatchflowsError:
 
 
 def _status_of(exc: DatabricksError) -> int | None:
-    from databricks.sdk.errors import platform as p
+    """The HTTP status of an SDK error, from the class databricks-sdk gives each status (its public mapping;
+    error codes map to subclasses of these). None for a status the SDK has no class for (502, 405, ...)."""
+    from databricks.sdk.errors.platform import STATUS_CODE_MAPPING
 
-    for cls, status in (
-        (p.TooManyRequests, 429),
-        (p.TemporarilyUnavailable, 503),
-        (p.InternalError, 500),
-        (p.Unauthenticated, 401),
-        (p.PermissionDenied, 403),
-        (p.NotFound, 404),
-        (p.BadRequest, 400),
-        (p.ResourceConflict, 409),
-    ):
-        if isinstance(exc, cls):
-            return status
-    response = getattr(exc, "_response", None) or getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
+    return next((status for status, cls in STATUS_CODE_MAPPING.items() if isinstance(exc, cls)), None)
 
 
 def _short(exc: BaseException) -> str:
