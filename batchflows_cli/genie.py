@@ -40,6 +40,9 @@ def score(
     no_batch: Annotated[bool, typer.Option("--no-batch", help="run every phase sequentially")] = False,
     use_sandbox: Annotated[bool, typer.Option("--sandbox", help="run against an embedded sandbox workspace")] = False,
     workspace_block: Annotated[str | None, typer.Option(help="saved DatabricksWorkspace block to use")] = None,
+    ledger_block: Annotated[
+        str | None, typer.Option(help="saved RowLedger block (a team's shared ledger); default ~/.batchflows")
+    ] = None,
     output_dir: Annotated[Path, typer.Option(help="where the scorecard files go")] = Path("out"),
     fresh: Annotated[bool, typer.Option(help="ignore finished rows of earlier runs")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
@@ -66,6 +69,7 @@ def score(
             preset=preset,
             sequential=no_batch,
             workspace_block=block_name,
+            ledger_block=ledger_block,
             output_dir=str(output_dir),
             fresh=fresh,
         )

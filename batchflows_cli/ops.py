@@ -200,6 +200,13 @@ def deploy(
     interval: _INTERVAL = None,
     score_set: _SCORE_SET = None,
     output_dir: Annotated[Path | None, typer.Option(help="where every job's reports go (default: ./out)")] = None,
+    ledger_url: Annotated[
+        str | None,
+        typer.Option(
+            help="the team's database for finished rows and the score history (postgresql+psycopg://...), "
+            "saved as the RowLedger block team-ledger that every deployment uses: workers on any machine share it"
+        ),
+    ] = None,
 ) -> None:
     """Deploy every job to a process work pool, with this checkout as the code; start workers with
     `prefect worker start --pool POOL`. Also registers the block types and saves the scoring presets."""
@@ -207,7 +214,18 @@ def deploy(
     from deployments.catalog import deploy as deploy_all
 
     blocks = register_blocks()
+    ledger_block = None
+    if ledger_url:
+        from blocks.ledger import RowLedger
+
+        ledger_block = "team-ledger"
+        ledger = RowLedger(url=ledger_url)
+        ledger.count()  # reachable, and its table made, before any worker needs it
+        ledger.save(ledger_block, overwrite=True)
     catalog = _catalog(workspace_block, benchmarks, space_id, warehouse_id, cron, interval, score_set, output_dir)
+    for job in catalog:
+        if ledger_block and job.name != "rerun-failed":  # a rerun uses the ledger its report names
+            job.parameters["ledger_block"] = ledger_block
     ids = deploy_all(catalog, pool)
     limits = create_limits(workspace_block, next(j for j in catalog if j.name == "score").parameters.get("settings"))
     table = Table(title=f"Deployments on work pool {pool!r}")

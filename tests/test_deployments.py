@@ -263,7 +263,8 @@ def test_two_workers_on_one_pool_share_the_global_limit(server: PrefectServer, s
     pool = f"share-{uuid.uuid4().hex[:6]}"
     with _api(server):
         DatabricksWorkspace(host=sb.host, token=sb.token).save("e2e-sandbox", overwrite=True)
-    _deploy(server, tmp_path, pool, benchmarks, "--score-set", "genie_rpm=0", "--score-set", "genie_poll_initial=0.1")
+    fast = ("--score-set", "genie_rpm=0", "--score-set", "genie_poll_initial=0.1")
+    _deploy(server, tmp_path, pool, benchmarks, *fast, "--ledger-url", server.database_url)  # the team set-up
     sb.reset()
     sb.set_faults("genie", latency_ms=400)
     home = {"BATCHFLOWS_HOME": str(tmp_path / "home")}  # workers poll every second: shorter tests
@@ -284,6 +285,10 @@ def test_two_workers_on_one_pool_share_the_global_limit(server: PrefectServer, s
     assert stats["max_in_flight"] <= 3, stats
     taken = [(server.home / f"{w}.log").read_text().count("submitted to infrastructure") for w in ("w1", "w2")]
     assert sum(taken) == 4 and min(taken) >= 1, taken  # both workers ran some of the four
+    from blocks.ledger import RowLedger
+
+    # both workers wrote their finished rows to the team's ledger in Prefect's own PostgreSQL
+    assert RowLedger(url=server.database_url).count("genie") == 4 * 8  # a fresh run keeps its own answers
 
 
 @contextlib.contextmanager

@@ -147,3 +147,40 @@ def test_with_the_ephemeral_api_a_killed_runs_slots_come_back(sb: Any, tmp_path:
     assert second.returncode == 0, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["ok"] == 8
     assert "Gave back 4 slot(s) of batchflows-ephem" in err
+
+
+def test_two_machines_share_finished_rows_through_a_postgresql_ledger(
+    prefect_api: None, sb: Any, workspace_block: str, tmp_path: Path
+) -> None:
+    """Two CLI runs with their own BATCHFLOWS_HOME (two machines) and one RowLedger on PostgreSQL: the second
+    asks the workspace nothing the first finished."""
+    from importlib import resources
+
+    import yaml
+
+    from blocks.ledger import RowLedger
+    from deployments.local import Postgres, ServerError
+
+    try:
+        pg = Postgres().start()
+    except ServerError as exc:
+        pytest.skip(f"PostgreSQL unavailable here: {exc}")
+    try:
+        RowLedger(url=pg.url).save("team-ledger", overwrite=True)  # Prefect's asyncpg URL, as a team has it
+        source = resources.files("sandbox").joinpath("data/benchmarks.yaml").read_text()
+        benchmarks = tmp_path / "six.yaml"
+        benchmarks.write_text(yaml.safe_dump(yaml.safe_load(source)[:6], allow_unicode=True))
+        command = [str(Path(sys.executable).with_name("batchflows")), "score", "--benchmarks", str(benchmarks)]
+        command += ["--space-id", "retail", "--warehouse-id", "sandbox-warehouse", "--workspace-block"]
+        command += [workspace_block, "--ledger-block", "team-ledger", "--genie-rpm", "0", "--json"]
+        calls = []
+        for machine in ("a", "b"):
+            env = {**os.environ, "PREFECT_API_URL": _api_url(), "BATCHFLOWS_HOME": str(tmp_path / machine)}
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+            calls.append(sb.stats()["genie"]["calls"])
+        assert calls == [6, 6]  # machine b asked Genie nothing: machine a's answers were in the shared ledger
+        assert RowLedger(url=pg.url).count("genie") == 6
+        assert not (tmp_path / "a" / "ledger.sqlite").exists()  # nothing went to a machine's own file
+    finally:
+        pg.stop()
