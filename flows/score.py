@@ -139,17 +139,10 @@ def score(
         task_per_row=True,  # a few questions a minute: each one a task the UI shows, retried and cached
         workspace=scope,
     )
+    pairs = [(b, r) for b in items for r in range(settings.repeats)]  # log lines name q13, q13#2, ...
     asks = [
-        (
-            b,
-            Row(
-                _genie_key(space_id, b.question, r),
-                i,
-                b.question,
-                f"{b.id}{f'#{r + 1}' if settings.repeats > 1 else ''}",
-            ),
-        )
-        for i, (b, r) in enumerate((b, r) for b in items for r in range(settings.repeats))
+        (b, Row(_genie_key(space_id, b.question, r), i, b.question, b.id + (f"#{r + 1}" if r else "")))
+        for i, (b, r) in enumerate(pairs)
     ]
     genie_rows = list({row.key: row for _, row in asks}.values())
     with metered() as genie_calls:
