@@ -371,6 +371,8 @@ def test_the_ui_tells_the_truth_about_a_run(server: PrefectServer, sb: Any, tmp_
         deployment = client.read_deployment_by_name("score-genie-space/score")
 
         # 1. the run form: preset "aggressive" with the deployment's own settings; the run uses both and says so
+        of_score = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]))
+        before = {r.id for r in client.read_flow_runs(flow_run_filter=of_score)}  # the module's earlier tests'
         page.goto(f"{server.url}/deployments/deployment/{deployment.id}/run", wait_until="networkidle")
         _choose(page, "preset (Optional)", "aggressive")
         _submit(page, "Submit")
@@ -378,10 +380,8 @@ def test_the_ui_tells_the_truth_about_a_run(server: PrefectServer, sb: Any, tmp_
         deadline = time.monotonic() + 60
         while not runs and time.monotonic() < deadline:
             time.sleep(0.5)
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]))
-            )
-        assert runs, "the form created no run"
+            runs = [r for r in client.read_flow_runs(flow_run_filter=of_score) if r.id not in before]
+        assert len(runs) == 1, f"the form created {len(runs)} runs"
         run = _wait(client, runs[0].id)
         assert run.state.type.value == "COMPLETED", run.state
         assert run.name.startswith("score-retail-20"), run.name
