@@ -26,7 +26,7 @@ from blocks.workspace import DatabricksWorkspace
 from tasks import progress, stopping
 from tasks.inputs import InputError
 from tasks.limits import RateLimit, ensure_service_limits, hold, scoped
-from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, Stop, attempt_row, lane, run_logger, run_rows
+from tasks.resilience import Attempts, Cache, RetryPolicy, Row, RowOutcome, Stop, lane, run_logger, run_rows
 
 TAGS = ("batchflows",)  # on every run of ours, subflows and runs started from a terminal included
 
@@ -157,8 +157,7 @@ def run_row(
     from prefect.runtime import task_run
 
     attempt = task_run.run_count
-    outcome, delay = attempt_row(
-        row,
+    attempts = Attempts(
         call,
         lane(spec.limits, spec.concurrency, rate_limit),
         spec.policy,
@@ -166,9 +165,8 @@ def run_row(
         spec.breaker,
         spec.cache,
         spec.stop,
-        attempt,
-        time.monotonic(),
     )
+    outcome, delay = attempts.one(row, attempt, time.monotonic())
     if outcome is None:
         stopping.sleep(delay)
         raise RetryRow(f"{label}: attempt {attempt} failed; Prefect retries it after {delay:.3g}s of backoff")

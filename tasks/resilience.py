@@ -204,8 +204,10 @@ def run_rows(
     if not rows:
         return []
 
+    attempts = Attempts(call, lane, policy, log, breaker, cache, stop or Stop())
+
     def one(row: Row) -> RowOutcome:
-        outcome = _run_one(row, call, lane, policy, log, breaker, cache, sleep, stop or Stop())
+        outcome = attempts.run(row, sleep)
         if on_done is not None:
             on_done(outcome)
         return outcome
@@ -218,88 +220,80 @@ def run_rows(
         return [f.result() for f in futures]
 
 
-def _run_one(
-    row: Row,
-    call: Callable[[Any], Any],
-    lane: Lane,
-    policy: RetryPolicy,
-    log: logging.Logger | logging.LoggerAdapter[Any],
-    breaker: CircuitBreaker | None,
-    cache: Cache | None,
-    sleep: Callable[[float], None],
-    stop: Stop,
-) -> RowOutcome:
-    attempt, started = 0, time.monotonic()
-    while True:
-        attempt += 1
-        outcome, delay = attempt_row(row, call, lane, policy, log, breaker, cache, stop, attempt, started)
-        if outcome is not None:
-            return outcome
-        sleep(delay)
+@dataclass
+class Attempts:
+    """How a phase's rows are attempted: the call and everything around it (lane, retry policy, log, breaker,
+    ledger cache, stop). `run` retries a row to its end; `one` is a single attempt, for a caller that retries
+    by other means (a Prefect task's retries)."""
 
+    call: Callable[[Any], Any]
+    lane: Lane
+    policy: RetryPolicy
+    log: logging.Logger | logging.LoggerAdapter[Any]
+    breaker: CircuitBreaker | None = None
+    cache: Cache | None = None
+    stop: Stop = field(default_factory=Stop)
 
-def attempt_row(
-    row: Row,
-    call: Callable[[Any], Any],
-    lane: Lane,
-    policy: RetryPolicy,
-    log: logging.Logger | logging.LoggerAdapter[Any],
-    breaker: CircuitBreaker | None,
-    cache: Cache | None,
-    stop: Stop,
-    attempt: int,
-    started: float,
-) -> tuple[RowOutcome | None, float]:
-    """Attempt number `attempt` (1-based) of a row's call: (its outcome, 0) when the row is settled (ok, failed,
-    deferred by an open circuit, or stopped), or (None, seconds to wait) when a retry is due."""
-    if (stopped := stop.outcome(row, attempt - 1, started)) is not None:
-        return stopped, 0.0
-    if breaker is not None and breaker.current_state() == "OPEN":  # no rate slot spent on a row not sent
-        return _deferred(row, attempt - 1), 0.0
-    if lane.rate_limit is not None:
-        lane.rate_limit()
-    error: BatchflowsError | None = None
-    with lane:
-        if (stopped := stop.outcome(row, attempt - 1, started)) is not None:  # stopped while this row queued
+    def run(self, row: Row, sleep: Callable[[float], None] = stopping.sleep) -> RowOutcome:
+        """The row's outcome after its attempts, sleeping the backoff between them."""
+        attempt, started = 0, time.monotonic()
+        while True:
+            attempt += 1
+            outcome, delay = self.one(row, attempt, started)
+            if outcome is not None:
+                return outcome
+            sleep(delay)
+
+    def one(self, row: Row, attempt: int, started: float) -> tuple[RowOutcome | None, float]:
+        """Attempt number `attempt` (1-based): (the outcome, 0) when the row is settled (ok, failed, deferred by
+        an open circuit, or stopped), or (None, seconds to wait) when a retry is due."""
+        stop, breaker, lane, log = self.stop, self.breaker, self.lane, self.log
+        if (stopped := stop.outcome(row, attempt - 1, started)) is not None:
             return stopped, 0.0
-        # checked once the slot is ours: calls queued behind the one that opened the circuit must not go
-        if breaker is not None and not breaker.allow():
+        if breaker is not None and breaker.current_state() == "OPEN":  # no rate slot spent on a row not sent
             return _deferred(row, attempt - 1), 0.0
-        t0 = time.monotonic()
-        try:
-            value = call(row.payload)
-        except Exception as exc:
-            error = classify(exc)
-    elapsed = time.monotonic() - t0
-    if error is None:
+        if lane.rate_limit is not None:
+            lane.rate_limit()
+        error: BatchflowsError | None = None
+        with lane:
+            if (stopped := stop.outcome(row, attempt - 1, started)) is not None:  # stopped while this row queued
+                return stopped, 0.0
+            # checked once the slot is ours: calls queued behind the one that opened the circuit must not go
+            if breaker is not None and not breaker.allow():
+                return _deferred(row, attempt - 1), 0.0
+            t0 = time.monotonic()
+            try:
+                value = self.call(row.payload)
+            except Exception as exc:
+                error = classify(exc)
+        elapsed = time.monotonic() - t0
+        if error is None:
+            if breaker is not None:
+                breaker.record_success()
+            if self.cache is not None:
+                self.cache.ledger.put(self.cache.step, self.cache.version, row.key, value)
+            log.debug(f"[{row.name}] ✅ Success in {elapsed:.1f}s (attempt {attempt})")
+            return RowOutcome(row.key, "ok", value, attempts=attempt, latency_s=time.monotonic() - started), 0.0
+        permanent = isinstance(error, PermanentError)
+        if stop.trip(error):
+            log.error(f"{lane.name}: stopped by {error.kind}: {error}; its rows not yet called are recorded as failed")
         if breaker is not None:
-            breaker.record_success()
-        if cache is not None:
-            cache.ledger.put(cache.step, cache.version, row.key, value)
-        log.debug(f"[{row.name}] ✅ Success in {elapsed:.1f}s (attempt {attempt})")
-        return RowOutcome(row.key, "ok", value, attempts=attempt, latency_s=time.monotonic() - started), 0.0
-    permanent = isinstance(error, PermanentError)
-    if stop.trip(error):
-        log.error(f"{lane.name}: stopped by {error.kind}: {error}; its rows not yet called are recorded as failed")
-    if breaker is not None:
-        breaker.record_success() if permanent else breaker.record_failure()
-    last = permanent or attempt > policy.retries
-    delay = 0.0 if last else policy.delay(attempt, error.retry_after_s if isinstance(error, RateLimited) else None)
-    what = f"⏱️ Timeout after {error.timeout_s:g}s" if isinstance(error, CallTimeout) else f"❌ {error.kind}: {error}"
-    log.warning(
-        f"[{row.name}] {what} (attempt {attempt}); {'recorded as failed' if last else f'retrying in {delay:.3g}s'}"
-    )
-    if not last:
-        return None, delay
-    failed = RowOutcome(
-        row.key,
-        "failed",
-        error_kind=error.kind,
-        message=str(error),
-        attempts=attempt,
-        latency_s=time.monotonic() - started,
-    )
-    return failed, 0.0
+            breaker.record_success() if permanent else breaker.record_failure()
+        last = permanent or attempt > self.policy.retries
+        retry_after = error.retry_after_s if isinstance(error, RateLimited) else None
+        delay = 0.0 if last else self.policy.delay(attempt, retry_after)
+        what = (
+            f"⏱️ Timeout after {error.timeout_s:g}s" if isinstance(error, CallTimeout) else f"❌ {error.kind}: {error}"
+        )
+        then = "recorded as failed" if last else f"retrying in {delay:.3g}s"
+        log.warning(f"[{row.name}] {what} (attempt {attempt}); {then}")
+        if not last:
+            return None, delay
+        elapsed_all = time.monotonic() - started
+        failed = RowOutcome(
+            row.key, "failed", error_kind=error.kind, message=str(error), attempts=attempt, latency_s=elapsed_all
+        )
+        return failed, 0.0
 
 
 def _deferred(row: Row, attempts: int) -> RowOutcome:
