@@ -207,3 +207,15 @@ def test_malformed_batch_is_split_in_halves_never_guessed(sb):
     assert len(good) == 10 and not problems
     # whole batch broken -> halves; first half broken again -> its halves; second half fine
     assert sb.stats()["chat"]["calls"] == 5
+
+
+def test_rows_deferred_by_an_open_circuit_take_no_rate_slot(sb):
+    """A row the breaker will defer must not first wait for a rate slot (at 5 a minute, 12 s each for nothing)."""
+    sb.set_faults("sql", down=True)
+    slots = []
+    limited = lane("t-sql-rate", 1, rate_limit=lambda: slots.append(1))
+    outcomes = run_rows(
+        _rows(10), _sql_call(sb), lane=limited, policy=RetryPolicy(retries=0), log=log, breaker=_breaker(threshold=2)
+    )
+    assert [o.status for o in outcomes] == ["failed"] * 2 + ["deferred"] * 8
+    assert len(slots) == 2  # one per call made; none for the eight rows the open circuit deferred
