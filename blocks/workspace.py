@@ -20,12 +20,19 @@ POOL_SIZE = 128  # connections kept per host: above any concurrency a phase runs
 EMBEDDED_SANDBOX_BLOCK = "sandbox"  # the block `--sandbox` commands save for the sandbox they start
 
 
-def workspace_slug(host: str | None) -> str:
-    """A workspace as part of a name (limits, breakers): `adb-123-azuredatabricks-net`; `local-sandbox` for any
-    sandbox on this machine (the CLI's embedded sandbox takes a new port each run, with the same spaces)."""
-    where = (urlparse(host).hostname if host and "://" in host else host) or "default"
-    if where in ("127.0.0.1", "localhost", "::1"):
+def workspace_key(host: str) -> str:
+    """How a workspace is named (score history, limits, breakers): its URL; any sandbox on this machine is
+    "local-sandbox" (the CLI's embedded sandbox takes a new port each run, with the same spaces)."""
+    host = host.rstrip("/")
+    if urlparse(host).hostname in ("127.0.0.1", "localhost", "::1"):
         return "local-sandbox"
+    return host
+
+
+def workspace_slug(host: str | None) -> str:
+    """`workspace_key` as part of a name (limits, breakers): `adb-123-azuredatabricks-net`, `local-sandbox`."""
+    key = workspace_key(host or "")
+    where = urlparse(key).hostname or key if "://" in key else key
     return re.sub(r"[^a-z0-9]+", "-", where.lower()).strip("-") or "default"
 
 

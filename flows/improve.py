@@ -25,12 +25,11 @@ from pydantic import BaseModel, Field
 
 from blocks.ledger import history_store
 from blocks.settings import FORM, ScoreSettings
-from blocks.workspace import workspace_slug
+from blocks.workspace import workspace_key, workspace_slug
 from flows.batched import BatchedJob, run_all
 from flows.phase import TAGS, load_blocks, run_name, summary_of
 from flows.score import score
 from tasks.benchmarks import Benchmark, load_benchmarks, space_benchmarks
-from tasks.history import workspace_key
 from tasks.improve import (
     CATEGORIES,
     LEARN_PROMPT,

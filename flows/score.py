@@ -18,13 +18,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from blocks.breaker import CircuitBreaker, breaker_name
 from blocks.ledger import RowLedger, history_store
 from blocks.settings import Preset, ScoreOverrides, ScoreSettings, resolve_score_settings
-from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace, workspace_slug
+from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace, workspace_key, workspace_slug
 from flows.phase import PhaseSpec, load_blocks, rows_state, run_name, run_phase
 from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions, space_benchmarks
 from tasks.calls import ask_genie, run_sql
 from tasks.compare import Rounding, Rules, compare, rounding, sorting
 from tasks.guard import read_only_problem
-from tasks.history import HistoryError, HistoryStore, workspace_key
+from tasks.history import HistoryError, HistoryStore
 from tasks.judge import PROMPT_VERSION, case_item, judge_cases
 from tasks.meter import Meter, metered
 from tasks.preflight import check_workspace

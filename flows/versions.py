@@ -9,8 +9,9 @@ from databricks.sdk.errors import ResourceConflict
 from prefect import flow
 
 from blocks.ledger import RowLedger, history_store
+from blocks.workspace import workspace_key
 from flows.phase import load_blocks
-from tasks.history import HistoryStore, default_url, workspace_key
+from tasks.history import HistoryStore, default_url
 from tasks.inputs import InputError
 from tasks.resilience import run_logger
 from tasks.space_config import SpaceConfigError

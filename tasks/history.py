@@ -76,15 +76,6 @@ def default_url(ledger_path: str | None = None) -> str:
     return f"sqlite:///{folder / 'history.sqlite'}"
 
 
-def workspace_key(host: str) -> str:
-    """How a workspace is named in the history: its URL; any sandbox on this machine is "local-sandbox"
-    (the CLI's embedded sandbox takes a new port each run, with the same spaces)."""
-    host = host.rstrip("/")
-    if urlparse(host).hostname in ("127.0.0.1", "localhost", "::1"):
-        return "local-sandbox"
-    return host
-
-
 @dataclass(frozen=True)
 class Version:
     version: int
