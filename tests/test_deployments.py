@@ -317,11 +317,35 @@ def _choose(page: Any, label: str, option: str) -> None:
     page.locator(".p-select-option").first.wait_for(state="detached", timeout=10_000)  # the list is closed
 
 
-def _submit(page: Any, button: str) -> None:
-    """Press the form's `button` and wait until the UI has left the form (it then shows what it saved)."""
+def _submit(page: Any, button: str, sends: str) -> None:
+    """Press the form's `button` until the UI sends the request whose address holds `sends` (a click on a form
+    still settling can be lost, and then nothing was sent), check the server's answer, and wait until the UI has
+    left the form (it then shows what it saved)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     form = page.url
-    page.get_by_role("button", name=button).click()
-    page.wait_for_url(lambda url: url != form, timeout=30_000)
+    for _ in range(3):
+        try:
+            with page.expect_request(lambda r: sends in r.url and r.method != "GET", timeout=15_000) as sent:
+                page.get_by_role("button", name=button).click()
+            break
+        except PlaywrightTimeout:
+            continue
+    else:
+        raise AssertionError(f"pressing {button!r} sent no {sends} request; the page says:\n{_text(page)}")
+    answer = sent.value.response()
+    assert answer is not None, f"{sends}: no answer"
+    assert answer.ok, f"{sends}: {answer.status} {answer.text()[:500]}"
+    try:
+        page.wait_for_url(lambda url: url != form, timeout=60_000)
+    except PlaywrightTimeout:
+        stuck = f"the UI stayed on the form after {sends} answered {answer.status}:\n{_text(page)}"
+        raise AssertionError(stuck) from None
+
+
+def _text(page: Any) -> str:
+    """What the page shows, to say why a step in the browser did not happen."""
+    return str(page.locator("body").inner_text(timeout=5_000))[:3000]
 
 
 def _logs(client: Any, run_id: Any, wanted: str, timeout_s: float = 30) -> str:
@@ -375,7 +399,7 @@ def test_the_ui_tells_the_truth_about_a_run(server: PrefectServer, sb: Any, tmp_
         before = {r.id for r in client.read_flow_runs(flow_run_filter=of_score)}  # the module's earlier tests'
         page.goto(f"{server.url}/deployments/deployment/{deployment.id}/run", wait_until="networkidle")
         _choose(page, "preset (Optional)", "aggressive")
-        _submit(page, "Submit")
+        _submit(page, "Submit", "/create_flow_run")
         runs: list[Any] = []
         deadline = time.monotonic() + 60
         while not runs and time.monotonic() < deadline:
@@ -411,7 +435,7 @@ def test_the_ui_tells_the_truth_about_a_run(server: PrefectServer, sb: Any, tmp_
         # 3. set CLOSED on the breaker's block page: the next run starts CLOSED and completes
         page.goto(f"{server.url}/blocks/block/{block.id}/edit", wait_until="networkidle")
         _choose(page, "State (Optional)", "CLOSED")
-        _submit(page, "Save")
+        _submit(page, "Save", "/block_documents/")
         deadline = time.monotonic() + 30
         while block.data.get("state", "CLOSED") != "CLOSED" and time.monotonic() < deadline:
             time.sleep(0.5)
