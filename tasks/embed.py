@@ -19,7 +19,7 @@ from tasks import meter, stopping
 from tasks.batched import BatchAnswer
 from tasks.calls import run_sql
 from tasks.enrich import estimate_tokens
-from tasks.errors import RateLimited, TransientError, classify
+from tasks.errors import TransientError, classify
 from tasks.inputs import QUERY_ROW_CAP, InputError
 from tasks.resilience import RetryPolicy
 
@@ -99,7 +99,7 @@ def _rows(client: WorkspaceClient, warehouse_id: str, sql: str, timeout_s: float
             error = classify(exc)
             if not isinstance(error, TransientError) or attempt > SCHEMA_READ.retries:
                 raise error from exc
-            stopping.sleep(SCHEMA_READ.delay(attempt, error.retry_after_s if isinstance(error, RateLimited) else None))
+            stopping.sleep(SCHEMA_READ.delay(attempt, error.retry_after_s))
     if "error" in result:
         raise InputError(f"reading the schema's metadata failed: {result['error']}")
     return [list(r) for r in result["rows"]]

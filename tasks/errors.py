@@ -1,9 +1,10 @@
 """One exception tree for every external call; retry decisions read the class, never the message.
 
 BatchflowsError
-├── TransientError          retried with backoff
-│   ├── RateLimited         429 (and 503 with Retry-After): carries retry_after_s
-│   ├── ServerError         5xx, and statuses databricks-sdk has no class for (a gateway's 502)
+├── TransientError          retried with backoff, waiting at least the server's retry_after_s if it set one
+│   ├── RateLimited         429
+│   ├── ServerError         5xx (503 Temporarily Unavailable too), and statuses databricks-sdk has no
+│   │                       class for (a gateway's 502)
 │   ├── CallTimeout         the call overran its deadline, or the HTTP read timed out
 │   └── ConnectionFailed    reset, refused, dropped
 └── PermanentError          fails at once
@@ -30,19 +31,19 @@ class BatchflowsError(Exception):
 
 
 class TransientError(BatchflowsError):
-    """A failure worth retrying."""
+    """A failure worth retrying; `retry_after_s` is how long the server asked us to wait, if it did."""
 
     kind = "transient"
-
-
-class RateLimited(TransientError):
-    """The service asked us to slow down (429, or 503 with Retry-After)."""
-
-    kind = "rate_limited"
 
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RateLimited(TransientError):
+    """The service asked us to slow down (429)."""
+
+    kind = "rate_limited"
 
 
 class ServerError(TransientError):
@@ -106,11 +107,10 @@ def classify(exc: BaseException, timeout_s: float = 0) -> BatchflowsError:
     if isinstance(exc, DatabricksError):
         status = _status_of(exc)
         message = f"{status or ''} {exc.error_code or ''}: {exc}".strip()
-        retry_after = getattr(exc, "retry_after_secs", None)
-        if status == 429 or (status == 503 and retry_after is not None):
-            return RateLimited(message, retry_after)
+        if status == 429:
+            return RateLimited(message, _retry_after(exc))
         if status is None or status >= 500:  # a status the SDK has no class for: a gateway's 502, say
-            return ServerError(message)
+            return ServerError(message, _retry_after(exc) if status == 503 else None)
         if status in (401, 403):
             return Unauthorized(message)
         if status == 404:
@@ -131,6 +131,18 @@ def _status_of(exc: DatabricksError) -> int | None:
     from databricks.sdk.errors.platform import STATUS_CODE_MAPPING
 
     return next((status for status, cls in STATUS_CODE_MAPPING.items() if isinstance(exc, cls)), None)
+
+
+def _retry_after(exc: DatabricksError) -> float | None:
+    """How long a 429 or 503 asked us to wait: the error's RetryInfo detail (the SDK's public error details),
+    else its Retry-After header. databricks-sdk 0.156 hands the header on only as `retry_after_secs`, which it
+    still reads itself but documents as deprecated, and sets to 1 when the header is missing; it is read here
+    alone, and only for the two statuses the SDK sets it for."""
+    retry_info = exc.get_error_details().retry_info
+    if retry_info is not None:
+        return retry_info.retry_delay_seconds
+    seconds = exc.retry_after_secs
+    return float(seconds) if seconds is not None else None
 
 
 def _short(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from uuid import UUID
 import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-from prefect.concurrency._leases import maintain_concurrency_lease
-from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
@@ -124,59 +125,101 @@ def ensure_service_limits(service: str, concurrency_limit: int, rpm: float = 0) 
 def hold(service: str, occupy: int) -> Iterator[None]:
     """Hold `occupy` slots of the service's global limit for the duration of a phase.
 
-    The slots are leased for Prefect's minimum of 60 s and renewed while the phase runs. A process killed
-    with -9 cannot release them: the server takes them back when the lease lapses (about 75 s with
-    `prefect server`; never with the ephemeral API, which runs no repossessor). So each lease is also
-    noted in BATCHFLOWS_HOME, and the next run on this machine gives back the slots of dead processes
-    at once (`reclaim`).
+    The slots are leased for Prefect's minimum of 60 s, held by this flow run (the UI's Concurrency page
+    shows the holder) and renewed while the phase runs. A process killed with -9 cannot release them: the
+    server takes them back when the lease lapses (about 75 s with `prefect server`; never with the ephemeral
+    API, which runs no repossessor). So each holder leaves a note in BATCHFLOWS_HOME, written before it asks
+    for the slots, and the next run on this machine gives back the slots of dead processes at once
+    (`reclaim`).
 
     A server restart drops every lease (Prefect keeps them in memory) but not the slots they counted, and
     Prefect's release of an unknown lease does nothing: the slots would stay taken for good. So a lease the
     server no longer knows at release is given back by count. A wait for slots checks for dead holders
     every SLOT_CHECK_S, logs who holds the slots, and after SLOT_WAIT_S raises `SlotWaitError` saying so.
+
+    Only public Prefect client calls are used (increment-with-lease, renew, release), so the note can be
+    written before the slots are taken: a process killed in between leaves a note, never untracked slots.
     """
     name = limit_name(service)
-    response = _acquire(name, occupy)
-    if response is None:  # the process is stopping: its rows make no call, so they need no slot
-        yield
-        return
-    note = _lease_dir() / f"{response.lease_id}.json"
-    note.write_text(json.dumps({"pid": os.getpid(), "api": _api_url(), "limit": name, "occupy": occupy}))
-    started = time.monotonic()
+    note = _lease_dir() / f"{uuid.uuid4()}.json"
+    info: dict[str, Any] = {"pid": os.getpid(), "api": _api_url(), "limit": name, "occupy": occupy}
+    note.write_text(json.dumps(info))
     try:
-        with maintain_concurrency_lease(response.lease_id, LEASE_S):
+        lease_id = _acquire(name, occupy)
+        if lease_id is None:  # the process is stopping: its rows make no call, so they need no slot
             yield
+            return
+        note.write_text(json.dumps(info | {"lease_id": str(lease_id)}))
+        started = time.monotonic()
+        renewing = threading.Event()
+        renewer = threading.Thread(target=_renew, args=(lease_id, renewing), name=f"lease-{name}", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            renewing.set()
+            renewer.join()
+            _release(lease_id, name, occupy, time.monotonic() - started)
     finally:
-        _release(response.lease_id, name, occupy, time.monotonic() - started)
         note.unlink(missing_ok=True)
 
 
-def _acquire(name: str, occupy: int) -> Any:
+def _acquire(name: str, occupy: int) -> UUID | None:
     """The lease on `occupy` slots of limit `name`, waiting at most SLOT_WAIT_S (see `hold`); None if the
     process is stopping."""
     waited = 0.0
-    while stopping.reason() is None:
-        try:
-            return acquire_concurrency_slots_with_lease(
-                [name], occupy, lease_duration=LEASE_S, strict=True, timeout_seconds=SLOT_CHECK_S
-            )
-        except TimeoutError:
-            waited += SLOT_CHECK_S
-        freed = reclaim(name)
-        with get_client(sync_client=True) as client:
+    holder = _holder()
+    with get_client(sync_client=True) as client:
+        while stopping.reason() is None:
+            asked = time.monotonic()
+            while stopping.reason() is None and time.monotonic() - asked < SLOT_CHECK_S:
+                try:
+                    response = client.increment_concurrency_slots_with_lease(
+                        names=[name], slots=occupy, mode="concurrency", lease_duration=LEASE_S, holder=holder
+                    )
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code != 423:
+                        raise
+                    stopping.sleep(min(float(exc.response.headers.get("Retry-After", 1)), 1.0))
+                    continue
+                granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+                if not granted.limits:
+                    raise SlotWaitError(f"there is no active global concurrency limit {name}")
+                return granted.lease_id
+            waited += time.monotonic() - asked
+            freed = reclaim(name)
             limit = client.read_global_concurrency_limit_by_name(name)
-        held = sum(int(info.get("occupy", 0)) for _, info in _notes(name))
-        why = (
-            f"{limit.active_slots} of {name}'s {limit.limit} slots are taken, {held} of them by live runs on this "
-            f"machine{f'; gave back {freed} of dead runs' if freed else ''}"
-        )
-        if waited >= SLOT_WAIT_S:
-            raise SlotWaitError(
-                f"waited {waited:.0f} s for {occupy} slot(s): {why}. If no run holds the others (a Prefect server "
-                f"restart can strand them), free them with `batchflows limits --reset {name}`"
+            held = sum(int(info.get("occupy", 0)) for _, info in _notes(name) if "lease_id" in info)
+            why = (
+                f"{limit.active_slots} of {name}'s {limit.limit} slots are taken, {held} of them by live runs on "
+                f"this machine{f'; gave back {freed} of dead runs' if freed else ''}"
             )
-        run_logger().warning(f"Still waiting for {occupy} slot(s) after {waited:.0f} s: {why}")
+            if waited >= SLOT_WAIT_S:
+                raise SlotWaitError(
+                    f"waited {waited:.0f} s for {occupy} slot(s): {why}. If no run holds the others (a Prefect "
+                    f"server restart can strand them), free them with `batchflows limits --reset {name}`"
+                )
+            run_logger().warning(f"Still waiting for {occupy} slot(s) after {waited:.0f} s: {why}")
     return None
+
+
+def _holder() -> ConcurrencyLeaseHolder | None:
+    """The flow run holding the slots, for the UI (None outside a flow run)."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    return ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id)) if run_id else None
+
+
+def _renew(lease_id: UUID, done: threading.Event) -> None:
+    """Renew the lease every third of its duration until `done` (a failed renewal is tried again next time:
+    the lease lapses only after LEASE_S without one)."""
+    with get_client(sync_client=True) as client:
+        while not done.wait(LEASE_S / 3):
+            try:
+                client.renew_concurrency_lease(lease_id, LEASE_S)
+            except httpx.HTTPError as exc:
+                run_logger().warning(f"Could not renew the lease on slots ({exc}); trying again")
 
 
 def _release(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
@@ -189,7 +232,7 @@ def _release(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
             run_logger().warning(f"The Prefect server lost the lease on {occupy} slot(s) of {name}: given back")
             client.release_concurrency_slots(names=[name], slots=occupy, occupancy_seconds=held_s)
             return
-    release_concurrency_slots_with_lease(lease_id)
+        client.release_concurrency_slots_with_lease(lease_id)
 
 
 def drop_limits() -> list[str]:
@@ -216,25 +259,25 @@ def reclaim(name: str) -> int:
     Leases of batchflows processes of this machine that died are released at once. With the ephemeral
     API (no PREFECT_API_URL) leases live only in the memory of each process's own API server, so a dead
     process's slots would stay taken in the shared database for good: there every holder is on this
-    machine and has a note, so the slots beyond the live notes' total are given back.
+    machine and has a note, so the slots beyond the live notes' total are released by count.
     """
     freed, held = 0, 0
     shared_server = _api_url() != "ephemeral"
-    for note, info in _notes(name):
-        if _alive(int(info.get("pid", 0))):
-            held += int(info.get("occupy", 0))
-            continue
-        if shared_server:  # the server knows the lease: release it (unless it lapsed already)
-            with contextlib.suppress(Exception):
-                release_concurrency_slots_with_lease(UUID(note.stem))
-                freed += int(info.get("occupy", 0))
-        note.unlink(missing_ok=True)
-    if shared_server:
-        return freed
     with get_client(sync_client=True) as client:
+        for note, info in _notes(name):
+            if _alive(int(info.get("pid", 0))):
+                held += int(info.get("occupy", 0))  # a holder still asking counts too: never free too many
+                continue
+            if shared_server and "lease_id" in info:  # the server knows the lease: release it (unless it lapsed)
+                with contextlib.suppress(httpx.HTTPError):
+                    client.release_concurrency_slots_with_lease(UUID(info["lease_id"]))
+                    freed += int(info.get("occupy", 0))
+            note.unlink(missing_ok=True)
+        if shared_server:
+            return freed
         active = client.read_global_concurrency_limit_by_name(name).active_slots
         if active > held:
-            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=held))
+            client.release_concurrency_slots(names=[name], slots=active - held, occupancy_seconds=1)  # (must be > 0)
             freed += active - held
     return freed
 
@@ -275,6 +318,7 @@ def _api_url() -> str:
 
 _RATE_LOCKS: dict[str, threading.Lock] = {}
 _RATE_LOCKS_LOCK = threading.Lock()
+_RATE_NEXT: dict[str, float] = {}  # per limit: when the slot this process took last has decayed
 
 
 def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
@@ -283,19 +327,24 @@ def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
     Prefect's own `rate_limit()` sleeps for the server's Retry-After, which grows with every waiting
     caller (slots + denied slots, times the decay interval, with jitter): four threads waiting on a
     15-per-minute limit slept ~16 s each, and 8 calls took 47 s instead of 30. Here one thread per
-    process asks the server, the others queue on a local lock, and a denied request is retried after a
-    twentieth of the spacing (or the server's Retry-After if shorter), so each slot is taken within
-    ~5 % of when it frees, and the server alone decides, across all processes.
+    process asks the server, the others queue on a local lock. The slot this process took last cannot
+    be free before it has decayed, so nothing is asked until then; a denied request (another process
+    took the slot) is retried after a twentieth of the spacing (or the server's Retry-After if shorter).
+    So each slot is taken within ~5 % of when it frees, the server alone decides across processes, and
+    a single run asks about once per slot instead of twenty times.
     """
     with _RATE_LOCKS_LOCK:
         lock = _RATE_LOCKS.setdefault(name, threading.Lock())
     poll = max(0.02, spacing_s / 20)
     with lock, get_client(sync_client=True) as client:
+        stopping.sleep(_RATE_NEXT.get(name, 0.0) - time.monotonic())
         while stopping.reason() is None:  # stopping: no slot needed, the caller makes no call
             try:
                 client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit")
-                return
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:
                     raise
                 time.sleep(min(poll, float(exc.response.headers.get("Retry-After", poll))))
+                continue
+            _RATE_NEXT[name] = time.monotonic() + spacing_s
+            return

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
 from tasks import stopping
-from tasks.errors import BatchflowsError, CallTimeout, NotFound, PermanentError, RateLimited, Unauthorized, classify
+from tasks.errors import BatchflowsError, CallTimeout, NotFound, PermanentError, TransientError, Unauthorized, classify
 
 Status = Literal["ok", "failed", "deferred"]
 
@@ -280,7 +280,7 @@ class Attempts:
         if breaker is not None:
             breaker.record_success() if permanent else breaker.record_failure()
         last = permanent or attempt > self.policy.retries
-        retry_after = error.retry_after_s if isinstance(error, RateLimited) else None
+        retry_after = error.retry_after_s if isinstance(error, TransientError) else None
         delay = 0.0 if last else self.policy.delay(attempt, retry_after)
         what = (
             f"⏱️ Timeout after {error.timeout_s:g}s" if isinstance(error, CallTimeout) else f"❌ {error.kind}: {error}"

@@ -158,7 +158,7 @@ def test_run_name_tags_state_and_settings_log_of_a_scoring_run(
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Settings: "))  # logged once
     assert line.startswith("Settings: preset aggressive, changed for this run: genie_retry_attempts=0, ")
     assert '"genie_max_concurrent":10,' in line and '"genie_rpm":0.0,' in line
-    assert "[q" in caplog.text and "] ❌ rate_limited" in caplog.text  # per-row lines name the benchmark
+    assert "[q" in caplog.text and "] ❌ server_error" in caplog.text  # per-row lines name the benchmark
     breaker: Any = CircuitBreaker.load("genie-breaker-local-sandbox")  # one per service and workspace
     assert breaker.failure_threshold == 2
     with get_client(sync_client=True) as client:

@@ -158,7 +158,7 @@ def test_unknown_endpoint_is_404(client):
         ("429", RateLimited),
         ("500", ServerError),
         ("502", ServerError),  # a gateway's HTML page: transient, though the SDK has no class for it
-        ("503", RateLimited),
+        ("503", ServerError),  # Temporarily Unavailable: a server's failure, not our rate (it still waits)
         ("reset", ConnectionFailed),
         ("hang", CallTimeout),
     ],
@@ -174,7 +174,7 @@ def test_transport_faults_reach_the_client_once_without_sdk_retries(sb, fault, e
     assert time.monotonic() - t0 < 3
     assert sb.stats()["sql"]["calls"] == 1  # the SDK did not retry behind our back
     if fault in ("429", "503"):
-        assert error.retry_after_s == 1
+        assert error.retry_after_s == 1  # the sandbox's Retry-After
 
 
 def test_429_carries_retry_after_header(sb):
@@ -226,3 +226,15 @@ def test_port_in_use_gives_a_clear_error(sb):
 
     with pytest.raises(SandboxError, match=f"port {sb.port} on 127.0.0.1 is already in use"):
         Sandbox(port=sb.port)
+
+
+def test_a_retry_delay_in_the_error_details_is_the_wait_and_a_bare_503_is_a_server_error():
+    """Databricks' structured RetryInfo detail (the SDK's public error details) sets the wait; a 503 without a
+    Retry-After is a failing server, not a rate limit (databricks-sdk defaults its retry_after_secs to 1)."""
+    from databricks.sdk import errors as sdk_errors
+
+    detail = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retry_delay": "7s"}
+    limited = classify(sdk_errors.TooManyRequests("slow down", details=[detail]))
+    assert isinstance(limited, RateLimited) and limited.retry_after_s == 7
+    unavailable = classify(sdk_errors.TemporarilyUnavailable("try later"))
+    assert isinstance(unavailable, ServerError) and unavailable.retry_after_s is None

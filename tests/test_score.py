@@ -146,7 +146,7 @@ def test_service_down_records_every_row_and_fails_the_run(sb, workspace_block, l
     result = summary_of(state)
     assert result["verdicts"]["genie_error"] == 32
     kinds = {f["error_kind"] for f in result["failures"]}
-    assert kinds == {"rate_limited", "circuit_open"}
+    assert kinds == {"server_error", "circuit_open"}  # 503 Temporarily Unavailable, then the open circuit
     assert len(result["failures"]) == 32
     assert result["circuit_state"] in ("OPEN", "HALF_OPEN")
 
