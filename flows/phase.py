@@ -212,7 +212,7 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
     """Every row's outcome by key: cached, ok, failed (after retries and fallback), never lost."""
     log = run_logger()
     outcomes: dict[str, RowOutcome] = {}
-    if spec.cache is not None:
+    if spec.cache is not None and spec.cache.read:
         cached = spec.cache.ledger.get_many(spec.cache.step, spec.cache.version, [r.key for r in rows])
         outcomes = {k: RowOutcome(k, "ok", v, cached=True) for k, v in cached.items()}
     pending = [r for r in rows if r.key not in outcomes]

@@ -123,7 +123,6 @@ def rerun_failed(
             breaker_block=run["breaker_block"],
             output_dir=out,
             fresh=fresh,
-            cache_scope=run.get("cache_scope", ""),  # the earlier run's cached rows, also when it ran fresh
             history=False,  # a subset of the benchmarks: its score is no point of the space's trend
             return_state=True,
         )

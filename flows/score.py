@@ -56,7 +56,6 @@ def score(
     breaker_block: str | None = None,
     preset: Preset = "default",
     settings_block: str | None = None,
-    cache_scope: str = "",
     history: bool = True,
 ) -> dict[str, Any]:
     """Score `space_id` on the benchmarks (a file path or a list) and return the scorecard.
@@ -72,13 +71,12 @@ def score(
         workspace_block: name of a saved DatabricksWorkspace block (default: databricks-sdk's env/profile).
         ledger_block: name of a saved RowLedger block (default: ~/.batchflows/ledger.sqlite).
         output_dir: where the report's Parquet and CSV files go.
-        fresh: ignore finished rows of earlier runs of the same inputs and ask everything again.
+        fresh: ask everything again, ignoring finished rows of earlier runs of the same inputs; the new answers
+            replace the older ones (so a rerun of this run's failures finds them).
         breaker_block: name of the CircuitBreaker block guarding Genie (default: one per workspace, created
             CLOSED if missing). Its threshold and cooldown hold unless this run's settings set them.
         preset: the built-in settings the run starts from: default, conservative or aggressive.
         settings_block: a saved ScorePreset block to start from instead of the preset.
-        cache_scope: whose finished rows to reuse: "" those of every run of the same space version; a
-            `fresh` run's id, its own (rerun-failed passes it, to rerun a fresh run's failures).
         history: record the run, and the space's configuration as a version, in the score history (improve
             turns it off for its short-lived dev copies).
     """
@@ -98,8 +96,7 @@ def score(
     space, config = _space(genie_client, space_id)
     items = _benchmarks(benchmarks, config, space_id)
     flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
-    cache_scope = flow_run_id if fresh else cache_scope
-    session = stable_key(space_id, space.etag, warehouse_id, cache_scope)
+    session = stable_key(space_id, space.etag, warehouse_id, "")
 
     scope = workspace_slug(genie_client.config.host)
     breaker_block = breaker_block or breaker_name("genie", scope)
@@ -132,7 +129,7 @@ def score(
         RetryPolicy(retries=settings.genie_retry_attempts, base_delay_s=settings.genie_retry_delay),
         rpm=settings.genie_rpm,
         breaker=breaker,
-        cache=Cache(ledger, "genie", f"genie-v1:{session}"),
+        cache=Cache(ledger, "genie", f"genie-v1:{session}", read=not fresh),
         fallback_delay_s=settings.fallback_delay,
         fallback_max_wait_s=settings.fallback_max_wait,
         sequential=sequential,
@@ -182,7 +179,7 @@ def score(
         settings.sql_max_concurrent,
         RetryPolicy(retries=settings.sql_retry_attempts, base_delay_s=1),
         # v3: every chunk of a result is read (v2 stopped at the first); results carry column types, exact numbers
-        cache=Cache(ledger, "sql", f"sql-v3:{session}:{settings.sql_row_limit}"),
+        cache=Cache(ledger, "sql", f"sql-v3:{session}:{settings.sql_row_limit}", read=not fresh),
         sequential=sequential,
         workspace=scope,
     )
@@ -236,7 +233,6 @@ def score(
             log.error(f"Score history unavailable, this run is not recorded in it: {exc}")
     run = {
         "flow_run_id": flow_run_id,
-        "cache_scope": cache_scope,
         "space_id": space_id,
         "warehouse_id": warehouse_id,
         "workspace_block": workspace_block,

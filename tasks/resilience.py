@@ -173,11 +173,13 @@ class Stop:
 
 @dataclass
 class Cache:
-    """Where finished rows of one step are kept."""
+    """Where finished rows of one step are kept. A phase that does not `read` (a fresh run) calls every row
+    again, and its values replace the older ones."""
 
     ledger: RowLedger
     step: str
     version: str
+    read: bool = True
 
 
 def run_rows(

@@ -207,7 +207,7 @@ def test_rerun_failed_calls_only_the_failed_rows_and_merges(sb, workspace_block,
 
 
 def test_rerun_of_a_fresh_run_reuses_its_genie_answers(sb, workspace_block, ledger_block, tmp_path):
-    """A --fresh run keeps its answers under its own cache scope; its failed-rows rerun must find them there."""
+    """A --fresh run's answers replace the older ones in the ledger; its failed-rows rerun must find them."""
     from pathlib import Path
 
     from flows.rerun import rerun_failed
@@ -290,3 +290,14 @@ def test_benchmarks_repeating_a_question_are_named_and_share_its_answer(
     assert [r["verdict"] for r in result["rows"]] == ["correct", "incorrect"]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("q01, q01-twin ask the same question" in w for w in warnings), warnings
+
+
+def test_a_fresh_runs_answers_are_the_ones_later_runs_reuse(sb, workspace_block, ledger_block, tmp_path):
+    """--fresh asks everything again and keeps the newest answers for every later run (no run-private scope)."""
+    common = dict(workspace_block=workspace_block, ledger_block=ledger_block, output_dir=str(tmp_path))
+    fresh = score(BENCHMARKS, "retail", "sandbox-warehouse", score_settings("default", **FAST), fresh=True, **common)
+    assert sb.stats()["genie"]["calls"] == len(fresh["rows"])
+    sb.reset()
+    later = score(BENCHMARKS, "retail", "sandbox-warehouse", score_settings("default", **FAST), **common)
+    assert sb.stats()["genie"]["calls"] == 0
+    assert later["cached_genie_answers"] == len(later["rows"]) and later["score"] == fresh["score"]
