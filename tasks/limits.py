@@ -21,7 +21,8 @@ import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse, MinimalConcurrencyLimitResponse
+from prefect.events import Event, emit_event
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
@@ -145,11 +146,13 @@ def hold(service: str, occupy: int) -> Iterator[None]:
     info: dict[str, Any] = {"pid": os.getpid(), "api": _api_url(), "limit": name, "occupy": occupy}
     note.write_text(json.dumps(info))
     try:
-        lease_id = _acquire(name, occupy)
-        if lease_id is None:  # the process is stopping: its rows make no call, so they need no slot
+        granted = _acquire(name, occupy)
+        if granted is None:  # the process is stopping: its rows make no call, so they need no slot
             yield
             return
+        lease_id, limit = granted.lease_id, granted.limits[0]
         note.write_text(json.dumps(info | {"lease_id": str(lease_id)}))
+        acquired = _emit("acquired", limit, occupy)
         started = time.monotonic()
         renewing = threading.Event()
         renewer = threading.Thread(target=_renew, args=(lease_id, renewing), name=f"lease-{name}", daemon=True)
@@ -160,13 +163,28 @@ def hold(service: str, occupy: int) -> Iterator[None]:
             renewing.set()
             renewer.join()
             _release(lease_id, name, occupy, time.monotonic() - started)
+            _emit("released", limit, occupy, follows=acquired)
     finally:
         note.unlink(missing_ok=True)
 
 
-def _acquire(name: str, occupy: int) -> UUID | None:
-    """The lease on `occupy` slots of limit `name`, waiting at most SLOT_WAIT_S (see `hold`); None if the
-    process is stopping."""
+def _emit(
+    phase: str, limit: MinimalConcurrencyLimitResponse, occupy: int, follows: Event | None = None
+) -> Event | None:
+    """The event Prefect's own `concurrency()` emits when slots are acquired or released (same name and
+    resource), so the UI's event feed and Automations see batchflows' slots like any other."""
+    resource = {
+        "prefect.resource.id": f"prefect.concurrency-limit.{limit.id}",
+        "prefect.resource.name": limit.name,
+        "slots-acquired": str(occupy),
+        "limit": str(limit.limit),
+    }
+    return emit_event(f"prefect.concurrency-limit.{phase}", resource=resource, follows=follows)
+
+
+def _acquire(name: str, occupy: int) -> ConcurrencyLimitWithLeaseResponse | None:
+    """The lease on `occupy` slots of limit `name` (and the limit), waiting at most SLOT_WAIT_S (see `hold`);
+    None if the process is stopping."""
     waited = 0.0
     holder = _holder()
     with get_client(sync_client=True) as client:
@@ -185,7 +203,7 @@ def _acquire(name: str, occupy: int) -> UUID | None:
                 granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
                 if not granted.limits:
                     raise SlotWaitError(f"there is no active global concurrency limit {name}")
-                return granted.lease_id
+                return granted
             waited += time.monotonic() - asked
             freed = reclaim(name)
             limit = client.read_global_concurrency_limit_by_name(name)

@@ -118,6 +118,38 @@ def test_breaker_transitions_are_prefect_events(prefect_api: None) -> None:
     assert found == wanted
 
 
+def test_held_slots_are_prefect_concurrency_events(prefect_api: None) -> None:
+    """A phase's slots are taken and given back through Prefect's public client, with the events Prefect's own
+    `concurrency()` emits, and leave the limit as they found it."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.worker import EventsWorker
+
+    service = f"t-{uuid.uuid4().hex[:6]}"
+    limits.ensure_service_limits(service, 3)
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(limits.limit_name(service))
+        with limits.hold(service, occupy=2):
+            assert client.read_global_concurrency_limit_by_name(limit.name).active_slots == 2
+        assert client.read_global_concurrency_limit_by_name(limit.name).active_slots == 0
+    EventsWorker.drain_all(timeout=30)
+    found: list[str] = []
+    deadline = time.monotonic() + 30
+    wanted = ["prefect.concurrency-limit.acquired", "prefect.concurrency-limit.released"]
+    while found != wanted and time.monotonic() < deadline:  # the server stores events a moment after receipt
+        time.sleep(0.5)
+        with get_client(sync_client=True) as client:
+            page = client.read_events(
+                filter=EventFilter(
+                    event=EventNameFilter(name=wanted),
+                    resource=EventResourceFilter(id=[f"prefect.concurrency-limit.{limit.id}"]),
+                ),
+                limit=50,
+            )
+        found = sorted(e.event for e in page.events)
+    assert found == wanted
+
+
 def test_a_run_keeps_the_shared_limit_and_says_so(prefect_api: None, caplog: pytest.LogCaptureFixture) -> None:
     service = f"t-{uuid.uuid4().hex[:6]}"
     assert limits.ensure_service_limits(service, 3, rpm=30)[0] == 3  # the first run creates them
