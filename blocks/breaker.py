@@ -54,6 +54,11 @@ class CircuitBreaker(Block):
     _persist: bool = PrivateAttr(True)
     _save_name: str | None = PrivateAttr(None)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (for a task in another process) as its settings, state and block name: the copy saves
+        its transitions to the same block; its lock and events are its own process's."""
+        return _restore, (type(self), self.model_dump(), self._save_name, self._persist)
+
     @classmethod
     def load_or_create(
         cls,
@@ -163,3 +168,9 @@ class CircuitBreaker(Block):
                 self.save(self._save_name, overwrite=True)
             except Exception as exc:  # the breaker must keep working when the API hiccups
                 log.warning("Circuit breaker: could not persist state %s: %s", state, exc)
+
+
+def _restore(cls: type[CircuitBreaker], fields: dict[str, Any], save_name: str | None, persist: bool) -> CircuitBreaker:
+    breaker = cls.model_validate(fields)
+    breaker._save_name, breaker._persist = save_name, persist
+    return breaker

@@ -58,6 +58,11 @@ class RowLedger(Block):
     _conn: sqlite3.Connection | None = PrivateAttr(None)
     _shared: _SharedRows | None = PrivateAttr(None)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (for a task in another process) as its settings: its connection and lock are this
+        process's own, so the copy opens its own."""
+        return type(self).model_validate, (self.model_dump(),)
+
     def _rows(self) -> _SharedRows | None:
         """The shared database's rows when `url` is set (else the SQLite file is used)."""
         if self.url and self._shared is None:

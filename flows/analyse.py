@@ -19,6 +19,7 @@ from blocks.settings import FORM
 from blocks.workspace import workspace_slug
 from flows.phase import PhaseSpec, load_blocks, rows_state, run_name, run_phase
 from tasks.analyse import FAILED_ANALYSIS, PROMPT_VERSION, analyse_item, merge
+from tasks.calls import Call
 from tasks.inputs import InputError, read_input
 from tasks.preflight import check_workspace
 from tasks.report import publish, stable_key, write_frame
@@ -99,7 +100,9 @@ def analyse(
     mode = "sequentially" if sequential else f"in parallel, {settings.batch_size} at a time"
     log.info(f"Analysing {len(items)} items {mode}")
     t0 = time.monotonic()
-    outcomes = run_phase(spec, rows, lambda item: analyse_item(client, settings.endpoint, item))
+    outcomes = run_phase(
+        spec, rows, Call(analyse_item, workspace, settings.timeout, "item", {"endpoint": settings.endpoint})
+    )
     analysis_s = time.monotonic() - t0
     analyses: dict[str, dict[str, Any]] = {}
     failures = []

@@ -5,8 +5,9 @@ batches of the uncached items only, as one phase; each good answer is cached the
 items of a batch that failed after its retries go through a second phase one item per call (the seed's
 fallback); what still fails is an error per item, never a lost row.
 
-A job supplies `call(batch, before_call) -> BatchAnswer`: the answers by item id, the problems by item id,
-and the number of calls and tokens it took (`before_call` is the rate limit, for calls after the first).
+A job supplies `call(batch, before_call=...) -> BatchAnswer` (a `tasks.calls.Call`: data, not a closure):
+the answers by item id, the problems by item id, and the number of calls and tokens it took (`before_call`
+is the rate limit, for calls after the first).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from flows.phase import PhaseSpec, run_phase
 from tasks.batched import BatchAnswer, PartialAnswer
-from tasks.limits import rate_limit_for, scoped
+from tasks.limits import RateLimit, rate_limit_for, scoped
 from tasks.meter import metered
 from tasks.report import stable_key
 from tasks.resilience import Cache, RetryPolicy, Row, run_logger
@@ -59,13 +60,45 @@ def pending(
     return cached, [item for item in items if item["id"] not in cached]
 
 
+@dataclass
+class BatchSend:
+    """The phase's call for one batch, as data (a task runner may send it to another process): asks `call` for
+    the batch's items not answered yet. Answers of an attempt that failed part-way are cached at once and
+    `kept`: a retry asks only for the rest, and the batch's answer holds both."""
+
+    call: Callable[..., BatchAnswer]  # call(items, before_call=...)
+    cache: Cache
+    key: Callable[[dict[str, Any]], str]
+    rate_limit: RateLimit | None
+    kept: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, batch: list[dict[str, Any]]) -> BatchAnswer:
+        todo = [item for item in batch if item["id"] not in self.kept]
+        earlier = {item["id"]: self.kept[item["id"]] for item in batch if item["id"] in self.kept}
+        if not todo:
+            return {"good": earlier, "problems": {}, "tokens": 0}
+        try:
+            answer = self.call(todo, before_call=self.rate_limit)
+        except PartialAnswer as partial:
+            self._keep(todo, partial.good)
+            raise partial.error from partial  # the retry policy judges the error itself
+        self._keep(todo, answer["good"])
+        return {**answer, "good": {**earlier, **answer["good"]}}
+
+    def _keep(self, items: list[dict[str, Any]], good: dict[str, Any]) -> None:
+        for item in items:
+            if item["id"] in good:
+                self.cache.ledger.put(self.cache.step, self.cache.version, self.key(item), good[item["id"]])
+        self.kept.update(good)
+
+
 def run_batched(
     job: BatchedJob,
     cached: dict[str, Any],
     todo: list[dict[str, Any]],
     key: Callable[[dict[str, Any]], str],
     pack: Callable[[list[dict[str, Any]]], list[list[dict[str, Any]]]],
-    call: Callable[[list[dict[str, Any]], Callable[[], None] | None], BatchAnswer],
+    call: Callable[..., BatchAnswer],
 ) -> BatchedResult:
     """Answer every item (each has an "id"): `cached` and `todo` as `pending` split them; the items to do
     go in batches, or alone after their batch failed."""
@@ -76,28 +109,7 @@ def run_batched(
     if not todo:
         return result
     rate_limit = rate_limit_for(scoped(job.service, job.workspace), job.rpm)  # run_phase creates it first
-
-    kept: dict[str, Any] = {}  # answers kept from attempts that failed part-way: never asked again
-
-    def keep(good: dict[str, Any]) -> None:
-        for item_id, value in good.items():
-            job.cache.ledger.put(job.cache.step, job.cache.version, key(by_id[item_id]), value)
-        kept.update(good)
-
-    def send(batch: list[dict[str, Any]]) -> BatchAnswer:
-        todo = [item for item in batch if item["id"] not in kept]
-        earlier = {item["id"]: kept[item["id"]] for item in batch if item["id"] in kept}
-        if not todo:
-            return {"good": earlier, "problems": {}, "tokens": 0}
-        try:
-            answer = call(todo, rate_limit)
-        except PartialAnswer as partial:
-            keep(partial.good)
-            raise partial.error from partial  # the retry policy judges the error itself
-        keep(answer["good"])
-        return {**answer, "good": {**earlier, **answer["good"]}}
-
-    by_id = {item["id"]: item for item in todo}
+    send = BatchSend(call, job.cache, key, rate_limit)
     with metered() as meter:  # every HTTP attempt of both phases, re-asks and retries included
         _run_phases(job, result, pack(todo), send)
     result.calls = meter.calls
@@ -108,7 +120,7 @@ def _run_phases(
     job: BatchedJob,
     result: BatchedResult,
     batches: list[list[dict[str, Any]]],
-    send: Callable[[list[dict[str, Any]]], BatchAnswer],
+    send: BatchSend,
 ) -> None:
     """The batches as one phase, then the items of failed batches one per call."""
     log = run_logger()
@@ -144,7 +156,7 @@ def run_all(
     items: list[dict[str, Any]],
     key: Callable[[dict[str, Any]], str],
     pack: Callable[[list[dict[str, Any]]], list[list[dict[str, Any]]]],
-    call: Callable[[list[dict[str, Any]], Callable[[], None] | None], BatchAnswer],
+    call: Callable[..., BatchAnswer],
 ) -> BatchedResult:
     """`pending`, then `run_batched`: for jobs with nothing to decide between the cache and the calls."""
     cached, todo = pending(job, items, key)

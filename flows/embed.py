@@ -20,6 +20,7 @@ from blocks.settings import FORM
 from blocks.workspace import workspace_slug
 from flows.batched import BatchedJob, content_key, pending, run_batched
 from flows.phase import load_blocks, rows_state, run_name
+from tasks.calls import Call
 from tasks.embed import (
     BudgetExceeded,
     DeltaVectorStore,
@@ -160,7 +161,7 @@ def embed(
         todo,
         key=content_key,
         pack=lambda items: [items[i : i + settings.batch_size] for i in range(0, len(items), settings.batch_size)],
-        call=lambda batch, before_call: embed_batch(client, settings.endpoint, batch, before_call),
+        call=Call(embed_batch, workspace, settings.timeout, "batch", {"endpoint": settings.endpoint}),
     )
     stored = store.upsert(settings.endpoint, docs, result.values)
     summary = _finish(docs, errors, result, plan, stored, store.path, started, output_dir)

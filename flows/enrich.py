@@ -19,11 +19,12 @@ from blocks.settings import FORM
 from blocks.workspace import workspace_slug
 from flows.batched import BatchedJob, BatchedResult, content_key, run_all
 from flows.phase import load_blocks, rows_state, run_name
+from tasks.calls import Call
 from tasks.enrich import (
     MAX_BATCH,
     PROMPT_VERSION,
     check_rows,
-    enrich_batch,
+    enrich_by_schema,
     field_specs,
     load_schema,
     pack,
@@ -123,8 +124,12 @@ def enrich(
         items,
         key=content_key,
         pack=lambda todo: pack(todo, settings.batch_size, settings.max_batch_tokens),
-        call=lambda batch, before_call: enrich_batch(
-            client, settings.endpoint, batch, model, instructions, before_call=before_call
+        call=Call(
+            enrich_by_schema,
+            workspace,
+            settings.timeout,
+            "items",
+            {"endpoint": settings.endpoint, "schema_path": schema_path, "instructions": instructions},
         ),
     )
     summary = _finish(frame, model, items, errors, result, started, output_dir)

@@ -7,6 +7,7 @@ A job's phase is a few lines: build `Row`s and a `call`, then `run_phase(...)`.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -23,7 +24,7 @@ from prefect.states import Completed, Failed
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
 from blocks.workspace import DatabricksWorkspace
-from tasks import progress, stopping
+from tasks import meter, progress, stopping
 from tasks.inputs import InputError
 from tasks.limits import RateLimit, ensure_service_limits, hold, scoped
 from tasks.resilience import Attempts, Cache, RetryPolicy, Row, RowOutcome, Stop, lane, run_logger, run_rows
@@ -103,6 +104,22 @@ class PhaseSpec:
         return scoped(self.service, self.workspace)
 
 
+@dataclass
+class TaskResult:
+    """What a phase's task hands back: its rows' outcomes, and the calls they made when it ran in another
+    process (a process-based task runner), whose meters the flow's process cannot see."""
+
+    outcomes: list[RowOutcome]
+    pid: int = field(default_factory=os.getpid)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def taken(self) -> list[RowOutcome]:
+        """The outcomes, counting the calls made in another process on this one's meters."""
+        if self.pid != os.getpid():
+            meter.add(self.calls)
+        return self.outcomes
+
+
 @task(task_run_name="{phase}-rows-{first}", cache_policy=NO_CACHE, persist_result=False)
 def run_chunk(
     rows: list[Row], call: Callable[[Any], Any], phase: str, first: int, spec: PhaseSpec, rate_limit: RateLimit | None
@@ -110,26 +127,30 @@ def run_chunk(
     """One chunk of a phase: its rows' calls, concurrently, through the phase's shared lane. Its state says
     how many rows failed and why (Failed when all did); its data is every row's outcome."""
     concurrency = 1 if spec.sequential else spec.concurrency
-    outcomes = run_rows(
-        rows,
-        call,
-        lane=lane(spec.limits, concurrency, rate_limit),
-        policy=spec.policy,
-        log=run_logger(),
-        breaker=spec.breaker,
-        cache=spec.cache,
-        sequential=spec.sequential,
-        on_done=_progress_of(spec.name),
-        stop=spec.stop,
-    )
+    with meter.metered() as calls:
+        outcomes = run_rows(
+            rows,
+            call,
+            lane=lane(spec.limits, concurrency, rate_limit),
+            policy=spec.policy,
+            log=run_logger(),
+            breaker=spec.breaker,
+            cache=spec.cache,
+            sequential=spec.sequential,
+            on_done=_progress_of(spec.name),
+            stop=spec.stop,
+        )
     deferred = sum(1 for o in outcomes if o.status == "deferred")
     return rows_state(
-        outcomes,
+        TaskResult(outcomes, calls=dict(calls.by_kind)),
         len(outcomes) - deferred,
         (o.error_kind or "error" for o in outcomes if o.status == "failed"),
         "succeeded",
         f"; {deferred} left for the sequential fallback" if deferred else "",
     )
+
+
+_ATTEMPT_CALLS: dict[str, Counter[str]] = {}  # a row task's calls, by task run, over its attempts
 
 
 class RetryRow(Exception):
@@ -153,7 +174,7 @@ def run_row(
     row's failed outcome as its data: a failure is data, never lost. A row from an earlier run is Cached.
     """
     if cached is not None:
-        return Completed(name="Cached", message="answered in an earlier run (row ledger)", data=cached)
+        return Completed(name="Cached", message="answered in an earlier run (row ledger)", data=TaskResult([cached]))
     from prefect.runtime import task_run
 
     attempt = task_run.run_count
@@ -166,16 +187,20 @@ def run_row(
         spec.cache,
         spec.stop,
     )
-    outcome, delay = attempts.one(row, attempt, time.monotonic())
+    made = _ATTEMPT_CALLS.setdefault(str(task_run.id), Counter())  # Prefect retries a task in its process
+    with meter.metered() as calls:
+        outcome, delay = attempts.one(row, attempt, time.monotonic())
+    made.update(calls.by_kind)
     if outcome is None:
         stopping.sleep(delay)
         raise RetryRow(f"{label}: attempt {attempt} failed; Prefect retries it after {delay:.3g}s of backoff")
     _progress_of(spec.name)(outcome)
+    result = TaskResult([outcome], calls=dict(_ATTEMPT_CALLS.pop(str(task_run.id))))
     if outcome.status == "failed":
-        return Failed(message=f"{outcome.error_kind}: {outcome.message}", data=outcome)
+        return Failed(message=f"{outcome.error_kind}: {outcome.message}", data=result)
     if outcome.status == "deferred":
-        return Completed(message="circuit open: left for the sequential fallback", data=outcome)
-    return Completed(message=f"answered (attempt {attempt})", data=outcome)
+        return Completed(message="circuit open: left for the sequential fallback", data=result)
+    return Completed(message=f"answered (attempt {attempt})", data=result)
 
 
 def _progress_of(phase: str) -> Callable[[RowOutcome], None]:
@@ -239,7 +264,7 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
         )
         for future in futures:
             future.wait()
-        results = [outcome for future in futures for outcome in summary_of(future.state)]
+        results = [outcome for future in futures for outcome in summary_of(future.state).taken()]
     outcomes.update((o.key, o) for o in results)
     return _fallback(spec, pending, outcomes, call, rate_limit)
 
@@ -263,7 +288,7 @@ def _run_per_row(
         )
         for future in futures:
             future.wait()
-        outcomes.update((o.key, o) for o in (summary_of(f.state) for f in futures))
+        outcomes.update((o.key, o) for f in futures for o in summary_of(f.state).taken())
     return _fallback(spec, rows, outcomes, call, rate_limit)
 
 

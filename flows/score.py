@@ -21,7 +21,7 @@ from blocks.settings import Preset, ScoreOverrides, ScoreSettings, resolve_score
 from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace, workspace_key, workspace_slug
 from flows.phase import PhaseSpec, load_blocks, rows_state, run_name, run_phase
 from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions, space_benchmarks
-from tasks.calls import ask_genie, run_sql
+from tasks.calls import Call, ask_genie, run_sql
 from tasks.compare import Rounding, Rules, compare, rounding, sorting
 from tasks.guard import read_only_problem
 from tasks.history import HistoryError, HistoryStore
@@ -92,7 +92,8 @@ def score(
     workspace, ledger = load_blocks(workspace_block, ledger_block)
     check_workspace(workspace, space_id=space_id, warehouse_id=warehouse_id, endpoints=[settings.judge_endpoint])
     # one HTTP request never needs the whole answer's time: a hung one is dropped after a minute at most
-    genie_client = workspace.client(min(settings.genie_timeout, 60))
+    genie_timeout = min(settings.genie_timeout, 60)
+    genie_client = workspace.client(genie_timeout)
     space, config = _space(genie_client, space_id)
     items = _benchmarks(benchmarks, config, space_id)
     flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
@@ -146,8 +147,17 @@ def score(
         answers = run_phase(
             genie_spec,
             genie_rows,
-            lambda q: ask_genie(
-                genie_client, space_id, q, settings.genie_timeout, settings.genie_poll_initial, settings.genie_poll_max
+            Call(
+                ask_genie,
+                workspace,
+                genie_timeout,
+                "question",
+                {
+                    "space_id": space_id,
+                    "timeout_s": settings.genie_timeout,
+                    "poll_initial_s": settings.genie_poll_initial,
+                    "poll_max_s": settings.genie_poll_max,
+                },
             ),
         )
     answered = sum(1 for o in answers.values() if o.status == "ok")
@@ -172,7 +182,7 @@ def score(
         ):
             sql, parameters = answer.value["sql"], answer.value.get("parameters")
             statements[_sql_key(warehouse_id, sql, parameters)] = {"sql": sql, "parameters": parameters}
-    sql_client = workspace.client(min(settings.sql_timeout, 55) + 5)  # above the 50 s the server is asked to wait
+    sql_timeout = min(settings.sql_timeout, 55) + 5  # above the 50 s the server is asked to wait
     sql_spec = PhaseSpec(
         "sql",
         "sql",
@@ -188,13 +198,12 @@ def score(
         results = run_phase(
             sql_spec,
             sql_rows,
-            lambda s: run_sql(
-                sql_client,
-                warehouse_id,
-                s["sql"],
-                settings.sql_timeout,
-                row_limit=settings.sql_row_limit,
-                parameters=s.get("parameters"),
+            Call(  # a statement is {"sql", "parameters"}
+                run_sql,
+                workspace,
+                sql_timeout,
+                None,
+                {"warehouse_id": warehouse_id, "timeout_s": settings.sql_timeout, "row_limit": settings.sql_row_limit},
             ),
         )
     ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
@@ -493,7 +502,8 @@ def _judge(
         workspace=workspace_slug(client.config.host),
     )
     rows = [Row(stable_key([k for k, _ in chunk]), i, [c for _, c in chunk]) for i, chunk in enumerate(chunks)]
-    outcomes = run_phase(spec, rows, lambda batch: judge_cases(client, settings.judge_endpoint, batch))
+    judge = Call(judge_cases, workspace, settings.eval_timeout, "items", {"endpoint": settings.judge_endpoint})
+    outcomes = run_phase(spec, rows, judge)
     for chunk, chunk_row in zip(chunks, rows, strict=True):
         outcome = outcomes[chunk_row.key]
         if outcome.status != "ok":

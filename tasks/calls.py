@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import requests
@@ -23,6 +24,7 @@ from databricks.sdk.service.sql import (
     StatementState,
 )
 
+from blocks.workspace import DatabricksWorkspace
 from tasks import meter
 from tasks.errors import CallTimeout, InvalidResponse, NotFound, PermanentError, TransientError, classify
 
@@ -47,6 +49,29 @@ class GenieTimeout(PermanentError):
     def __init__(self, message: str, timeout_s: float) -> None:
         super().__init__(message)
         self.timeout_s = timeout_s
+
+
+@dataclass(frozen=True)
+class Call:
+    """A phase's call as data, so that any task runner can send it to another process: a module-level
+    function (pickled by its name), the workspace's connection settings, the client's timeout and the
+    function's other arguments. The client is built where the call runs (`DatabricksWorkspace.client`: one
+    per process, connection and timeout).
+
+        Call(ask_genie, workspace, 60, "question", {"space_id": "retail", "timeout_s": 600})("How many orders?")
+
+    `payload_as` names the argument a row's payload is; None when the payload is a dict of arguments.
+    """
+
+    fn: Callable[..., Any]
+    workspace: DatabricksWorkspace
+    timeout_s: float
+    payload_as: str | None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, payload: Any, **more: Any) -> Any:
+        given = {self.payload_as: payload} if self.payload_as else payload
+        return self.fn(self.workspace.client(self.timeout_s), **self.params, **more, **given)
 
 
 def ask_genie(

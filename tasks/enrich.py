@@ -4,6 +4,7 @@ batched LLM call validated element by element.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -206,6 +207,24 @@ def system_prompt(model: type[BaseModel], instructions: str) -> str:
         f"{instructions}\nReply with only a JSON array: one object per input item, in any order, each with the "
         f'item\'s "id" and these fields (JSON schema): {json.dumps(schema_of(model), ensure_ascii=False)}'
     )
+
+
+def enrich_by_schema(
+    client: WorkspaceClient,
+    endpoint: str,
+    items: list[dict[str, Any]],
+    schema_path: str | None,
+    instructions: str,
+    before_call: Callable[[], None] | None = None,
+) -> BatchAnswer:
+    """`enrich_batch` with the output model named by its schema file (None: `Tldr`): a call that is data
+    (`tasks.calls.Call`) names the model, as a model built from a schema at run time cannot be pickled."""
+    return enrich_batch(client, endpoint, items, _model(schema_path), instructions, before_call)
+
+
+@functools.lru_cache(maxsize=16)
+def _model(schema_path: str | None) -> type[BaseModel]:
+    return load_schema(schema_path)
 
 
 def enrich_batch(

@@ -63,3 +63,13 @@ def count(kind: Kind) -> None:
     while meter is not None:
         meter._add(kind)
         meter = meter.parent
+
+
+def add(counts: dict[str, int]) -> None:
+    """Count calls made elsewhere (by a task in another process: its meters are not this process's) on
+    every current meter."""
+    meter = _CURRENT.get()
+    while meter is not None:
+        with meter._lock:
+            meter.by_kind.update(counts)
+        meter = meter.parent

@@ -142,6 +142,10 @@ class Stop:
     error: BatchflowsError | None = None
     _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (a task in another process) as its error: its lock belongs to this process."""
+        return Stop, (self.error,)
+
     def trip(self, error: BatchflowsError) -> bool:
         """Stop on `error` if it is a service's permanent refusal; True for the call that stopped it."""
         if not isinstance(error, Unauthorized | NotFound):
