@@ -126,8 +126,8 @@ def ensure_service_limits(service: str, concurrency_limit: int, rpm: float = 0) 
 def hold(service: str, occupy: int) -> Iterator[None]:
     """Hold `occupy` slots of the service's global limit for the duration of a phase.
 
-    The slots are leased for Prefect's minimum of 60 s, held by this flow run (the UI's Concurrency page
-    shows the holder) and renewed while the phase runs. A process killed with -9 cannot release them: the
+    The slots are leased for Prefect's minimum of 60 s, with this flow run recorded as the lease's holder,
+    and renewed while the phase runs. A process killed with -9 cannot release them: the
     server takes them back when the lease lapses (about 75 s with `prefect server`; never with the ephemeral
     API, which runs no repossessor). So each holder leaves a note in BATCHFLOWS_HOME, written before it asks
     for the slots, and the next run on this machine gives back the slots of dead processes at once
