@@ -5,6 +5,7 @@ when it is better, and always remove the copy.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -25,11 +26,12 @@ from pydantic import BaseModel, Field
 
 from blocks.ledger import history_store
 from blocks.settings import FORM, ScoreSettings
-from blocks.workspace import workspace_key, workspace_slug
+from blocks.workspace import DatabricksWorkspace, workspace_key, workspace_slug
 from flows.batched import BatchedJob, run_all
 from flows.phase import TAGS, load_blocks, run_name, summary_of
 from flows.score import score
 from tasks.benchmarks import Benchmark, load_benchmarks, space_benchmarks
+from tasks.calls import Call
 from tasks.improve import (
     CATEGORIES,
     LEARN_PROMPT,
@@ -158,7 +160,7 @@ def improve(
     baseline = current["score"]
 
     llm = RetryPolicy(retries=settings.retry_attempts, base_delay_s=settings.retry_delay)
-    patterns, learn_problems = _learn(client, ledger, settings, llm, items)
+    patterns, learn_problems = _learn(workspace, ledger, settings, llm, items)
     by_id = {p["id"]: p for p in patterns}
     log.info(
         f"Learned {len(patterns)} patterns from {len(items)} benchmarks: {dict(Counter(p['kind'] for p in patterns))}"
@@ -174,7 +176,7 @@ def improve(
         if not failing:
             stop = "every benchmark passes" if not noise else "every steady benchmark passes"
             break
-        fixes, rejected, errors = _propose(client, ledger, settings, llm, failing, patterns, config)
+        fixes, rejected, errors = _propose(workspace, ledger, settings, llm, failing, patterns, config)
         new_config, applied, skipped = apply_fixes(config, fixes)
         try:  # checked before any write: a workspace refuses what breaks its rules, after the dev copy's costs
             check_space_config(new_config)
@@ -282,30 +284,40 @@ def _passed(card: dict[str, Any]) -> int:
 
 
 def _learn(
-    client: WorkspaceClient, ledger: Any, settings: ImproveSettings, policy: RetryPolicy, items: list[Benchmark]
+    workspace: DatabricksWorkspace,
+    ledger: Any,
+    settings: ImproveSettings,
+    policy: RetryPolicy,
+    items: list[Benchmark],
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Patterns of all benchmarks (passing and failing), one call per batch, each benchmark's cached."""
     cache = Cache(ledger, "learn", f"{LEARN_PROMPT}:{settings.endpoint}")
-    job = BatchedJob(
-        "learn", "llm", cache, settings.max_concurrent, policy, workspace=workspace_slug(client.config.host)
-    )
+    job = BatchedJob("learn", "llm", cache, settings.max_concurrent, policy, workspace=_slug(workspace, settings))
     todo_items = [{"id": b.id, "question": b.question, "expected_sql": b.expected_sql} for b in items]
-
-    def key(item: dict[str, Any]) -> str:
-        return stable_key(item["question"], item["expected_sql"])
-
     result = run_all(
         job,
         todo_items,
-        key=key,
+        key=_learned_key,
         pack=lambda todo: _batches(todo, settings.learn_batch_size),
-        call=lambda batch, before: learn_batch(client, settings.endpoint, batch, before),
+        call=Call(learn_batch, workspace, settings.timeout, "items", {"endpoint": settings.endpoint}),
     )
     return merge_patterns(result.values), result.errors
 
 
+def _learned_key(item: dict[str, Any]) -> str:
+    return stable_key(item["question"], item["expected_sql"])
+
+
+def _proposed_key(item: dict[str, Any], context: str) -> str:
+    return stable_key(item, context)
+
+
+def _slug(workspace: DatabricksWorkspace, settings: ImproveSettings) -> str:
+    return workspace_slug(workspace.client(settings.timeout).config.host)
+
+
 def _propose(
-    client: WorkspaceClient,
+    workspace: DatabricksWorkspace,
     ledger: Any,
     settings: ImproveSettings,
     policy: RetryPolicy,
@@ -315,28 +327,29 @@ def _propose(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
     """(valid fixes merged across benchmarks, rejected fixes with their problem, benchmarks with no answer)."""
     space = space_summary(config)
-    context = stable_key(patterns, space)
     job = BatchedJob(
         "propose",
         "llm",
         Cache(ledger, "propose", f"{PROPOSE_PROMPT}:{settings.endpoint}"),
         settings.max_concurrent,
         policy,
-        workspace=workspace_slug(client.config.host),
+        workspace=_slug(workspace, settings),
     )
     fields = ("id", "question", "expected_sql", "genie_sql", "verdict", "reason")
     todo_items = [{f: r[f] for f in fields} for r in failing]
-
-    def key(item: dict[str, Any]) -> str:
-        return stable_key(item, context)
-
     shown = [{k: p[k] for k in ("id", "kind", "term", "name", "maps_to")} for p in patterns]
     result = run_all(
         job,
         todo_items,
-        key=key,
+        key=functools.partial(_proposed_key, context=stable_key(patterns, space)),
         pack=lambda todo: _batches(todo, settings.propose_batch_size),
-        call=lambda batch, before: propose_batch(client, settings.endpoint, batch, shown, space, before),
+        call=Call(
+            propose_batch,
+            workspace,
+            settings.timeout,
+            "items",
+            {"endpoint": settings.endpoint, "patterns": shown, "space": space},
+        ),
     )
     by_id = {p["id"]: p for p in patterns}
     merged: dict[str, dict[str, Any]] = {}
