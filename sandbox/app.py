@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from sandbox import models
-from sandbox.faults import GROUPS, FaultMiddleware, FaultSpec, Ledger
+from sandbox.faults import GROUPS, FaultMiddleware, FaultSpec, Ledger, OverCapacity
 from sandbox.genie import AnswerMix, Genie, normalise_question
 from sandbox.space_rules import SpaceRuleError, check
 from sandbox.userdata import load_answers
@@ -85,11 +85,20 @@ def create_app(ws: Workspace) -> Any:
     app = FastAPI(title="batchflows sandbox workspace", docs_url=None, redoc_url=None)
     app.state.ws = ws
 
-    def refused(request: Request, status: int) -> None:
-        """Count a primary request the workspace refused (bad token, unknown resource): a call all the same."""
+    def refused(request: Request, status: int, why: str = "refused") -> None:
+        """Count a primary request the workspace refused (bad token, unknown resource, over capacity): a call
+        all the same."""
         group = request.scope.get("state", {}).get("sandbox_group")
         if group is not None:
-            ws.ledger.record(group, request.url.path, status, "refused")
+            ws.ledger.record(group, request.url.path, status, why)
+
+    @app.exception_handler(OverCapacity)
+    async def _over_capacity(request: Request, exc: OverCapacity) -> JSONResponse:
+        refused(request, 429, "capacity")
+        headers = {"Retry-After": str(max(0, round(exc.wait_s)))}
+        message = f"Too many requests: {exc}. Please wait and retry."
+        body = {"error_code": "REQUEST_LIMIT_EXCEEDED", "message": message}
+        return JSONResponse(body, status_code=429, headers=headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -166,6 +175,7 @@ def _genie_routes(app: FastAPI, ws: Workspace) -> None:
             raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Conversation {conversation_id} does not exist.")
         fields = sorted(await _json(request))
         spec = ws.ledger.spec("genie")
+        ws.ledger.admit("genie")  # beyond the hidden capacity: 429 (OverCapacity); its interval opens below
         fail = ws.ledger.draw("genie", ("genie_failed",)) == "genie_failed"
         now = time.time()
         message = genie.ask(
@@ -472,6 +482,7 @@ def _serving_routes(app: FastAPI, ws: Workspace) -> None:
         body = await _json(request)
         rng = ws.ledger.rng()
         start = time.time()
+        ws.ledger.admit(group)  # beyond the hidden capacity: 429 (OverCapacity)
         interval = ws.ledger.open_interval(group, start)
         try:
             await asyncio.sleep(ws.ledger.spec(group).latency_s(rng))

@@ -10,6 +10,7 @@ intervals during which each call was in flight, so tests can assert exact call n
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import threading
@@ -69,6 +70,15 @@ class FaultSpec(BaseModel):
     rate_empty: float = Field(0, ge=0, le=1, description="the reply's first element with every text blanked")
     rate_genie_failed: float = Field(0, ge=0, le=1)
     down: bool = Field(False, description="answer every primary request with 503")
+    capacity_concurrent: int = Field(
+        0, ge=0, description="hidden capacity: a call beyond this many in flight is answered 429 (0: no limit)"
+    )
+    capacity_rpm: float = Field(
+        0,
+        ge=0,
+        description="hidden rate: a call beyond this many in the last 60 s is answered 429, with Retry-After "
+        "saying when the next one will be taken (0: no limit)",
+    )
     tasks: list[str] = Field(
         default_factory=list, description="chat only: the payload tasks content faults apply to (empty: all)"
     )
@@ -81,6 +91,14 @@ class FaultSpec(BaseModel):
         return max(0.0, self.latency_ms + jitter) / 1000
 
 
+class OverCapacity(Exception):
+    """A call beyond a group's hidden capacity: answered 429 with Retry-After `wait_s`."""
+
+    def __init__(self, wait_s: float, why: str) -> None:
+        super().__init__(why)
+        self.wait_s = wait_s
+
+
 @dataclass
 class _Group:
     spec: FaultSpec = field(default_factory=FaultSpec)
@@ -89,6 +107,7 @@ class _Group:
     calls: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     intervals: list[list[float]] = field(default_factory=list)
+    admitted: deque[float] = field(default_factory=deque)  # start times of calls within capacity_rpm's window
 
 
 class Ledger:
@@ -111,6 +130,26 @@ class Ledger:
 
     def spec(self, group: str) -> FaultSpec:
         return self._groups[group].spec
+
+    def admit(self, group: str) -> None:
+        """Count a new call of `group`, unless it is beyond the group's hidden capacity (`capacity_concurrent`
+        calls in flight, `capacity_rpm` calls in the last 60 s): then `OverCapacity` says how long to wait,
+        as a real service's 429 does once its pool or quota is full. A handler admits a call and opens its
+        in-flight interval with no await in between, so no other call slips in."""
+        with self._lock:
+            g, now = self._groups[group], time.time()
+            spec = g.spec
+            if spec.capacity_concurrent:
+                in_flight = sum(1 for s, e in g.intervals if s <= now < e)
+                if in_flight >= spec.capacity_concurrent:
+                    raise OverCapacity(spec.retry_after_s, f"{in_flight} calls in flight, the most it takes")
+            if spec.capacity_rpm:
+                while g.admitted and g.admitted[0] <= now - 60:
+                    g.admitted.popleft()
+                if len(g.admitted) >= spec.capacity_rpm:
+                    wait = float(math.ceil(g.admitted[0] + 60 - now))  # whole seconds, as Databricks sends them
+                    raise OverCapacity(wait, f"{len(g.admitted)} calls in the last minute, the most it takes")
+                g.admitted.append(now)
 
     def draw(self, group: str, kinds: tuple[str, ...]) -> str:
         """Pick the fault (or "ok") for the next request of `group` among `kinds`."""
@@ -170,7 +209,7 @@ class Ledger:
     def reset(self) -> None:
         with self._lock:
             for g in self._groups.values():
-                g.calls, g.faults, g.intervals = 0, Counter(), []
+                g.calls, g.faults, g.intervals, g.admitted = 0, Counter(), [], deque()
                 g.script, g.pending = deque(g.spec.script), deque()
             self.log.clear()
             self._rng = random.Random(self._seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -238,3 +239,33 @@ def test_a_retry_delay_in_the_error_details_is_the_wait_and_a_bare_503_is_a_serv
     assert isinstance(limited, RateLimited) and limited.retry_after_s == 7
     unavailable = classify(sdk_errors.TemporarilyUnavailable("try later"))
     assert isinstance(unavailable, ServerError) and unavailable.retry_after_s is None
+
+
+def _invoke(sb: Any) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": "hello"}]}
+    headers = {"Authorization": f"Bearer {sb.token}"}
+    return httpx.post(f"{sb.host}/serving-endpoints/{CHAT}/invocations", json=body, headers=headers, timeout=30)
+
+
+def test_a_hidden_concurrency_capacity_answers_429_beyond_it(sb: Any) -> None:
+    """Capacity mode: beyond `capacity_concurrent` calls in flight the endpoint answers 429 with Retry-After,
+    as a real serving endpoint does when its pool is full; the calls within it are served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sb.set_faults("chat", capacity_concurrent=2, latency_ms=500, retry_after_s=3)
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: _invoke(sb), range(5)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200, 200, 429, 429, 429], statuses
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.headers["retry-after"] == "3" and refused.json()["error_code"] == "REQUEST_LIMIT_EXCEEDED"
+    stats = sb.stats()["chat"]
+    assert stats["max_in_flight"] == 2 and stats["faults"] == {"capacity": 3} and stats["calls"] == 5
+
+
+def test_a_hidden_rate_capacity_says_when_the_next_call_is_taken(sb: Any) -> None:
+    sb.set_faults("chat", capacity_rpm=3)
+    assert [_invoke(sb).status_code for _ in range(3)] == [200, 200, 200]
+    refused = _invoke(sb)
+    assert refused.status_code == 429
+    assert 58 <= int(refused.headers["retry-after"]) <= 60  # when the first of the minute's three drops out
