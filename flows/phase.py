@@ -6,11 +6,12 @@ A job's phase is a few lines: build `Row`s and a `call`, then `run_phase(...)`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -25,9 +26,21 @@ from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
 from blocks.workspace import DatabricksWorkspace
 from tasks import meter, progress, stopping
+from tasks.adaptive import learned_start, remember
 from tasks.inputs import InputError
 from tasks.limits import RateLimit, ensure_service_limits, hold, scoped
-from tasks.resilience import Attempts, Cache, RetryPolicy, Row, RowOutcome, Stop, lane, run_logger, run_rows
+from tasks.resilience import (
+    Attempts,
+    Cache,
+    RetryPolicy,
+    Row,
+    RowOutcome,
+    Stop,
+    fresh_lane,
+    lane,
+    run_logger,
+    run_rows,
+)
 
 TAGS = ("batchflows",)  # on every run of ours, subflows and runs started from a terminal included
 
@@ -95,6 +108,8 @@ class PhaseSpec:
     fallback_max_wait_s: float = 180.0
     sequential: bool = False
     task_per_row: bool = False  # one Prefect task per row, named by it: for few, slow calls (Genie questions)
+    adaptive: bool = False  # find the concurrency the service takes, up to `concurrency` (tasks.adaptive)
+    adaptive_start: int = 0  # set by run_phase: the level this run starts at
     workspace: str = ""  # the workspace's slug: each workspace's service has its own limits
     stop: Stop = field(default_factory=Stop)  # run_phase gives each run its own
 
@@ -131,7 +146,7 @@ def run_chunk(
         outcomes = run_rows(
             rows,
             call,
-            lane=lane(spec.limits, concurrency, rate_limit),
+            lane=lane(spec.limits, concurrency, rate_limit, spec.adaptive_start),
             policy=spec.policy,
             log=run_logger(),
             breaker=spec.breaker,
@@ -180,7 +195,7 @@ def run_row(
     attempt = task_run.run_count
     attempts = Attempts(
         call,
-        lane(spec.limits, spec.concurrency, rate_limit),
+        lane(spec.limits, spec.concurrency, rate_limit, spec.adaptive_start),
         spec.policy,
         run_logger(),
         spec.breaker,
@@ -250,10 +265,10 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
     if not pending:
         return outcomes
     allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
-    spec = replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed))
+    spec = _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed)))
     concurrency = 1 if spec.sequential else spec.concurrency
     chunks = [pending] if spec.sequential else chunk_rows(pending, concurrency)
-    with hold(spec.limits, occupy=concurrency):
+    with hold(spec.limits, occupy=concurrency), _learning(spec, rate_limit):
         futures = run_chunk.map(
             chunks,
             unmapped(call),
@@ -269,14 +284,45 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
     return _fallback(spec, pending, outcomes, call, rate_limit)
 
 
+ADAPTED: dict[str, dict[str, int]] = {}  # by phase name: where its adaptive concurrency went in the last run
+
+
+def _adapting(spec: PhaseSpec) -> PhaseSpec:
+    """An adaptive phase starts where the last run of its service and workspace ended (tasks.adaptive)."""
+    if not spec.adaptive or spec.sequential:
+        return spec
+    start = learned_start(spec.limits, spec.concurrency)
+    fresh_lane(spec.limits, spec.concurrency, start)
+    run_logger().info(f"{spec.name}: adaptive concurrency starts at {start} (at most {spec.concurrency})")
+    return replace(spec, adaptive_start=start)
+
+
+@contextlib.contextmanager
+def _learning(spec: PhaseSpec, rate_limit: RateLimit | None) -> Iterator[None]:
+    """After an adaptive phase: log where its level went and keep it as the next run's start."""
+    try:
+        yield
+    finally:
+        if spec.adaptive_start:
+            level = lane(spec.limits, spec.concurrency, rate_limit, spec.adaptive_start).adaptive
+            if level is not None:
+                ADAPTED[spec.name] = {"start": spec.adaptive_start, **level.summary()}
+                remember(spec.limits, level.level)
+                run_logger().info(
+                    f"{spec.name}: adaptive concurrency went from {spec.adaptive_start} to {level.level} (lowest "
+                    f"{level.lowest}, highest {level.highest}, {level.cuts} cut(s) on 429/503); the next run "
+                    f"starts at {level.level}"
+                )
+
+
 def _run_per_row(
     spec: PhaseSpec, rows: Sequence[Row], cached: dict[str, RowOutcome], call: Callable[[Any], Any]
 ) -> dict[str, RowOutcome]:
     """`run_phase` with a Prefect task per row (cached rows too, shown Cached), then the fallback."""
     allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
-    spec = replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed))
+    spec = _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed)))
     outcomes = dict(cached)
-    with hold(spec.limits, occupy=spec.concurrency):
+    with hold(spec.limits, occupy=spec.concurrency), _learning(spec, rate_limit):
         futures = run_row.with_options(retries=spec.policy.retries).map(
             list(rows),
             unmapped(call),

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
 from tasks import stopping
+from tasks.adaptive import Adaptive, slows_down
 from tasks.errors import BatchflowsError, CallTimeout, NotFound, PermanentError, TransientError, Unauthorized, classify
 
 Status = Literal["ok", "failed", "deferred"]
@@ -85,27 +86,50 @@ class RowOutcome:
 
 @dataclass
 class Lane:
-    """What the calls to one service share inside this process: a semaphore held only around the call."""
+    """What the calls to one service share inside this process: `concurrency` calls at once (held only around
+    the call), or with `adaptive` the level the service's answers allow (tasks.adaptive)."""
 
     name: str
     concurrency: int
-    semaphore: threading.BoundedSemaphore
     rate_limit: Callable[[], None] | None = None  # waits for the service's rate limit, before each call
+    adaptive: Adaptive | None = None
     in_flight: int = 0
     peak: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _free: threading.Condition = field(default_factory=threading.Condition)
 
     def __enter__(self) -> Lane:
-        self.semaphore.acquire()
-        with self._lock:
+        with self._free:
+            while True:
+                allowed = self.adaptive.level if self.adaptive else self.concurrency
+                paused = self.adaptive.paused_until - time.monotonic() if self.adaptive else 0.0
+                if self.in_flight < allowed and paused <= 0:
+                    break
+                self._free.wait(timeout=paused if paused > 0 else 1.0)
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
         return self
 
     def __exit__(self, *_: object) -> None:
-        with self._lock:
+        with self._free:
             self.in_flight -= 1
-        self.semaphore.release()
+            self._free.notify_all()
+
+    def called(self, sent_at: float, error: BatchflowsError | None, log: Any) -> None:
+        """Tell an adaptive lane how a call sent at `sent_at` (time.monotonic) ended."""
+        if self.adaptive is None:
+            return
+        if error is None:
+            change = self.adaptive.succeeded()
+        elif slows_down(error):
+            change = self.adaptive.throttled(
+                sent_at, error.retry_after_s if isinstance(error, TransientError) else None
+            )
+        else:
+            return
+        if change:
+            log.info(f"{self.name}: {change}")
+            with self._free:
+                self._free.notify_all()
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
@@ -118,19 +142,27 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
         return logging.getLogger("batchflows")
 
 
-_LANES: dict[tuple[str, int], Lane] = {}
+_LANES: dict[tuple[str, int, bool], Lane] = {}
 _LANES_LOCK = threading.Lock()
 
 
-def lane(name: str, concurrency: int, rate_limit: Callable[[], None] | None = None) -> Lane:
-    """The process-wide lane for `name` at this concurrency (shared by every chunk and run in the process)."""
+def lane(name: str, concurrency: int, rate_limit: Callable[[], None] | None = None, adaptive_start: int = 0) -> Lane:
+    """The process-wide lane for `name` at this concurrency (shared by every chunk and run in the process).
+    With `adaptive_start` > 0, an adaptive lane whose level starts there (one per phase run: `fresh_lane`)."""
     with _LANES_LOCK:
-        key = (name, concurrency)
+        key = (name, concurrency, bool(adaptive_start))
         if key not in _LANES:
-            _LANES[key] = Lane(name, concurrency, threading.BoundedSemaphore(concurrency))
+            level = Adaptive(ceiling=concurrency, level=adaptive_start) if adaptive_start else None
+            _LANES[key] = Lane(name, concurrency, adaptive=level)
         found = _LANES[key]
         found.rate_limit = rate_limit
         return found
+
+
+def fresh_lane(name: str, concurrency: int, adaptive_start: int) -> None:
+    """Forget this process's adaptive lane for `name`, so the next `lane` call starts at `adaptive_start`."""
+    with _LANES_LOCK:
+        _LANES.pop((name, concurrency, True), None)
 
 
 @dataclass
@@ -273,6 +305,7 @@ class Attempts:
             except Exception as exc:
                 error = classify(exc)
         elapsed = time.monotonic() - t0
+        lane.called(t0, error, log)
         if error is None:
             if breaker is not None:
                 breaker.record_success()

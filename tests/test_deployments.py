@@ -319,24 +319,33 @@ def _choose(page: Any, label: str, option: str) -> None:
 
 
 def _submit(page: Any, button: str, sends: str) -> None:
-    """Press the form's `button` until the UI sends the request whose address holds `sends` (a click on a form
-    still settling can be lost, and then nothing was sent), check the server's answer, and wait until the UI has
-    left the form (it then shows what it saved)."""
+    """Press the form's `button` until the server takes the request whose address holds `sends`, and wait
+    until the UI has left the form (it then shows what it saved).
+
+    Pressed again when no such request went out (a click on a form still settling can be lost) or when the
+    server answered 503: the Prefect server on SQLite answers a write 503 when the database stays locked
+    (its worker and the runs write too), and nothing was saved, so a user presses again."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     form = page.url
-    for _ in range(3):
+    answers: list[str] = []
+    for _ in range(4):
         try:
             with page.expect_request(lambda r: sends in r.url and r.method != "GET", timeout=15_000) as sent:
                 page.get_by_role("button", name=button).click()
-            break
         except PlaywrightTimeout:
+            answers.append("no request")
             continue
+        answer = sent.value.response()
+        if answer is not None and answer.ok:
+            break
+        answers.append(f"{answer.status} {answer.text()[:300]}" if answer is not None else "no answer")
+        if answer is not None and answer.status != 503:
+            break
+        time.sleep(2)
     else:
-        raise AssertionError(f"pressing {button!r} sent no {sends} request; the page says:\n{_text(page)}")
-    answer = sent.value.response()
-    assert answer is not None, f"{sends}: no answer"
-    assert answer.ok, f"{sends}: {answer.status} {answer.text()[:500]}"
+        answer = None
+    assert answer is not None and answer.ok, f"pressing {button!r}: {sends} {answers}; the page says:\n{_text(page)}"
     try:
         page.wait_for_url(lambda url: url != form, timeout=60_000)
     except PlaywrightTimeout:
