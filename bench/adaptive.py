@@ -54,7 +54,8 @@ def main() -> None:
         ideal = args.n * args.latency / args.capacity
         hidden = f"{args.capacity} calls in flight"
     else:
-        ideal = (args.n - 1) * 60 / args.rpm
+        # a quota of rpm calls in any 60 s: a burst of rpm calls, then the next as the first drop out
+        ideal = (args.n - 1) // args.rpm * 60 + args.latency
         hidden = f"{args.rpm:g} calls a minute"
     print(f"N={args.n} calls of {args.latency * 1000:.0f} ms; hidden capacity {hidden}: ideal {ideal:.1f} s\n")
     print("| concurrency | ok | seconds | ideal / seconds | calls | answered 429 | 429 share | level |")

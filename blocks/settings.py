@@ -31,6 +31,11 @@ class ScoreSettings(BaseModel):
     model_config = FORM
 
     genie_max_concurrent: int = Field(3, ge=1, le=50, description="Genie questions in flight at once, across all runs")
+    genie_adaptive: bool = Field(
+        False,
+        description="adapt the Genie questions in flight to what the service takes, up to genie_max_concurrent: "
+        "fewer after a 429, one more after a round of successes; the next run starts where this one ended",
+    )
     genie_retry_attempts: int = Field(2, ge=0, le=10, description="retries per question after the first attempt")
     genie_retry_delay: float = Field(5, ge=0, description="seconds before the first retry; doubles each time")
     genie_timeout: float = Field(
@@ -47,6 +52,9 @@ class ScoreSettings(BaseModel):
     genie_poll_initial: float = Field(1, gt=0, le=5, description="first poll interval for an answer, seconds")
     genie_poll_max: float = Field(5, gt=0, le=30, description="longest poll interval, seconds")
     sql_max_concurrent: int = Field(10, ge=1, le=100, description="SQL statements in flight at once, across all runs")
+    sql_adaptive: bool = Field(
+        False, description="adapt the SQL statements in flight the same way, up to sql_max_concurrent"
+    )
     sql_timeout: float = Field(
         300, gt=0, description="seconds one statement may take, waiting for a stopped warehouse to start included"
     )
@@ -61,6 +69,9 @@ class ScoreSettings(BaseModel):
     eval_chunk_size: int = Field(10, ge=1, le=JUDGE_MAX_CHUNK, description="undecided cases per judge call")
     eval_timeout: float = Field(30, gt=0, description="seconds one judge call may take")
     eval_max_concurrent: int = Field(4, ge=1, le=50, description="judge calls in flight at once")
+    eval_adaptive: bool = Field(
+        False, description="adapt the judge calls in flight the same way, up to eval_max_concurrent"
+    )
     eval_retry_attempts: int = Field(2, ge=0, le=10, description="retries per judge call after the first attempt")
     judge_endpoint: str = Field(
         "databricks-meta-llama-3-3-70b-instruct",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from flows.phase import PhaseSpec, run_phase
+from flows.phase import ADAPTED, PhaseSpec, run_phase
 from tasks.batched import BatchAnswer, PartialAnswer
 from tasks.limits import RateLimit, rate_limit_for, scoped
 from tasks.meter import metered
@@ -33,6 +33,7 @@ class BatchedJob:
     policy: RetryPolicy
     rpm: float = 0
     workspace: str = ""  # the workspace's slug (PhaseSpec.workspace)
+    adaptive: bool = False  # PhaseSpec.adaptive
 
 
 @dataclass
@@ -43,6 +44,7 @@ class BatchedResult:
     batches: int = 0
     calls: int = 0
     tokens: int = 0
+    adaptive: dict[str, int] = field(default_factory=dict)  # where an adaptive concurrency went (batches phase)
 
 
 def content_key(item: dict[str, Any]) -> str:
@@ -113,6 +115,7 @@ def run_batched(
     with metered() as meter:  # every HTTP attempt of both phases, re-asks and retries included
         _run_phases(job, result, pack(todo), send)
     result.calls = meter.calls
+    result.adaptive = ADAPTED.get(job.name, {})
     return result
 
 
@@ -126,7 +129,9 @@ def _run_phases(
     log = run_logger()
     result.batches = len(batches)
     log.info(f"Processing {len(batches)} batches")
-    spec = PhaseSpec(job.name, job.service, job.concurrency, job.policy, rpm=job.rpm, workspace=job.workspace)
+    spec = PhaseSpec(
+        job.name, job.service, job.concurrency, job.policy, rpm=job.rpm, workspace=job.workspace, adaptive=job.adaptive
+    )
     rows = [Row(stable_key([i["id"] for i in b]), n + 1, b) for n, b in enumerate(batches)]
     failed: list[dict[str, Any]] = []
     outcomes = run_phase(spec, rows, send)

@@ -44,6 +44,11 @@ class EmbedSettings(BaseModel):
     endpoint: str = Field("databricks-gte-large-en", description="embedding serving endpoint")
     batch_size: int = Field(100, ge=1, le=2048, description="documents per call (EMBEDDING_BATCH_SIZE)")
     max_concurrent: int = Field(4, ge=1, le=64, description="calls in flight at once")
+    adaptive: bool = Field(
+        False,
+        description="adapt the calls in flight to what the endpoint takes, up to max_concurrent: fewer after a "
+        "429, one more after a round of successes; the next run starts where this one ended",
+    )
     rpm: float = Field(0, ge=0, description="calls per minute, shared by all runs (0: no limit)")
     retry_attempts: int = Field(3, ge=0, le=10, description="retries per call after the first attempt")
     retry_delay: float = Field(1, ge=0, description="first retry delay, seconds (doubles each retry)")
@@ -127,6 +132,7 @@ def embed(
         RetryPolicy(retries=settings.retry_attempts, base_delay_s=settings.retry_delay),
         settings.rpm,
         workspace_slug(client.config.host),
+        adaptive=settings.adaptive,
     )
     cached, todo = pending(job, docs, content_key)
     plan = estimate(todo, settings.batch_size, settings.price_per_million_tokens)
@@ -236,6 +242,7 @@ def _finish(
         "by_kind": by_kind,
         "cache_hits": len(result.cached),
         "api_calls": result.calls,
+        "adaptive": result.adaptive,
         "batches": result.batches,
         "tokens": result.tokens,
         "estimate": plan,

@@ -57,6 +57,11 @@ class EnrichSettings(BaseModel):
     )
     rpm: float = Field(15, ge=0, description="calls per minute, shared by all runs (0: no limit)")
     max_concurrent: int = Field(4, ge=1, le=64, description="calls in flight at once")
+    adaptive: bool = Field(
+        False,
+        description="adapt the calls in flight to what the endpoint takes, up to max_concurrent: fewer after a "
+        "429, one more after a round of successes; the next run starts where this one ended",
+    )
     retry_attempts: int = Field(2, ge=0, le=10, description="retries per call after the first attempt")
     retry_delay: float = Field(5, ge=0, description="first retry delay, seconds (doubles each retry)")
     timeout: float = Field(30, gt=0, le=600, description="seconds per call")
@@ -118,6 +123,7 @@ def enrich(
         RetryPolicy(retries=settings.retry_attempts, base_delay_s=settings.retry_delay),
         settings.rpm,
         workspace_slug(client.config.host),
+        adaptive=settings.adaptive,
     )
     result = run_all(
         job,
@@ -185,6 +191,7 @@ def _finish(
         "truncated": sum(columns["truncated"]),
         "success_rate": round(ok / len(frame), 4) if len(frame) else 0.0,
         "api_calls": result.calls,
+        "adaptive": result.adaptive,
         "tokens": result.tokens,
         "wall_time_s": round(time.monotonic() - started, 2),
         "failures": failures,

@@ -251,6 +251,7 @@ def chunk_rows(rows: Sequence[Row], concurrency: int, max_chunks: int = 8) -> li
 def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) -> dict[str, RowOutcome]:
     """Every row's outcome by key: cached, ok, failed (after retries and fallback), never lost."""
     log = run_logger()
+    ADAPTED.pop(spec.name, None)
     outcomes: dict[str, RowOutcome] = {}
     if spec.cache is not None and spec.cache.read:
         cached = spec.cache.ledger.get_many(spec.cache.step, spec.cache.version, [r.key for r in rows])

@@ -19,7 +19,7 @@ from blocks.breaker import CircuitBreaker, breaker_name
 from blocks.ledger import RowLedger, history_store
 from blocks.settings import Preset, ScoreOverrides, ScoreSettings, resolve_score_settings
 from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace, workspace_key, workspace_slug
-from flows.phase import PhaseSpec, load_blocks, rows_state, run_name, run_phase
+from flows.phase import ADAPTED, PhaseSpec, load_blocks, rows_state, run_name, run_phase
 from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions, space_benchmarks
 from tasks.calls import Call, ask_genie, run_sql
 from tasks.compare import Rounding, Rules, compare, rounding, sorting
@@ -135,6 +135,7 @@ def score(
         fallback_max_wait_s=settings.fallback_max_wait,
         sequential=sequential,
         task_per_row=True,  # a few questions a minute: each one a task the UI shows, retried and cached
+        adaptive=settings.genie_adaptive,
         workspace=scope,
     )
     pairs = [(b, r) for b in items for r in range(settings.repeats)]  # log lines name q13, q13#2, ...
@@ -191,6 +192,7 @@ def score(
         # v3: every chunk of a result is read (v2 stopped at the first); results carry column types, exact numbers
         cache=Cache(ledger, "sql", f"sql-v3:{session}:{settings.sql_row_limit}", read=not fresh),
         sequential=sequential,
+        adaptive=settings.sql_adaptive,
         workspace=scope,
     )
     sql_rows = [Row(key, i, statement) for i, (key, statement) in enumerate(statements.items())]
@@ -227,6 +229,7 @@ def score(
             "cached": 0,
             "calls": judge_calls.calls,
             "seconds": round(time.monotonic() - t3, 2),
+            **({"adaptive": ADAPTED["judge"]} if "judge" in ADAPTED else {}),
         }
     )
     log.info(
@@ -368,6 +371,7 @@ def _phase_figures(name: str, outcomes: dict[str, RowOutcome], since: float, cal
         "cached": sum(1 for o in outcomes.values() if o.cached),
         "calls": calls.calls,
         "seconds": round(time.monotonic() - since, 2),
+        **({"adaptive": ADAPTED[name]} if name in ADAPTED else {}),  # where its concurrency went
     }
 
 
@@ -499,6 +503,7 @@ def _judge(
         settings.eval_max_concurrent,
         RetryPolicy(retries=settings.eval_retry_attempts, base_delay_s=2),
         sequential=sequential,
+        adaptive=settings.eval_adaptive,
         workspace=workspace_slug(client.config.host),
     )
     rows = [Row(stable_key([k for k, _ in chunk]), i, [c for _, c in chunk]) for i, chunk in enumerate(chunks)]
@@ -628,6 +633,12 @@ def _markdown(summary: dict[str, Any]) -> str:
     lines += [
         f"| {p['phase']} | {p['succeeded']}/{p['total']} | {p['cached']} | {p['calls']} | {p['seconds']} |"
         for p in summary["phases"]
+    ]
+    lines += [
+        f"- {p['phase']}: adaptive concurrency {a['start']} → {a['level']} (lowest {a['lowest']}, highest "
+        f"{a['highest']}, {a['cuts']} cut(s) on 429/503); the next run starts at {a['level']}"
+        for p in summary["phases"]
+        if (a := p.get("adaptive"))
     ]
     lines += ["", f"Circuit breaker: {summary['circuit_state']}"]
     lines += [f"- {event}" for event in summary["circuit_events"]]
