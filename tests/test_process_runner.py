@@ -27,15 +27,13 @@ def test_a_scoring_run_with_its_tasks_in_other_processes(
     sb: Any, workspace_block: str, ledger_block: str, tmp_path: Path
 ) -> None:
     fast = {"genie_rpm": 0, "genie_poll_initial": 0.05, "genie_poll_max": 0.2, "genie_retry_delay": 0.05}
-    summary = _in_processes(score)(
-        BENCHMARKS,
-        "retail",
-        "sandbox-warehouse",
-        score_settings("default", **fast),
-        workspace_block=workspace_block,
-        ledger_block=ledger_block,
-        output_dir=str(tmp_path),
-    )
+    run: tuple[Any, ...] = (BENCHMARKS, "retail", "sandbox-warehouse", score_settings("default", **fast))
+    where: dict[str, Any] = {
+        "workspace_block": workspace_block,
+        "ledger_block": ledger_block,
+        "output_dir": str(tmp_path),
+    }
+    summary = _in_processes(score)(*run, **where)
     assert summary["total"] == 32 and summary["verdicts"]["genie_error"] == 0, summary["failures"]
     assert summary["verdicts"]["correct"] >= 20  # the sandbox's space answers some questions wrong on purpose
     assert sb.stats()["genie"]["calls"] == 32
@@ -43,15 +41,7 @@ def test_a_scoring_run_with_its_tasks_in_other_processes(
     assert calls["genie"] == 32 and calls["sql"] == sb.stats()["sql"]["calls"], (calls, sb.stats()["sql"])
     # the answers the other processes wrote to the ledger are the next run's (the call-free rerun)
     sb.reset()
-    again = score(
-        BENCHMARKS,
-        "retail",
-        "sandbox-warehouse",
-        score_settings("default", **fast),
-        workspace_block=workspace_block,
-        ledger_block=ledger_block,
-        output_dir=str(tmp_path),
-    )
+    again = score(*run, **where)
     assert sb.stats()["genie"]["calls"] == 0 and again["verdicts"] == summary["verdicts"]
 
 
