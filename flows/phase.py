@@ -293,7 +293,7 @@ def _adapting(spec: PhaseSpec) -> PhaseSpec:
     if not spec.adaptive or spec.sequential:
         return spec
     start = learned_start(spec.limits, spec.concurrency)
-    fresh_lane(spec.limits, spec.concurrency, start)
+    fresh_lane(spec.limits, spec.concurrency)
     run_logger().info(f"{spec.name}: adaptive concurrency starts at {start} (at most {spec.concurrency})")
     return replace(spec, adaptive_start=start)
 

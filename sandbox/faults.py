@@ -140,7 +140,7 @@ class Ledger:
             g, now = self._groups[group], time.time()
             spec = g.spec
             if spec.capacity_concurrent:
-                in_flight = sum(1 for s, e in g.intervals if s <= now < e)
+                in_flight = _in_flight(g.intervals, now)
                 if in_flight >= spec.capacity_concurrent:
                     raise OverCapacity(spec.retry_after_s, f"{in_flight} calls in flight, the most it takes")
             if spec.capacity_rpm:
@@ -201,7 +201,7 @@ class Ledger:
                     "calls": g.calls,
                     "faults": dict(g.faults),
                     "max_in_flight": _max_overlap(g.intervals),
-                    "in_flight": sum(1 for s, e in g.intervals if s <= now < e),
+                    "in_flight": _in_flight(g.intervals, now),
                 }
                 for name, g in self._groups.items()
             }
@@ -213,6 +213,10 @@ class Ledger:
                 g.script, g.pending = deque(g.spec.script), deque()
             self.log.clear()
             self._rng = random.Random(self._seed)
+
+
+def _in_flight(intervals: list[list[float]], now: float) -> int:
+    return sum(1 for start, end in intervals if start <= now < end)
 
 
 def _max_overlap(intervals: list[list[float]]) -> int:

@@ -9,7 +9,8 @@ PROBE_SLOWER times less often. The level reached is kept per service and workspa
 Variable) and is the next run's start.
 
     level = Adaptive(ceiling=20, level=learned_start("llm-local-sandbox", 20))
-    ...  # the lane asks level.allowed() and reports each call's end
+    level.succeeded()  # or level.throttled(sent_at, retry_after_s): each call's end moves level.level
+    remember("llm-local-sandbox", level.level)
 """
 
 from __future__ import annotations

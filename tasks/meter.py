@@ -38,9 +38,9 @@ class Meter:
         """Billable calls: Genie questions, statement submissions and endpoint invocations."""
         return sum(self.by_kind.values())
 
-    def _add(self, kind: Kind) -> None:
+    def _add(self, counts: dict[str, int]) -> None:
         with self._lock:
-            self.by_kind[kind] += 1
+            self.by_kind.update(counts)
 
 
 _CURRENT: ContextVar[Meter | None] = ContextVar("batchflows_meter", default=None)
@@ -59,10 +59,7 @@ def metered() -> Iterator[Meter]:
 
 def count(kind: Kind) -> None:
     """Count one attempt of a billable call on every current meter; called just before the request."""
-    meter = _CURRENT.get()
-    while meter is not None:
-        meter._add(kind)
-        meter = meter.parent
+    add({kind: 1})
 
 
 def add(counts: dict[str, int]) -> None:
@@ -70,6 +67,5 @@ def add(counts: dict[str, int]) -> None:
     every current meter."""
     meter = _CURRENT.get()
     while meter is not None:
-        with meter._lock:
-            meter.by_kind.update(counts)
+        meter._add(counts)
         meter = meter.parent

@@ -159,8 +159,8 @@ def lane(name: str, concurrency: int, rate_limit: Callable[[], None] | None = No
         return found
 
 
-def fresh_lane(name: str, concurrency: int, adaptive_start: int) -> None:
-    """Forget this process's adaptive lane for `name`, so the next `lane` call starts at `adaptive_start`."""
+def fresh_lane(name: str, concurrency: int) -> None:
+    """Forget this process's adaptive lane for `name`, so the next `lane` call starts at its `adaptive_start`."""
     with _LANES_LOCK:
         _LANES.pop((name, concurrency, True), None)
 
