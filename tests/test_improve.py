@@ -235,7 +235,11 @@ def test_dev_copy_is_removed_when_the_run_is_cancelled(
         try:
             dev = _wait_for_dev_copy(sb, client, space_id, proc)
             proc.send_signal(how)
-            proc.communicate(timeout=60)
+            try:
+                proc.communicate(timeout=120)  # (under a full CI run's load, a SIGTERM exit once took over 60 s)
+            except subprocess.TimeoutExpired as exc:
+                said = exc.stderr.decode() if isinstance(exc.stderr, bytes) else str(exc.stderr or "")
+                raise AssertionError(f"no exit 120 s after {how.name}; its last words:\n{said[-4000:]}") from None
         finally:
             proc.kill()
         assert dev in _asked_spaces(sb)
