@@ -5,6 +5,7 @@ limits nothing, with only a warning), and held per phase, not per call.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from tasks.resilience import run_logger
 
 PREFIX = "batchflows"
 LEASE_S = 60
+RENEW_S = LEASE_S / 3  # a lease is renewed this often while its phase runs
 SLOT_CHECK_S = 30  # a phase waiting for slots looks for dead holders, and says why it waits, this often
 SLOT_WAIT_S = float(os.environ.get("BATCHFLOWS_SLOT_WAIT_S", 900))  # then gives up with the reason
 
@@ -155,7 +157,9 @@ def hold(service: str, occupy: int) -> Iterator[None]:
         acquired = _emit("acquired", limit, occupy)
         started = time.monotonic()
         renewing = threading.Event()
-        renewer = threading.Thread(target=_renew, args=(lease_id, renewing), name=f"lease-{name}", daemon=True)
+        renewer = threading.Thread(  # with this thread's context: the Prefect API in use may be a context setting
+            target=contextvars.copy_context().run, args=(_renew, lease_id, renewing), name=f"lease-{name}", daemon=True
+        )
         renewer.start()
         try:
             yield
@@ -230,10 +234,10 @@ def _holder() -> ConcurrencyLeaseHolder | None:
 
 
 def _renew(lease_id: UUID, done: threading.Event) -> None:
-    """Renew the lease every third of its duration until `done` (a failed renewal is tried again next time:
-    the lease lapses only after LEASE_S without one)."""
+    """Renew the lease every RENEW_S until `done` (a failed renewal is tried again next time: the lease lapses
+    only after LEASE_S without one)."""
     with get_client(sync_client=True) as client:
-        while not done.wait(LEASE_S / 3):
+        while not done.wait(RENEW_S):
             try:
                 client.renew_concurrency_lease(lease_id, LEASE_S)
             except httpx.HTTPError as exc:

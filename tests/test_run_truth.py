@@ -4,7 +4,9 @@ that a run does not overwrite. Against the sandbox and a real Prefect API server
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 import uuid
 from importlib import resources
@@ -148,6 +150,36 @@ def test_held_slots_are_prefect_concurrency_events(prefect_api: None) -> None:
             )
         found = sorted(e.event for e in page.events)
     assert found == wanted
+
+
+def _prefect_servers_started_here() -> set[int]:
+    """Pids of Prefect API servers this test process runs as its children (the test harness's own among them)."""
+    import os
+    from pathlib import Path
+
+    found = set()
+    for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            with contextlib.suppress(OSError):
+                if b"prefect.server.api.server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.add(int(pid))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_held_lease_is_renewed_on_the_runs_own_prefect_api(
+    prefect_api: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API a run talks to can be a context setting (the CLI's server, the test harness): the thread that
+    renews a phase's lease must use it too, not start a Prefect server of its own and renew there."""
+    monkeypatch.setattr(limits, "RENEW_S", 0.2)
+    service = f"t-{uuid.uuid4().hex[:6]}"
+    limits.ensure_service_limits(service, 2)
+    before = _prefect_servers_started_here()
+    with caplog.at_level(logging.WARNING), limits.hold(service, occupy=1):
+        time.sleep(1.5)
+    assert _prefect_servers_started_here() - before == set()
+    assert "Could not renew" not in caplog.text
 
 
 def test_a_run_keeps_the_shared_limit_and_says_so(prefect_api: None, caplog: pytest.LogCaptureFixture) -> None:
