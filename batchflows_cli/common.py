@@ -43,6 +43,25 @@ def _settings(model: Any, set_: list[str] | None, **explicit: Any) -> Any:
         raise typer.Exit(2) from exc
 
 
+_UNTIL_EXIT = contextlib.ExitStack()  # what a command holds until it ends: its Prefect server
+
+
+@app.callback()
+def _around_every_command(ctx: typer.Context) -> None:
+    ctx.call_on_close(_UNTIL_EXIT.close)
+
+
+def _uses_prefect() -> None:
+    """Point the running command at the local Prefect server until it ends (see tasks.local_server): the warm
+    one, started if need be, unless PREFECT_API_URL names a server."""
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.local_server import local_server
+
+    if not PREFECT_API_URL.value():  # once set, here or by the user, a command has its server
+        _UNTIL_EXIT.enter_context(local_server())
+
+
 @contextlib.contextmanager
 def _job(use_sandbox: bool, workspace_block: str | None, allow_writes: bool = False) -> Iterator[str | None]:
     """Around a job's run: the workspace block (or an embedded sandbox), progress bars, and a clean exit 2
@@ -62,7 +81,7 @@ def _job(use_sandbox: bool, workspace_block: str | None, allow_writes: bool = Fa
 
     stopping.clear()
     with (
-        local_server(),  # without PREFECT_API_URL: a temporary server that dies with this command
+        local_server(),  # without PREFECT_API_URL: this machine's warm server (tasks/local_server.py)
         _workspace(use_sandbox, workspace_block, allow_writes) as block_name,
         _Bars() as bars,
         progress.listening(bars),

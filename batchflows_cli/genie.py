@@ -19,6 +19,7 @@ from batchflows_cli.common import (
     _key_values,
     _run,
     _settings,
+    _uses_prefect,
     app,
     console,
 )
@@ -189,7 +190,7 @@ def history(
     runs = store.runs(host, space_id, limit=max(last, 200))
     rows = trend_rows(runs)
     table = Table(title=f"Score trend of {space_id} ({host}): last {min(last, len(rows))} of {len(rows)} runs")
-    for column in ("run", "when", "version", "score", "correct", "config_change", "flipped", "flaky"):
+    for column in ("run", "when", "version", "score", "correct", "config_change", "flipped", "flaky", "adaptive"):
         table.add_column(column, overflow="fold")
     for r in rows[-last:]:
         table.add_row(
@@ -201,6 +202,7 @@ def history(
             r["config_change"],
             r["flipped"],
             r["flaky"],
+            r["adaptive"],
         )
     console.print(table)
     page = write_html(space_id, runs, output_dir / f"history-{space_id}.html")
@@ -274,6 +276,8 @@ def _space_history(
     from flows.versions import open_history, workspace_of
     from tasks.inputs import InputError
 
+    if ledger_block or workspace_block:  # saved blocks: read from Prefect
+        _uses_prefect()
     store = open_history(ledger_block, history_url, workspace_block)
     try:
         return store, workspace_of(store, space_id, workspace)

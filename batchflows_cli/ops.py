@@ -13,6 +13,7 @@ from batchflows_cli.common import (
     SANDBOX_WAREHOUSE,
     _key_values,
     _settings,
+    _uses_prefect,
     app,
     console,
 )
@@ -91,6 +92,7 @@ def limits(
 ) -> None:
     """The global concurrency and rate limits batchflows uses (one set per service and workspace), with their
     taken slots. A run never changes a limit that exists: it says so and uses it."""
+    _uses_prefect()
     from prefect.client.orchestration import get_client
 
     from tasks.limits import PREFIX, ensure_limit, reset_limit
@@ -180,6 +182,7 @@ def serve(
 ) -> None:
     """Serve every job as a deployment from this process (no work pool): run them from the Prefect UI with
     typed forms, or on the scoring schedule."""
+    _uses_prefect()
     from prefect import serve as prefect_serve
 
     from deployments.catalog import register_blocks, served
@@ -210,6 +213,7 @@ def deploy(
 ) -> None:
     """Deploy every job to a process work pool, with this checkout as the code; start workers with
     `prefect worker start --pool POOL`. Also registers the block types and saves the scoring presets."""
+    _uses_prefect()
     from deployments.catalog import create_limits, register_blocks
     from deployments.catalog import deploy as deploy_all
 
@@ -237,3 +241,56 @@ def deploy(
     console.print(f"Blocks registered: {', '.join(blocks)}")
     console.print(f"Shared limits: {', '.join(limits) or 'made by the first run (the workspace block names no host)'}")
     console.print(f"Start a worker: prefect worker start --pool {pool}")
+
+
+server_app = typer.Typer(
+    help="This machine's warm Prefect server, which commands start once and share (unless PREFECT_API_URL is set).",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start() -> None:
+    """Start the warm Prefect server now (a command starts it when it first needs it), or say where it runs."""
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.local_server import server_status, warm_server
+
+    if PREFECT_API_URL.value():
+        console.print(f"PREFECT_API_URL is set: commands use {PREFECT_API_URL.value()}, not a local server")
+        return
+    before, state = server_status()
+    server = warm_server()
+    started = "already running" if state == "running" and before == server else "started"
+    console.print(
+        f"Prefect server {started} on {server.url} (pid {server.pid}); UI at {server.ui}; log {server.log}\n"
+        "Commands use it until `batchflows server stop`."
+    )
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the warm Prefect server (the next command that needs one starts it again)."""
+    from tasks.local_server import stop_server
+
+    server = stop_server()
+    console.print(f"stopped the Prefect server on {server.url} (pid {server.pid})" if server else "no server running")
+
+
+@server_app.command("status")
+def server_status_command() -> None:
+    """Whether the warm Prefect server runs, where, and for how long; exits 1 when it does not run."""
+    from tasks.local_server import server_status
+
+    server, state = server_status()
+    if server is None or state == "not running":
+        console.print("no server running; the next command starts one")
+        raise typer.Exit(1)
+    up = time.time() - server.started
+    console.print(
+        f"{state}: {server.url} (pid {server.pid}, up {up / 60:.0f} min, Prefect {server.prefect_version}); "
+        f"UI at {server.ui}; database {server.database}; log {server.log}"
+    )
+    if state != "running":
+        raise typer.Exit(1)

@@ -14,6 +14,7 @@ from batchflows_cli.common import (
     _job,
     _run,
     _settings,
+    _uses_prefect,
     _workspace,
     app,
     console,
@@ -192,6 +193,7 @@ def search(
         raise typer.Exit(2)
     if store_table and not (warehouse_id or use_sandbox):
         raise typer.BadParameter("--store-table needs --warehouse-id")
+    _uses_prefect()  # the workspace is a block
     with _workspace(use_sandbox, workspace_block) as block_name:
         workspace, _ = load_blocks(block_name, None)
         client = workspace.client(60)

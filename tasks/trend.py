@@ -40,10 +40,20 @@ def trend_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "genie_p50_s": figures.get("genie_latency_p50_s"),
                 "genie_p95_s": figures.get("genie_latency_p95_s"),
                 "breaker_events": len(run["breaker_events"]),
+                "adaptive": _adaptive(figures),
             }
         )
         previous = run
     return out
+
+
+def _adaptive(figures: dict[str, Any]) -> str:
+    """Where each adaptive phase's concurrency went in the run, e.g. "genie 3→5 (lowest 2)"."""
+    return ", ".join(
+        f"{p['phase']} {a['start']}→{a['level']}" + (f" (lowest {a['lowest']})" if a["lowest"] < a["level"] else "")
+        for p in figures.get("phases", [])
+        if (a := p.get("adaptive"))
+    )
 
 
 def trend_markdown(space_id: str, rows: list[dict[str, Any]], report: str | None, last: int = 10) -> str:
@@ -53,12 +63,13 @@ def trend_markdown(space_id: str, rows: list[dict[str, Any]], report: str | None
         f"# Score trend of {space_id}: last {len(shown)} of {len(rows)} runs",
         "",
         "| run | when (UTC) | version | score | correct | config change | flipped | flaky | Genie p50/p95 s "
-        "| breaker |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| breaker | adaptive concurrency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['run']} | {r['when']} | v{r['version']} | {r['score']:.1%} | {r['correct']} | {r['config_change']} | "
-        f"{r['flipped']} | {r['flaky']} | {r['genie_p50_s']}/{r['genie_p95_s']} | {r['breaker_events']} |"
+        f"{r['flipped']} | {r['flaky']} | {r['genie_p50_s']}/{r['genie_p95_s']} | {r['breaker_events']} | "
+        f"{r['adaptive']} |"
         for r in shown
     ]
     if len(rows) > 1:
@@ -130,7 +141,18 @@ def write_html(space_id: str, runs: list[dict[str, Any]], path: Path) -> Path:
         to_html(figure, full_html=False, include_plotlyjs=(i == 0), div_id=f"chart-{i}")
         for i, figure in enumerate((score, heat, latency))
     ]
-    columns = ["run", "when", "version", "score", "correct", "config_change", "flipped", "flaky", "breaker_events"]
+    columns = [
+        "run",
+        "when",
+        "version",
+        "score",
+        "correct",
+        "config_change",
+        "flipped",
+        "flaky",
+        "breaker_events",
+        "adaptive",
+    ]
     table = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in columns) + "</tr>" for r in reversed(rows)
     )

@@ -4,6 +4,7 @@ against the sandbox and the session's Prefect server."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import uuid
@@ -50,12 +51,12 @@ def test_history_versions_rollback_and_flaky(sb, client, workspace_block, tmp_pa
         ).space_id
     )
 
-    def run(**kw: Any) -> dict[str, Any]:
+    def run(settings: ScoreSettings = SCORING, **kw: Any) -> dict[str, Any]:
         return score(
             BENCHMARKS,
             space_id,
             "sandbox-warehouse",
-            SCORING,
+            settings,
             workspace_block=workspace_block,
             ledger_block=ledger,
             output_dir=str(tmp_path / "out"),
@@ -109,8 +110,10 @@ def test_history_versions_rollback_and_flaky(sb, client, workspace_block, tmp_pa
     assert restored["version"] == 3
     live = client.genie.get_space(space_id, include_serialized_space=True)
     assert json.loads(live.serialized_space) == versions[0].config
-    back = run(fresh=True)
+    back = run(SCORING.model_copy(update={"genie_adaptive": True}), fresh=True)
     assert back["score"] == first["score"] and back["history"]["version"] == 3
+    table = [line for line in _artifact("score-trend").splitlines() if line.startswith("|")]
+    assert re.search(r"\| genie \d+→\d+[^|]* \|$", table[-1]), table[-1]  # where its adaptive concurrency went
     assert [v.source for v in store.versions("local-sandbox", space_id)] == ["score", "improve", "rollback"]
 
     # a change made by hand since the history last saw the space is not overwritten unseen
@@ -130,6 +133,7 @@ def test_history_versions_rollback_and_flaky(sb, client, workspace_block, tmp_pa
     )
     assert shown.exit_code == 0, shown.output
     assert "v1 -> v2" in shown.output and "v2 -> v3" in shown.output and (tmp_path / "cli").exists()
+    assert re.search(r"genie \d+→\d+", shown.output)  # where the adaptive run's concurrency went
     listed = CliRunner().invoke(app, ["versions", "--space-id", space_id, "--history-url", url], env={"COLUMNS": "200"})
     assert listed.exit_code == 0 and "improve" in listed.output and "rollback" in listed.output
     unknown = CliRunner().invoke(app, ["history", "--space-id", "nope", "--history-url", url])

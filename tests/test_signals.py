@@ -148,10 +148,10 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_kill_9_of_the_cli_leaves_no_prefect_server(tmp_path):
+def test_kill_9_of_the_cli_leaves_no_temporary_prefect_server(tmp_path):
     process = subprocess.Popen(
         [CLI, "score", "--sandbox", "--genie-rpm", "0", "--output-dir", str(tmp_path)],
-        env=_env(tmp_path),
+        env=_env(tmp_path, BATCHFLOWS_PREFECT_SERVER="temporary"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
