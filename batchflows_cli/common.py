@@ -105,13 +105,13 @@ def _run(job: Any, *args: Any, **kwargs: Any) -> Any:
 
     from prefect import tags
 
-    from flows.phase import TAGS, summary_of
+    from flows.phase import TAGS, no_idle_heartbeats, summary_of
 
     result: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            with tags(*TAGS):
+            with tags(*TAGS), no_idle_heartbeats():
                 result["value"] = summary_of(job(*args, return_state=True, **kwargs))
         except BaseException as exc:  # handed to the main thread as is
             result["error"] = exc

@@ -19,8 +19,10 @@ os.environ.setdefault("BATCHFLOWS_PREFECT_SERVER", "temporary")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.phase import no_idle_heartbeats
+
     os.environ["BATCHFLOWS_HOME"] = str(tmp_path_factory.mktemp("batchflows-home"))
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=90), no_idle_heartbeats():  # as the CLI runs flows
         yield
 
 

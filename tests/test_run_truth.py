@@ -272,3 +272,52 @@ def test_each_genie_question_is_a_task_retried_by_prefect_and_cached_on_rerun(
     again = run()
     assert {t.state.name for t in again.values() if t.state} == {"Cached"}
     assert sb.stats()["genie"]["calls"] == 5
+
+
+def _heartbeats(flow_run_id: str) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(
+            filter=EventFilter(
+                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
+            ),
+            limit=10,
+        )
+    return len(page.events)
+
+
+def test_a_run_from_the_terminal_does_not_wait_on_prefects_heartbeat_thread(prefect_api: None, tmp_path: Any) -> None:
+    """Prefect 3.8 joins a flow run's heartbeat thread, which sleeps in 1 s steps, when the run ends: up to 1 s
+    a flow run. A command's runs send no heartbeats (flows.phase.no_idle_heartbeats); a flow with heartbeats on
+    sends them (the tests run flows as the CLI does, so this one turns them on)."""
+    import json
+
+    from prefect import flow
+    from prefect.events.worker import EventsWorker
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from typer.testing import CliRunner
+
+    from batchflows_cli import app
+
+    @flow(persist_result=False)
+    def direct() -> str:
+        return str(flow_run.id)
+
+    benchmarks = tmp_path / "b.json"
+    benchmarks.write_text('[{"id": "q01", "question": "How many customers do we have?", "expected_sql": "SELECT 1"}]')
+    args = ["score", "--sandbox", "--benchmarks", str(benchmarks), "--genie-rpm", "0", "--json"]
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}):  # Prefect's default
+        scored = CliRunner().invoke(app, [*args, "--output-dir", str(tmp_path / "out")], env={"COLUMNS": "400"})
+        called = direct()
+    assert scored.exit_code == 0, scored.output
+    from_terminal = json.loads(scored.output[scored.output.index("{") :])["flow_run_id"]
+    EventsWorker.drain_all(timeout=30)
+    deadline = time.monotonic() + 30
+    while not _heartbeats(called) and time.monotonic() < deadline:  # the server stores events a moment later
+        time.sleep(0.5)
+    assert _heartbeats(called) >= 1
+    assert _heartbeats(from_terminal) == 0
