@@ -69,6 +69,7 @@ def build_tables(seed: int = 7, scale: int = 1) -> dict[str, pd.DataFrame]:
         low, high = CATEGORIES[category]
         product_rows.append((pid, f"{category.title()} item {pid:02d}", category, round(rng.uniform(low, high), 2)))
     products = pd.DataFrame(product_rows, columns=["product_id", "name", "category", "unit_price"])
+    prices = [row[3] for row in product_rows]
     stores = pd.DataFrame(
         {
             "store_id": range(1, 21),
@@ -86,7 +87,7 @@ def build_tables(seed: int = 7, scale: int = 1) -> dict[str, pd.DataFrame]:
         order_rows.append((oid, rng.randrange(1, 500 * scale + 1), store_id, order_date, rng.choice(STATUSES), channel))
         for line_no in range(1, rng.randrange(1, 5) + 1):
             pid = rng.randrange(1, 61)
-            price = float(products["unit_price"].iloc[pid - 1])
+            price = float(prices[pid - 1])
             discount = rng.choice([0.0, 0.0, 0.0, 0.05, 0.1, 0.2])
             item_rows.append((oid, line_no, pid, rng.randrange(1, 6), price, discount))
     orders = pd.DataFrame(
