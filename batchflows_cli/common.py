@@ -63,8 +63,8 @@ def _uses_prefect() -> None:
 
 
 @contextlib.contextmanager
-def _job(use_sandbox: bool, workspace_block: str | None, allow_writes: bool = False) -> Iterator[str | None]:
-    """Around a job's run: the workspace block (or an embedded sandbox), progress bars, and a clean exit 2
+def _job(workspace: _workspace) -> Iterator[str | None]:
+    """Around a job's run: the workspace block (or the embedded sandbox), progress bars, and a clean exit 2
     for inputs the job refuses."""
     from databricks.sdk.errors import NotFound
 
@@ -82,7 +82,7 @@ def _job(use_sandbox: bool, workspace_block: str | None, allow_writes: bool = Fa
     stopping.clear()
     with (
         local_server(),  # without PREFECT_API_URL: this machine's warm server (tasks/local_server.py)
-        _workspace(use_sandbox, workspace_block, allow_writes) as block_name,
+        workspace as block_name,
         _Bars() as bars,
         progress.listening(bars),
         stopping.graceful_signals(stopping_now),
@@ -180,19 +180,27 @@ class _Bars:
 
 
 class _workspace:
-    """The block name to use; with --sandbox, a running embedded sandbox saved as block 'sandbox'."""
+    """The block name to use; with --sandbox, an embedded sandbox saved as block 'sandbox'.
+
+    Made first thing in a command: the sandbox's own process starts at once and loads beside the command's
+    imports (on another core; its server never shares the command's GIL), and it ends with the command, even
+    one killed with -9."""
 
     def __init__(self, use_sandbox: bool, block: str | None, allow_writes: bool = False) -> None:
-        self.use_sandbox, self.block, self.allow_writes = use_sandbox, block, allow_writes
+        self.block = block
         self.sb: Any = None
+        if use_sandbox:
+            from sandbox.process import SandboxProcess
+
+            self.sb = SandboxProcess(allow_writes=allow_writes, tied=True).launch()
+            _UNTIL_EXIT.callback(self.sb.stop)  # also when the command ends before it uses the sandbox
 
     def __enter__(self) -> str | None:
-        if not self.use_sandbox:
+        if self.sb is None:
             return self.block
         from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace
-        from sandbox import Sandbox
 
-        self.sb = Sandbox(port=0, allow_writes=self.allow_writes).start()
+        self.sb.start()
         self.sb.set_faults("genie", latency_ms=800, latency_jitter_ms=400)
         self.sb.set_faults("sql", latency_ms=150, latency_jitter_ms=100)
         self.sb.set_faults("chat", latency_ms=400)

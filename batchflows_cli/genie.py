@@ -20,6 +20,7 @@ from batchflows_cli.common import (
     _run,
     _settings,
     _uses_prefect,
+    _workspace,
     app,
     console,
 )
@@ -49,6 +50,7 @@ def score(
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Score a Genie space against benchmark questions (Genie → SQL → compare → judge)."""
+    workspace = _workspace(use_sandbox, workspace_block)
 
     overrides: dict[str, Any] = {
         "genie_max_concurrent": genie_concurrent,
@@ -58,7 +60,7 @@ def score(
     }
     overrides.update(_key_values(set_))
     _, benchmarks_file = _scoring_inputs(preset, overrides, use_sandbox, benchmarks, space_id, warehouse_id)
-    with _job(use_sandbox, workspace_block) as block_name:
+    with _job(workspace) as block_name:
         from flows.score import score as score_flow
 
         summary = _run(
@@ -99,13 +101,14 @@ def improve(
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Improve a Genie space from its failures: learn, propose fixes, try them on a dev copy, promote if better."""
+    workspace = _workspace(use_sandbox, workspace_block)
     from flows.improve import ImproveError, ImproveSettings
 
     settings = _settings(ImproveSettings, set_, iterations=iterations, margin=margin)
     scoring, benchmarks_file = _scoring_inputs(
         preset, _key_values(score_set), use_sandbox, benchmarks, space_id, warehouse_id
     )
-    with _job(use_sandbox, workspace_block) as block_name:
+    with _job(workspace) as block_name:
         from flows.improve import improve as improve_flow
 
         try:
@@ -159,9 +162,10 @@ def rerun_failed_command(
     use_sandbox: Annotated[bool, typer.Option("--sandbox", help="run against an embedded sandbox workspace")] = False,
 ) -> None:
     """Score again only the rows an earlier run could not judge, and merge them into its report."""
+    workspace = _workspace(use_sandbox, None)
     from flows.rerun import rerun_failed
 
-    with _job(use_sandbox, None):
+    with _job(workspace):
         summary = _run(rerun_failed, report, kinds=kinds.split(",") if kinds else None, fresh=fresh)
     for row_id, why in summary["not_rerun"].items():
         console.print(f"[yellow]not rerun:[/yellow] {row_id}: {why}")
@@ -256,7 +260,7 @@ def rollback(
     """Restore an earlier configuration of a space (etag-checked), recorded as a new version."""
     from flows.versions import RollbackError, rollback_space
 
-    with _job(False, workspace_block) as block_name:
+    with _job(_workspace(False, workspace_block)) as block_name:
         try:
             result = rollback_space(space_id, to, workspace_block=block_name, ledger_block=ledger_block, force=force)
         except RollbackError as exc:

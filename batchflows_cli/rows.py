@@ -39,11 +39,12 @@ def enrich(
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Add LLM-generated columns to rows: 20 rows per call, validated, cached per row, rate-limited."""
+    workspace = _workspace(use_sandbox, workspace_block)
     from flows.enrich import DEFAULT_INSTRUCTIONS, EnrichSettings
     from flows.enrich import enrich as enrich_flow
 
     settings = _settings(EnrichSettings, set_)
-    with _job(use_sandbox, workspace_block) as block_name:
+    with _job(workspace) as block_name:
         summary = _run(
             enrich_flow,
             [c.strip() for c in text_columns.split(",") if c.strip()],
@@ -85,11 +86,12 @@ def analyse(
     output_dir: Annotated[Path, typer.Option(help="where the report goes")] = Path("out"),
 ) -> None:
     """Analyse ordered items in parallel, then merge fragments with the item before them, in order."""
+    workspace = _workspace(use_sandbox, workspace_block)
     from flows.analyse import AnalyseSettings
     from flows.analyse import analyse as analyse_flow
 
     settings = _settings(AnalyseSettings, set_, batch_size=batch_size)
-    with _job(use_sandbox, workspace_block) as block_name:
+    with _job(workspace) as block_name:
         summary = _run(
             analyse_flow,
             input_path=str(input_path) if input_path else None,
@@ -132,11 +134,12 @@ def embed(
     output_dir: Annotated[Path, typer.Option(help="where the per-item results go")] = Path("out"),
 ) -> None:
     """Embed documents 100 per call into a searchable store, after a cost estimate and within a budget."""
+    workspace = _workspace(use_sandbox, workspace_block, allow_writes=bool(store_table))
     from flows.embed import EmbedSettings
     from flows.embed import embed as embed_flow
 
     settings = _settings(EmbedSettings, set_, max_cost_usd=max_cost)
-    with _job(use_sandbox, workspace_block, allow_writes=bool(store_table)) as block_name:
+    with _job(workspace) as block_name:
         summary = _run(
             embed_flow,
             input_path=str(input_path) if input_path else None,
