@@ -1,3 +1,3 @@
-from batchflows_cli import app
+from batchflows_cli import main
 
-app()
+main()

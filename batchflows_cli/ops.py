@@ -16,6 +16,7 @@ from batchflows_cli.common import (
     _uses_prefect,
     app,
     console,
+    loaded,
 )
 
 
@@ -47,7 +48,7 @@ def sandbox(
             genie_answers=str(genie_answers) if genie_answers else None,
             allow_writes=allow_writes,
         )
-        loaded = time.monotonic() - t0
+        load_s = time.monotonic() - t0
         sb.start()
     except (SandboxError, UserDataError) as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -57,7 +58,7 @@ def sandbox(
     if data:
         tables = sb.workspace.warehouse.user_tables
         console.print(
-            f"Loaded {len(tables)} table(s) from {data} in {loaded:.1f} s: {', '.join(tables)} "
+            f"Loaded {len(tables)} table(s) from {data} in {load_s:.1f} s: {', '.join(tables)} "
             f"(unqualified names resolve in {sb.workspace.warehouse.default_namespace})"
         )
     if genie_answers:
@@ -70,6 +71,7 @@ def sandbox(
         f"  export DATABRICKS_TOKEN={sb.token}\n"
         f"Genie spaces: retail, retail-bare; warehouse: {SANDBOX_WAREHOUSE}. Ctrl-C stops it."
     )
+    loaded()
     try:
         while True:
             time.sleep(3600)
@@ -189,6 +191,7 @@ def serve(
 
     register_blocks()
     catalog = _catalog(workspace_block, benchmarks, space_id, warehouse_id, cron, interval, score_set)
+    loaded()
     prefect_serve(*served(catalog), limit=limit)
 
 

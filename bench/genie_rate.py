@@ -118,10 +118,10 @@ def main() -> None:
     env = {**os.environ, "PREFECT_API_URL": server.url}
     print(f"Genie answers in {LATENCY_MS} ms; a task per question; concurrency 3; `prefect server` on SQLite\n")
     print(
-        "| rpm | N | runs | bound s | phase s | bound / phase | most calls in 60 s | smallest gap s "
-        "| Prefect client retries |"
+        "| rpm | N | runs | bound s | phase s | bound / phase | each run's phase s | most calls in 60 s "
+        "| smallest gap s | Prefect client retries |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     try:
         with SandboxProcess() as sb:
             sb.set_faults("genie", latency_ms=LATENCY_MS)
@@ -135,9 +135,11 @@ def main() -> None:
                     starts = sorted(t for r in runs for t in r["starts"])
                     gap = min(b - a for a, b in itertools.pairwise(starts))
                     ok = sum(r["ok"] for r in runs)
+                    each = " / ".join(f"{r['ended'] - r['began']:.1f}" for r in runs)
                     assert ok == count * n, runs
                     print(
                         f"| {rpm:g} | {n} | {count} | {bound:.1f} | {span:.1f} | {bound / span:.3f} "
+                        f"| {each} "
                         f"| {_most_in_a_minute(starts)} | {gap:.2f} | {sum(r['retries'] for r in runs)} |",
                         flush=True,
                     )
