@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blocks.ledger import RowLedger
 from blocks.settings import score_settings
 from blocks.workspace import DatabricksWorkspace
+from flows.phase import no_idle_heartbeats
 from flows.score import score
 from sandbox import SandboxProcess
 from tasks.benchmarks import Benchmark, load_benchmarks
@@ -57,17 +58,18 @@ def run(items: list[Benchmark], concurrency: int | None, ledger: str) -> dict:
         genie_poll_initial=0.1,
         genie_poll_max=0.5,
     )
-    return score(
-        items,
-        "retail",
-        "sandbox-warehouse",
-        settings,
-        sequential=concurrency is None,
-        workspace_block="bench-sandbox",
-        ledger_block=ledger,
-        output_dir=tempfile.mkdtemp(),
-        fresh=True,
-    )
+    with no_idle_heartbeats():  # as the `batchflows` command runs its flows
+        return score(
+            items,
+            "retail",
+            "sandbox-warehouse",
+            settings,
+            sequential=concurrency is None,
+            workspace_block="bench-sandbox",
+            ledger_block=ledger,
+            output_dir=tempfile.mkdtemp(),
+            fresh=True,
+        )
 
 
 def main() -> None:
