@@ -10,6 +10,7 @@ Names in `allowed` (the scoring setting `allowed_functions`) are let through.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import sqlglot
@@ -39,6 +40,11 @@ def read_only_problem(sql: str, whose: str = "Genie's SQL", allowed: Iterable[st
         >>> read_only_problem("DELETE FROM orders", "the expected SQL")
         'the expected SQL is a DELETE statement, not a query; refused'
     """
+    return _problem(sql, whose, tuple(sorted(allowed)))
+
+
+@functools.lru_cache(maxsize=4096)  # a run checks each statement before it runs and again when it decides
+def _problem(sql: str, whose: str, allowed: tuple[str, ...]) -> str | None:
     try:
         trees = [t for t in sqlglot.parse(sql, read="databricks") if t is not None]
     except sqlglot.errors.ParseError as exc:
