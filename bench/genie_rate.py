@@ -70,7 +70,7 @@ def child(n: int, rpm: float, service: str, host: str, token: str) -> None:
 
     with no_idle_heartbeats():
         result = run()
-    print(json.dumps({**result, "starts": starts, "retries": len(retries)}))
+    print(json.dumps({**result, "starts": starts, "retries": len(retries), "why": sorted(set(retries))[:3]}))
 
 
 def _runs(count: int, n: int, rpm: float, host: str, token: str, env: dict[str, str]) -> list[dict]:
@@ -86,6 +86,8 @@ def _runs(count: int, n: int, rpm: float, host: str, token: str, env: dict[str, 
         if p.returncode:
             raise RuntimeError(stderr[-3000:])
         out.append(json.loads(stdout.strip().splitlines()[-1]))
+        if out[-1]["why"]:
+            print("  Prefect client retried:", *out[-1]["why"], sep="\n    ", file=sys.stderr)
     return out
 
 

@@ -350,23 +350,29 @@ def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
     caller (slots + denied slots, times the decay interval, with jitter): four threads waiting on a
     15-per-minute limit slept ~16 s each, and 8 calls took 47 s instead of 30. Here one thread per
     process asks the server, the others queue on a local lock. The slot this process took last cannot
-    be free before it has decayed, so nothing is asked until then; a denied request (another process
-    took the slot) is retried after a twentieth of the spacing (or the server's Retry-After if shorter).
-    So each slot is taken within ~5 % of when it frees, the server alone decides across processes, and
-    a single run asks about once per slot instead of twenty times.
+    be free before it has decayed (`spacing_s` after the request that took it), so nothing is asked until
+    then. A denied request is asked again at once twice (the server's clock may be a few ms behind), then
+    every tenth of the spacing, at least 50 ms apart (or after the server's Retry-After if shorter): another
+    process holds the slot, and a waiting process polling faster only loads the server. So a run alone takes
+    a slot every `spacing_s` plus a few ms, the server alone decides across processes, and a single run asks
+    about once per slot.
     """
     with _RATE_LOCKS_LOCK:
         lock = _RATE_LOCKS.setdefault(name, threading.Lock())
-    poll = max(0.02, spacing_s / 20)
+    poll = max(0.05, spacing_s / 10)
     with lock, get_client(sync_client=True) as client:
         stopping.sleep(_RATE_NEXT.get(name, 0.0) - time.monotonic())
+        denied = 0
         while stopping.reason() is None:  # stopping: no slot needed, the caller makes no call
+            sent = time.monotonic()
             try:
                 client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit")
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:
                     raise
-                time.sleep(min(poll, float(exc.response.headers.get("Retry-After", poll))))
+                denied += 1
+                wait = 0.005 if denied <= 2 else min(poll, float(exc.response.headers.get("Retry-After", poll)))
+                time.sleep(wait)
                 continue
-            _RATE_NEXT[name] = time.monotonic() + spacing_s
+            _RATE_NEXT[name] = sent + spacing_s
             return
