@@ -60,6 +60,11 @@ _UNTIL_EXIT = contextlib.ExitStack()  # what a command holds until it ends: its 
 
 @app.callback()
 def _around_every_command(ctx: typer.Context) -> None:
+    import os
+
+    if os.environ.get("BATCHFLOWS_PREFECT_SERVER", "warm") not in ("warm", "temporary"):
+        console.print("[red]error:[/red] BATCHFLOWS_PREFECT_SERVER must be 'warm' (the default) or 'temporary'")
+        raise typer.Exit(2)
     ctx.call_on_close(_UNTIL_EXIT.close)
 
 

@@ -119,3 +119,9 @@ def test_prefect_api_url_wins_over_the_warm_server(home: Path) -> None:
     started = _cli(env, "server", "start")
     assert started.returncode == 0 and "PREFECT_API_URL is set" in started.stdout
     assert _servers_of(home) == []
+
+
+def test_an_unknown_server_mode_is_one_clear_line(home: Path) -> None:
+    refused = _cli(_env(home, BATCHFLOWS_PREFECT_SERVER="shared"), "limits")
+    assert refused.returncode == 2 and "BATCHFLOWS_PREFECT_SERVER must be 'warm'" in refused.stdout
+    assert _servers_of(home) == []
