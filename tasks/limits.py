@@ -25,7 +25,7 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse, MinimalConcurrencyLimitResponse
 from prefect.events import Event, emit_event
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from blocks.ledger import default_home
 from tasks import stopping
@@ -35,6 +35,7 @@ from tasks.resilience import run_logger
 PREFIX = "batchflows"
 LEASE_S = 60
 RENEW_S = LEASE_S / 3  # a lease is renewed this often while its phase runs
+RATE_RETRIES = 20  # a rate slot's request answered 503 or dropped this often in a row: the error is raised
 SLOT_CHECK_S = 30  # a phase waiting for slots looks for dead holders, and says why it waits, this often
 SLOT_WAIT_S = float(os.environ.get("BATCHFLOWS_SLOT_WAIT_S", 900))  # then gives up with the reason
 
@@ -355,24 +356,35 @@ def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
     every tenth of the spacing, at least 50 ms apart (or after the server's Retry-After if shorter): another
     process holds the slot, and a waiting process polling faster only loads the server. So a run alone takes
     a slot every `spacing_s` plus a few ms, the server alone decides across processes, and a single run asks
-    about once per slot.
+    about once per slot. A 503 (a Prefect server on SQLite answers it when its database is locked) or a
+    dropped connection is asked again after the same poll, not after the Prefect client's own ~2 s backoff:
+    every call of the phase waits on this one.
     """
     with _RATE_LOCKS_LOCK:
         lock = _RATE_LOCKS.setdefault(name, threading.Lock())
     poll = max(0.05, spacing_s / 10)
-    with lock, get_client(sync_client=True) as client:
+    no_client_retries = temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+    with lock, no_client_retries, get_client(sync_client=True) as client:
         stopping.sleep(_RATE_NEXT.get(name, 0.0) - time.monotonic())
-        denied = 0
+        denied = unavailable = 0
         while stopping.reason() is None:  # stopping: no slot needed, the caller makes no call
             sent = time.monotonic()
             try:
                 client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit")
             except httpx.HTTPStatusError as exc:
+                if exc.response.status_code in (502, 503, 504) and (unavailable := unavailable + 1) <= RATE_RETRIES:
+                    time.sleep(poll)
+                    continue
                 if exc.response.status_code != 423:
                     raise
                 denied += 1
                 wait = 0.005 if denied <= 2 else min(poll, float(exc.response.headers.get("Retry-After", poll)))
                 time.sleep(wait)
+                continue
+            except httpx.TransportError:
+                if (unavailable := unavailable + 1) > RATE_RETRIES:
+                    raise
+                time.sleep(poll)
                 continue
             _RATE_NEXT[name] = sent + spacing_s
             return
