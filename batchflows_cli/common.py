@@ -48,7 +48,7 @@ def loaded() -> None:
     """The command's modules are loaded: keep them out of every later garbage collection, and collect again.
 
     A command loads Prefect, databricks-sdk, pandas and ours: hundreds of thousands of objects that live until
-    it exits. Collecting while they load (collection is off until now, see __init__) and going through them
+    it exits. Collecting while they load (collection is off until now, see `batchflows_cli.main`) and going through them
     again at exit cost ~1.2 s of every command (`python -c "import flows.rerun"`: 2.8 s; with collection off
     while importing, then gc.freeze: 1.6 s). Call it before a command's long work (a flow run, a server)."""
     gc.freeze()
@@ -88,7 +88,6 @@ def _job(workspace: _workspace) -> Iterator[str | None]:
     from tasks import progress
     from tasks.embed import BudgetExceeded
     from tasks.inputs import InputError
-    from tasks.local_server import local_server
 
     def stopping_now(name: str) -> None:
         Console(stderr=True).print(
@@ -98,8 +97,8 @@ def _job(workspace: _workspace) -> Iterator[str | None]:
 
     loaded()
     stopping.clear()
+    _uses_prefect()
     with (
-        local_server(),  # without PREFECT_API_URL: this machine's warm server (tasks/local_server.py)
         workspace as block_name,
         _Bars() as bars,
         progress.listening(bars),
