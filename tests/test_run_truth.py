@@ -34,6 +34,20 @@ FAST = {
 }
 
 
+def _events(resource_id: str, **event_filter: list[str]) -> list[str]:
+    """The names of the events the Prefect server stored about `resource_id` (EventNameFilter's name= or
+    prefix=), sorted."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(
+            filter=EventFilter(event=EventNameFilter(**event_filter), resource=EventResourceFilter(id=[resource_id])),
+            limit=50,
+        )
+    return sorted(e.event for e in page.events)
+
+
 def test_preset_first_then_only_the_fields_set_for_the_run() -> None:
     # the form's shape: every field present, the untouched ones empty
     form = {name: None for name in ScoreOverrides.model_fields} | {"genie_rpm": 0}
@@ -92,8 +106,6 @@ def test_breaker_block_configuration_holds_unless_a_run_sets_it(prefect_api: Non
 
 
 def test_breaker_transitions_are_prefect_events(prefect_api: None) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
     from prefect.events.worker import EventsWorker
 
     name = f"b-{uuid.uuid4().hex[:8]}"
@@ -108,15 +120,7 @@ def test_breaker_transitions_are_prefect_events(prefect_api: None) -> None:
     deadline = time.monotonic() + 30
     while found != wanted and time.monotonic() < deadline:  # the server stores events a moment after receipt
         time.sleep(0.5)
-        with get_client(sync_client=True) as client:
-            page = client.read_events(
-                filter=EventFilter(
-                    event=EventNameFilter(prefix=["batchflows.circuit-breaker."]),
-                    resource=EventResourceFilter(id=[f"batchflows.circuit-breaker.{name}"]),
-                ),
-                limit=50,
-            )
-        found = sorted(e.event for e in page.events)
+        found = _events(f"batchflows.circuit-breaker.{name}", prefix=["batchflows.circuit-breaker."])
     assert found == wanted
 
 
@@ -124,7 +128,6 @@ def test_held_slots_are_prefect_concurrency_events(prefect_api: None) -> None:
     """A phase's slots are taken and given back through Prefect's public client, with the events Prefect's own
     `concurrency()` emits, and leave the limit as they found it."""
     from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
     from prefect.events.worker import EventsWorker
 
     service = f"t-{uuid.uuid4().hex[:6]}"
@@ -140,15 +143,7 @@ def test_held_slots_are_prefect_concurrency_events(prefect_api: None) -> None:
     wanted = ["prefect.concurrency-limit.acquired", "prefect.concurrency-limit.released"]
     while found != wanted and time.monotonic() < deadline:  # the server stores events a moment after receipt
         time.sleep(0.5)
-        with get_client(sync_client=True) as client:
-            page = client.read_events(
-                filter=EventFilter(
-                    event=EventNameFilter(name=wanted),
-                    resource=EventResourceFilter(id=[f"prefect.concurrency-limit.{limit.id}"]),
-                ),
-                limit=50,
-            )
-        found = sorted(e.event for e in page.events)
+        found = _events(f"prefect.concurrency-limit.{limit.id}", name=wanted)
     assert found == wanted
 
 
@@ -275,18 +270,7 @@ def test_each_genie_question_is_a_task_retried_by_prefect_and_cached_on_rerun(
 
 
 def _heartbeats(flow_run_id: str) -> int:
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
-    with get_client(sync_client=True) as client:
-        page = client.read_events(
-            filter=EventFilter(
-                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
-                resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
-            ),
-            limit=10,
-        )
-    return len(page.events)
+    return len(_events(f"prefect.flow-run.{flow_run_id}", name=["prefect.flow-run.heartbeat"]))
 
 
 def test_a_run_from_the_terminal_does_not_wait_on_prefects_heartbeat_thread(prefect_api: None, tmp_path: Any) -> None:
