@@ -229,7 +229,7 @@ def score(
             "cached": 0,
             "calls": judge_calls.calls,
             "seconds": round(time.monotonic() - t3, 2),
-            **({"adaptive": ADAPTED["judge"]} if "judge" in ADAPTED else {}),
+            **_adapted("judge"),
         }
     )
     log.info(
@@ -371,8 +371,13 @@ def _phase_figures(name: str, outcomes: dict[str, RowOutcome], since: float, cal
         "cached": sum(1 for o in outcomes.values() if o.cached),
         "calls": calls.calls,
         "seconds": round(time.monotonic() - since, 2),
-        **({"adaptive": ADAPTED[name]} if name in ADAPTED else {}),  # where its concurrency went
+        **_adapted(name),
     }
+
+
+def _adapted(phase: str) -> dict[str, Any]:
+    """Where an adaptive phase's concurrency went in this run, for its figures (nothing for a fixed one)."""
+    return {"adaptive": ADAPTED[phase]} if phase in ADAPTED else {}
 
 
 def _genie_key(space_id: str, question: str, repeat: int) -> str:
