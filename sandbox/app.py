@@ -485,19 +485,29 @@ def _serving_routes(app: FastAPI, ws: Workspace) -> None:
         ws.ledger.admit(group)  # beyond the hidden capacity: 429 (OverCapacity)
         interval = ws.ledger.open_interval(group, start)
         try:
-            await asyncio.sleep(ws.ledger.spec(group).latency_s(rng))
+            latency = ws.ledger.spec(group).latency_s(rng)
+            texts = _texts(body) if group == "embeddings" else None
+            vectors = [models.embed(t) for t in texts or []]  # the endpoint's work is part of its service time
+            await asyncio.sleep(max(0.0, latency - (time.time() - start)))
             if group == "embeddings":
-                return _embeddings(ws, request, name, body)
+                return _embeddings(ws, request, name, texts, vectors)
             return _chat(ws, request, name, body)
         finally:
             interval[1] = time.time()
 
 
-def _embeddings(ws: Workspace, request: Request, name: str, body: dict[str, Any]) -> Any:
+def _texts(body: dict[str, Any]) -> list[str] | None:
+    """An embedding request's texts, or None when its 'input' is not a string or a list of strings."""
     texts = body.get("input")
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        return None
+    return texts
+
+
+def _embeddings(ws: Workspace, request: Request, name: str, texts: list[str] | None, vectors: list[list[float]]) -> Any:
+    if texts is None:
         raise ApiError(400, "BAD_REQUEST", "Embedding endpoints take 'input': a string or a list of strings")
     fault = ws.ledger.draw("embeddings", ("malformed",))
     ws.ledger.record(
@@ -506,12 +516,13 @@ def _embeddings(ws: Workspace, request: Request, name: str, body: dict[str, Any]
     if fault == "malformed":
         return Response('{"object": "list", "data": [{"embedding": [0.1, ', media_type="application/json")
     tokens = sum(models.estimate_tokens(t) for t in texts)
-    return {
+    answer = {
         "object": "list",
         "model": name,
-        "data": [{"object": "embedding", "index": i, "embedding": models.embed(t)} for i, t in enumerate(texts)],
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
+    return Response(json.dumps(answer), media_type="application/json")  # plain floats: no need of FastAPI's encoder
 
 
 def _chat(ws: Workspace, request: Request, name: str, body: dict[str, Any]) -> Any:

@@ -54,7 +54,7 @@ _PRIMARY = [
 class FaultSpec(BaseModel):
     """Faults and latency for one endpoint group. Rates are probabilities per primary request."""
 
-    latency_ms: float = Field(0, ge=0, description="mean service time of a call")
+    latency_ms: float = Field(0, ge=0, description="mean service time of a call, the endpoint's own work included")
     latency_jitter_ms: float = Field(0, ge=0, description="uniform +/- jitter around latency_ms")
     rate_429: float = Field(0, ge=0, le=1)
     retry_after_s: float = Field(1, ge=0, description="Retry-After sent with 429 and 503")
