@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Completed, Failed
+from prefect.utilities.annotations import quote
 
 from blocks.breaker import CircuitBreaker
 from blocks.ledger import RowLedger
@@ -286,12 +287,12 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
     concurrency = 1 if spec.sequential else spec.concurrency
     chunks = [pending] if spec.sequential else chunk_rows(pending, concurrency)
     with hold(spec.limits, occupy=concurrency), _learning(spec, rate_limit):
-        futures = run_chunk.map(
-            chunks,
-            unmapped(call),
+        futures = run_chunk.map(  # quoted: Prefect would walk every row's payload looking for futures
+            quote(chunks),
+            quote(unmapped(call)),
             unmapped(spec.name),
             [c[0].index for c in chunks],
-            unmapped(spec),
+            quote(unmapped(spec)),
             unmapped(rate_limit),
         )
         for future in futures:
@@ -340,14 +341,14 @@ def _run_per_row(
     spec = _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed)))
     outcomes = dict(cached)
     with hold(spec.limits, occupy=spec.concurrency), _learning(spec, rate_limit):
-        futures = run_row.with_options(retries=spec.policy.retries).map(
-            list(rows),
-            unmapped(call),
+        futures = run_row.with_options(retries=spec.policy.retries).map(  # quoted as in run_phase
+            quote(list(rows)),
+            quote(unmapped(call)),
             unmapped(spec.name),
             [row.name for row in rows],
-            unmapped(spec),
+            quote(unmapped(spec)),
             unmapped(rate_limit),
-            [cached.get(row.key) for row in rows],
+            quote([cached.get(row.key) for row in rows]),
         )
         for future in futures:
             future.wait()
