@@ -101,15 +101,24 @@ class RowLedger(Block):
         return found
 
     def put(self, step: str, version: str, key: str, value: Any) -> None:
-        payload = json.dumps(value, ensure_ascii=False, default=str)
+        self.put_many(step, version, {key: value})
+
+    def put_many(self, step: str, version: str, values: dict[str, Any]) -> None:
+        """Store `values` by key in one transaction: all of them or, on an error, none."""
+        payloads = [(k, json.dumps(v, ensure_ascii=False, default=str)) for k, v in values.items()]
+        if not payloads:
+            return
         if (shared := self._rows()) is not None:
-            shared.put(step, version, key, payload)
+            shared.put_many(step, version, payloads)
             return
         with self._lock:
-            self._connection().execute(
-                "INSERT OR REPLACE INTO rows (step, version, key, value) VALUES (?, ?, ?, ?)",
-                (step, version, key, payload),
-            )
+            conn = self._connection()
+            with conn:  # sqlite3 opens the transaction and commits it, or rolls it back on an error
+                conn.execute("BEGIN")
+                conn.executemany(
+                    "INSERT OR REPLACE INTO rows (step, version, key, value) VALUES (?, ?, ?, ?)",
+                    [(step, version, k, p) for k, p in payloads],
+                )
 
     def count(self, step: str | None = None) -> int:
         if (shared := self._rows()) is not None:
@@ -158,7 +167,7 @@ class _SharedRows:
                 found.update((k, json.loads(v)) for k, v in rows)
         return found
 
-    def put(self, step: str, version: str, key: str, payload: str) -> None:
+    def put_many(self, step: str, version: str, payloads: list[tuple[str, str]]) -> None:
         import sqlalchemy as sa
 
         with self.engine.begin() as conn:
@@ -167,7 +176,7 @@ class _SharedRows:
                     "INSERT INTO batchflows_rows (step, version, key, value) VALUES (:step, :version, :key, :value) "
                     "ON CONFLICT (step, version, key) DO UPDATE SET value = excluded.value"
                 ),
-                {"step": step, "version": version, "key": key, "value": payload},
+                [{"step": step, "version": version, "key": k, "value": p} for k, p in payloads],
             )
 
     def count(self, step: str | None) -> int:

@@ -72,6 +72,7 @@ class BatchSend:
     cache: Cache
     key: Callable[[dict[str, Any]], str]
     rate_limit: RateLimit | None
+    on_good: Callable[[dict[str, Any]], None] | None = None  # gets each call's good answers as they arrive
     kept: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, batch: list[dict[str, Any]]) -> BatchAnswer:
@@ -88,10 +89,11 @@ class BatchSend:
         return {**answer, "good": {**earlier, **answer["good"]}}
 
     def _keep(self, items: list[dict[str, Any]], good: dict[str, Any]) -> None:
-        for item in items:
-            if item["id"] in good:
-                self.cache.ledger.put(self.cache.step, self.cache.version, self.key(item), good[item["id"]])
+        answered = {self.key(item): good[item["id"]] for item in items if item["id"] in good}
+        self.cache.ledger.put_many(self.cache.step, self.cache.version, answered)
         self.kept.update(good)
+        if good and self.on_good is not None:
+            self.on_good(good)
 
 
 def run_batched(
@@ -101,9 +103,11 @@ def run_batched(
     key: Callable[[dict[str, Any]], str],
     pack: Callable[[list[dict[str, Any]]], list[list[dict[str, Any]]]],
     call: Callable[..., BatchAnswer],
+    on_good: Callable[[dict[str, Any]], None] | None = None,
 ) -> BatchedResult:
     """Answer every item (each has an "id"): `cached` and `todo` as `pending` split them; the items to do
-    go in batches, or alone after their batch failed."""
+    go in batches, or alone after their batch failed. `on_good` gets the new answers by id as they arrive
+    (cached ones are in the result only)."""
     log = run_logger()
     result = BatchedResult(values=dict(cached), cached=set(cached))
     log.info(f"Cache hits: {len(cached)}/{len(cached) + len(todo)}")
@@ -111,7 +115,7 @@ def run_batched(
     if not todo:
         return result
     rate_limit = rate_limit_for(scoped(job.service, job.workspace), job.rpm)  # run_phase creates it first
-    send = BatchSend(call, job.cache, key, rate_limit)
+    send = BatchSend(call, job.cache, key, rate_limit, on_good)
     with metered() as meter:  # every HTTP attempt of both phases, re-asks and retries included
         _run_phases(job, result, pack(todo), send)
     result.calls = meter.calls

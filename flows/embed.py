@@ -24,6 +24,7 @@ from tasks.calls import Call
 from tasks.embed import (
     BudgetExceeded,
     DeltaVectorStore,
+    StoreWriter,
     VectorStore,
     check_documents,
     embed_batch,
@@ -161,15 +162,18 @@ def embed(
         if store_table
         else VectorStore(store_path or default_store())
     )
-    result = run_batched(
-        job,
-        cached,
-        todo,
-        key=content_key,
-        pack=lambda items: [items[i : i + settings.batch_size] for i in range(0, len(items), settings.batch_size)],
-        call=Call(embed_batch, workspace, settings.timeout, "batch", {"endpoint": settings.endpoint}),
-    )
-    stored = store.upsert(settings.endpoint, docs, result.values)
+    with StoreWriter(store, settings.endpoint, docs) as writer:  # new vectors are written while calls go on
+        result = run_batched(
+            job,
+            cached,
+            todo,
+            key=content_key,
+            pack=lambda items: [items[i : i + settings.batch_size] for i in range(0, len(items), settings.batch_size)],
+            call=Call(embed_batch, workspace, settings.timeout, "batch", {"endpoint": settings.endpoint}),
+            on_good=writer,
+        )
+    rest = {i: v for i, v in result.values.items() if i not in writer.written}
+    stored = len(writer.written) + store.upsert(settings.endpoint, docs, rest)
     summary = _finish(docs, errors, result, plan, stored, store.path, started, output_dir)
     total = summary["successful"] + len(summary["failures"])  # every item succeeded or has a failure record
     return rows_state(summary, total, (f["error_kind"] for f in summary["failures"]), "embedded")  # type: ignore[return-value]  # Prefect ends the run in this state and returns its data

@@ -262,6 +262,72 @@ class VectorStore:
         return [{"id": r[0], "kind": r[1], "text": r[2], "score": round(float(r[3]), 4)} for r in rows]
 
 
+class StoreWriter:
+    """Writes a run's new vectors while its calls go on: answers queue up as they arrive (`writer(good)`) and
+    a thread writes them in bulk, at the latest `every_s` after the first one waiting, so the run's end
+    writes only the last few. `close()` returns the ids written; what a failed write left out is the
+    caller's to write at the end (its error then surfaces there), so no vector is lost to the thread.
+
+    Example:
+        with StoreWriter(store, model, docs) as writer:
+            result = run_batched(..., on_good=writer)
+        store.upsert(model, docs, {i: v for i, v in result.values.items() if i not in writer.written})
+    """
+
+    def __init__(self, store: Any, model: str, docs: list[dict[str, Any]], every_s: float = 1.0) -> None:
+        self.store, self.model, self.every_s = store, model, every_s
+        self.docs = {d["id"]: d for d in docs}
+        self.written: set[str] = set()
+        self._waiting: dict[str, list[float]] = {}
+        self._closed = False
+        self._failed = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="vector-store-writer", daemon=True)
+
+    def __enter__(self) -> StoreWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __call__(self, good: dict[str, Any]) -> None:
+        with self._wake:
+            self._waiting.update((i, v) for i, v in good.items() if i in self.docs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent to another process (a process-based task runner), it writes nothing: the caller's final
+        # write covers every id it did not write.
+        return _no_write, ()
+
+    def close(self) -> set[str]:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+        return self.written
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._closed, timeout=self.every_s)
+                batch, self._waiting = self._waiting, {}
+                closed = self._closed
+            if batch and not self._failed:
+                try:
+                    self.store.upsert(self.model, [self.docs[i] for i in batch], batch)
+                    self.written.update(batch)
+                except Exception:  # the caller writes these again at the end, where the error is raised
+                    self._failed = True
+            if closed:
+                return
+
+
+def _no_write(good: dict[str, Any]) -> None:
+    del good
+
+
 class StoreError(RuntimeError):
     """The warehouse refused a statement of the Delta vector store."""
 

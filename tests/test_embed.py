@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +164,29 @@ def test_vectors_in_a_warehouse_table_are_searchable(prefect_api, tmp_path):
             "sandbox-warehouse",
             "samples.main.doc_vectors",
         )
+
+
+def test_vectors_reach_the_store_while_the_calls_go_on(sb, workspace_block, ledger_block, tmp_path):
+    """The store is written in bulk during the run, not all at its end; every vector is there afterwards."""
+    sb.set_faults("embeddings", latency_ms=400)
+    store = VectorStore(str(tmp_path / "vectors.duckdb"))
+    seen: list[int] = []
+    running = threading.Event()
+    running.set()
+
+    def watch() -> None:
+        while running.is_set():
+            seen.append(store.count("databricks-gte-large-en"))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        settings = EmbedSettings(batch_size=50, max_concurrent=1, retry_delay=0.05)
+        summary = _run(tmp_path, workspace_block, ledger_block, input_path=_docs(tmp_path, 300), settings=settings)
+    finally:
+        running.clear()
+        watcher.join()
+    assert (summary["successful"], summary["stored"]) == (300, 300)
+    assert store.count("databricks-gte-large-en") == 300
+    assert any(0 < n < 300 for n in seen), f"the store went from empty to full at once: {sorted(set(seen))}"
