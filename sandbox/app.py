@@ -481,7 +481,7 @@ def _serving_routes(app: FastAPI, ws: Workspace) -> None:
             raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Endpoint with name '{name}' does not exist.")
         body = await _json(request)
         rng = ws.ledger.rng()
-        start = time.time()
+        start = request.scope.get("state", {}).get("sandbox_arrived", time.time())
         ws.ledger.admit(group)  # beyond the hidden capacity: 429 (OverCapacity)
         interval = ws.ledger.open_interval(group, start)
         try:

@@ -247,6 +247,7 @@ class FaultMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope.setdefault("state", {})["sandbox_arrived"] = time.time()  # a call's latency counts from here
         path = scope["path"]
         group = primary_group(scope["method"], path)
         if group == "invocations":
