@@ -35,14 +35,14 @@ ENDPOINT = "databricks-meta-llama-3-3-70b-instruct"
 
 
 @flow(name="bench-overhead", persist_result=False)
-def bench_flow(n: int, concurrency: int, host: str, token: str) -> tuple[int, float]:
-    """Returns (rows ok, seconds spent in run_phase)."""
+def bench_flow(n: int, concurrency: int, host: str, token: str) -> tuple[int, float, float]:
+    """Returns (rows ok, seconds spent in run_phase, this process's CPU seconds in it)."""
     client = DatabricksWorkspace(host=host, token=token).client(30)
     rows = [Row(f"r{i}", i, f"call {i}") for i in range(n)]
     spec = PhaseSpec("bench", f"bench-{uuid.uuid4().hex[:6]}", concurrency, RetryPolicy(retries=0))  # its own limit
-    t0 = time.monotonic()
+    t0, cpu = time.monotonic(), time.process_time()
     outcomes = run_phase(spec, rows, lambda p: chat(client, ENDPOINT, p))
-    return sum(o.status == "ok" for o in outcomes.values()), time.monotonic() - t0
+    return sum(o.status == "ok" for o in outcomes.values()), time.monotonic() - t0, time.process_time() - cpu
 
 
 async def asyncio_loop(host: str, token: str, n: int, concurrency: int) -> float:
@@ -75,16 +75,17 @@ def main() -> None:
         print(f"N={args.n} concurrency={args.concurrency}")
         print(
             "| latency | ideal | asyncio+httpx | plain pool | run_phase | whole flow run | phase / ideal "
-            "| phase / plain | flow / ideal | flow / plain | flow / ideal, heartbeats on | peak in flight |"
+            "| phase / plain | flow / ideal | flow / plain | flow / ideal, heartbeats on | peak in flight "
+            "| CPU: plain pool | CPU: run_phase |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for latency in args.latency:
             sb.set_faults("chat", latency_ms=latency * 1000)
             ideal = math.ceil(args.n / args.concurrency) * latency
-            t0 = time.monotonic()
+            t0, cpu = time.monotonic(), time.process_time()
             with ThreadPoolExecutor(args.concurrency) as pool:
                 list(pool.map(lambda i: chat(client, ENDPOINT, f"call {i}"), range(args.n)))
-            plain = time.monotonic() - t0
+            plain, plain_cpu = time.monotonic() - t0, time.process_time() - cpu
             sb.reset(clear_faults=False)
             aio = asyncio.run(asyncio_loop(sb.host, sb.token, args.n, args.concurrency))
             sb.reset(clear_faults=False)
@@ -94,7 +95,7 @@ def main() -> None:
             sb.reset(clear_faults=False)
             t0 = time.monotonic()
             with no_idle_heartbeats():
-                ok, phase_s = bench_flow(args.n, args.concurrency, sb.host, sb.token)
+                ok, phase_s, phase_cpu = bench_flow(args.n, args.concurrency, sb.host, sb.token)
             flow_s = time.monotonic() - t0
             calls = sb.stats()["chat"]
             assert ok == args.n == calls["calls"], (ok, calls)
@@ -102,7 +103,8 @@ def main() -> None:
                 f"| {latency} s | {ideal:.1f} s | {aio:.2f} s ({ideal / aio:.3f}) "
                 f"| {plain:.2f} s ({ideal / plain:.3f}) | {phase_s:.2f} s "
                 f"| {flow_s:.2f} s | {ideal / phase_s:.3f} | {phase_s / plain:.3f}x | {ideal / flow_s:.3f} "
-                f"| {flow_s / plain:.3f}x | {ideal / beating:.3f} | {calls['max_in_flight']} |"
+                f"| {flow_s / plain:.3f}x | {ideal / beating:.3f} | {calls['max_in_flight']} | {plain_cpu:.2f} s "
+                f"| {phase_cpu:.2f} s |"
             )
 
 
