@@ -12,20 +12,20 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse, MinimalConcurrencyLimitResponse
 from prefect.events import Event, emit_event
-from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 
 from blocks.ledger import default_home
 from tasks import stopping
@@ -35,9 +35,12 @@ from tasks.resilience import run_logger
 PREFIX = "batchflows"
 LEASE_S = 60
 RENEW_S = LEASE_S / 3  # a lease is renewed this often while its phase runs
-RATE_RETRIES = 20  # a rate slot's request answered 503 or dropped this often in a row: the error is raised
+RATE_RETRIES = 20  # a slot's request answered 503 or dropped this often in a row: the error is raised
 SLOT_CHECK_S = 30  # a phase waiting for slots looks for dead holders, and says why it waits, this often
 SLOT_WAIT_S = float(os.environ.get("BATCHFLOWS_SLOT_WAIT_S", 900))  # then gives up with the reason
+
+
+T = TypeVar("T")
 
 
 class SlotWaitError(RuntimeError):
@@ -71,8 +74,12 @@ def ensure_limit(name: str, limit: int, slot_decay_per_second: float = 0.0, chan
         try:
             existing = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, **wanted))
-            return limit, slot_decay_per_second
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, **wanted))
+                return limit, slot_decay_per_second
+            except ObjectAlreadyExists:  # another run created it a moment ago: that one is shared
+                pass
+            existing = client.read_global_concurrency_limit_by_name(name)
         if change:
             update = wanted
         else:
@@ -192,13 +199,15 @@ def _acquire(name: str, occupy: int) -> ConcurrencyLimitWithLeaseResponse | None
     None if the process is stopping."""
     waited = 0.0
     holder = _holder()
-    with get_client(sync_client=True) as client:
+    with _fast_client() as client:
         while stopping.reason() is None:
             asked = time.monotonic()
             while stopping.reason() is None and time.monotonic() - asked < SLOT_CHECK_S:
                 try:
-                    response = client.increment_concurrency_slots_with_lease(
-                        names=[name], slots=occupy, mode="concurrency", lease_duration=LEASE_S, holder=holder
+                    response = _quickly(
+                        lambda: client.increment_concurrency_slots_with_lease(
+                            names=[name], slots=occupy, mode="concurrency", lease_duration=LEASE_S, holder=holder
+                        )
                     )
                 except httpx.HTTPStatusError as exc:
                     if exc.response.status_code != 423:
@@ -211,7 +220,7 @@ def _acquire(name: str, occupy: int) -> ConcurrencyLimitWithLeaseResponse | None
                 return granted
             waited += time.monotonic() - asked
             freed = reclaim(name)
-            limit = client.read_global_concurrency_limit_by_name(name)
+            limit = _quickly(lambda: client.read_global_concurrency_limit_by_name(name))
             held = sum(int(info.get("occupy", 0)) for _, info in _notes(name) if "lease_id" in info)
             why = (
                 f"{limit.active_slots} of {name}'s {limit.limit} slots are taken, {held} of them by live runs on "
@@ -246,16 +255,50 @@ def _renew(lease_id: UUID, done: threading.Event) -> None:
 
 
 def _release(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
-    with get_client(sync_client=True) as client:
+    with _fast_client() as client:
         try:
-            client.renew_concurrency_lease(lease_id, LEASE_S)  # does the server still know the lease?
+            _quickly(lambda: client.renew_concurrency_lease(lease_id, LEASE_S))  # does the server still know it?
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code not in (404, 410):
                 raise
             run_logger().warning(f"The Prefect server lost the lease on {occupy} slot(s) of {name}: given back")
-            client.release_concurrency_slots(names=[name], slots=occupy, occupancy_seconds=held_s)
+            _quickly(lambda: client.release_concurrency_slots(names=[name], slots=occupy, occupancy_seconds=held_s))
             return
-        client.release_concurrency_slots_with_lease(lease_id)
+        _quickly(lambda: client.release_concurrency_slots_with_lease(lease_id))
+
+
+class PrefectBusy(Exception):
+    """The Prefect API answered 502, 503 or 504 to a request of a `_fast_client`."""
+
+
+def _fast_client() -> SyncPrefectClient:
+    """A Prefect client whose requests fail with `PrefectBusy` on a 502/503/504 at once, for `_quickly`.
+
+    Prefect's client retries those after a backoff of 2 s and more, and with PREFECT_CLIENT_MAX_RETRIES=0 it
+    still sleeps that backoff before it returns the last answer (prefect 3.8 `_send_with_retry`). A phase
+    waits on its slots, and a Prefect server on SQLite answers 503 while its database is locked: about one
+    phase in ten of a scoring run at concurrency 10 waited 2 s more (bench/score_scaling.py). An httpx
+    response hook (public httpx and `get_client` settings) raises before Prefect's loop can sleep.
+    """
+    return get_client(sync_client=True, httpx_settings={"event_hooks": {"response": [_raise_if_busy]}})
+
+
+def _raise_if_busy(response: httpx.Response) -> None:
+    if response.status_code in (502, 503, 504):
+        raise PrefectBusy(f"the Prefect API answered {response.status_code} to {response.request.url.path}")
+
+
+def _quickly(request: Callable[[], T]) -> T:
+    """`request()` with a `_fast_client`, asked again 50 ms after a busy answer (at most RATE_RETRIES times in
+    a row)."""
+    busy = 0
+    while True:
+        try:
+            return request()
+        except PrefectBusy:
+            if (busy := busy + 1) > RATE_RETRIES:
+                raise
+            time.sleep(0.05)
 
 
 def drop_limits() -> list[str]:
@@ -356,35 +399,31 @@ def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
     every tenth of the spacing, at least 50 ms apart (or after the server's Retry-After if shorter): another
     process holds the slot, and a waiting process polling faster only loads the server. So a run alone takes
     a slot every `spacing_s` plus a few ms, the server alone decides across processes, and a single run asks
-    about once per slot. A 503 (a Prefect server on SQLite answers it when its database is locked) or a
-    dropped connection is asked again after the same poll, not after the Prefect client's own ~2 s backoff:
-    every call of the phase waits on this one.
+    about once per slot. A 503 (a Prefect server on SQLite answers it when its database is locked) is asked
+    again after the same poll, not after the Prefect client's own ~2 s backoff (`_fast_client`): every call
+    of the phase waits on this one.
     """
     with _RATE_LOCKS_LOCK:
         lock = _RATE_LOCKS.setdefault(name, threading.Lock())
     poll = max(0.05, spacing_s / 10)
-    no_client_retries = temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
-    with lock, no_client_retries, get_client(sync_client=True) as client:
+    with lock, _fast_client() as client:
         stopping.sleep(_RATE_NEXT.get(name, 0.0) - time.monotonic())
-        denied = unavailable = 0
+        denied = busy = 0
         while stopping.reason() is None:  # stopping: no slot needed, the caller makes no call
             sent = time.monotonic()
             try:
                 client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit")
+            except PrefectBusy:
+                if (busy := busy + 1) > RATE_RETRIES:
+                    raise
+                time.sleep(poll)
+                continue
             except httpx.HTTPStatusError as exc:
-                if exc.response.status_code in (502, 503, 504) and (unavailable := unavailable + 1) <= RATE_RETRIES:
-                    time.sleep(poll)
-                    continue
                 if exc.response.status_code != 423:
                     raise
                 denied += 1
                 wait = 0.005 if denied <= 2 else min(poll, float(exc.response.headers.get("Retry-After", poll)))
                 time.sleep(wait)
-                continue
-            except httpx.TransportError:
-                if (unavailable := unavailable + 1) > RATE_RETRIES:
-                    raise
-                time.sleep(poll)
                 continue
             _RATE_NEXT[name] = sent + spacing_s
             return

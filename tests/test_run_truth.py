@@ -7,8 +7,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
@@ -305,3 +308,86 @@ def test_a_run_from_the_terminal_does_not_wait_on_prefects_heartbeat_thread(pref
         time.sleep(0.5)
     assert _heartbeats(called) >= 1
     assert _heartbeats(from_terminal) == 0
+
+
+@contextlib.contextmanager
+def _busy_prefect_api(busy_path: str) -> Iterator[list[tuple[float, str, int]]]:
+    """Point Prefect at a proxy of the test's API that answers 503 (as a Prefect server on SQLite does while its
+    database is locked) to the first request whose path ends with `busy_path`. Yields (time, path, status)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    upstream = str(PREFECT_API_URL.value()).rstrip("/")
+    seen: list[tuple[float, str, int]] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            path = self.path.removeprefix("/api")
+            if path.endswith(busy_path) and not any(p.endswith(busy_path) for _, p, _ in seen):
+                status, content, kind = 503, b'{"exception_message": "Service Unavailable"}', "application/json"
+            else:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                answer = httpx.request(self.command, upstream + path, content=body, headers=headers)
+                status, content = answer.status_code, answer.content
+                kind = answer.headers.get("content-type", "application/json")
+            seen.append((time.monotonic(), path, status))
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{proxy.server_port}/api"}):
+            yield seen
+    finally:
+        proxy.shutdown()
+
+
+def _asked_again_after(seen: list[tuple[float, str, int]], path: str) -> float:
+    times = [(t, status) for t, p, status in seen if p.endswith(path)]
+    assert times[0][1] == 503 and times[1][1] < 300, times
+    return times[1][0] - times[0][0]
+
+
+def test_a_busy_prefect_server_delays_a_phases_slots_by_a_poll_not_by_prefects_backoff(prefect_api: None) -> None:
+    """A 503 to the request for a phase's slots, its rate slot or their release is asked again after 50 ms:
+    Prefect's client would sleep 2 s first (even with PREFECT_CLIENT_MAX_RETRIES=0), and the phase waits."""
+    service = f"t-{uuid.uuid4().hex[:6]}"
+    limits.ensure_service_limits(service, 2, rpm=600)
+    name = limits.limit_name(service)
+    with _busy_prefect_api("/increment-with-lease") as seen:
+        granted = limits._acquire(name, 1)
+    assert granted is not None
+    assert _asked_again_after(seen, "/increment-with-lease") < 1.0
+    with _busy_prefect_api("/decrement-with-lease") as seen:
+        limits._release(granted.lease_id, name, 1, 0.1)
+    assert _asked_again_after(seen, "/decrement-with-lease") < 1.0
+    with _busy_prefect_api("/concurrency_limits/increment") as seen:
+        limits.take_rate_slot(limits.rate_limit_name(service), 0.1)
+    assert _asked_again_after(seen, "/concurrency_limits/increment") < 1.0
+
+
+def test_runs_that_create_the_same_limit_at_once_share_it(prefect_api: None) -> None:
+    """Two runs that start together both find a service's limit missing and both create it: the one that
+    comes second uses the limit the first created instead of failing on the server's 409 Conflict."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for _ in range(5):
+        name = f"{limits.PREFIX}-t-{uuid.uuid4().hex[:6]}"
+        together = threading.Barrier(4)
+
+        def create(_: int, name: str = name, together: threading.Barrier = together) -> tuple[int, float]:
+            together.wait()
+            return limits.ensure_limit(name, 3)
+
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(create, range(4))) == [(3, 0.0)] * 4
