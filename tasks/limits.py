@@ -4,6 +4,7 @@ limits nothing, with only a warning), and held per phase, not per call.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import json
@@ -25,7 +26,7 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse, MinimalConcurrencyLimitResponse
 from prefect.events import Event, emit_event
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL
 
 from blocks.ledger import default_home
 from tasks import stopping
@@ -271,8 +272,15 @@ class PrefectBusy(Exception):
     """The Prefect API answered 502, 503 or 504 to a request of a `_fast_client`."""
 
 
-def _fast_client() -> SyncPrefectClient:
-    """A Prefect client whose requests fail with `PrefectBusy` on a 502/503/504 at once, for `_quickly`.
+_FAST_CLIENTS: dict[tuple[Any, ...], SyncPrefectClient] = {}
+_FAST_LOCK = threading.Lock()
+_OPEN = contextlib.ExitStack()  # the cached clients, closed when the process exits
+atexit.register(_OPEN.close)
+
+
+def _fast_client() -> contextlib.nullcontext[SyncPrefectClient]:
+    """A Prefect client whose requests fail with `PrefectBusy` on a 502/503/504 at once, for `_quickly`: one per
+    process and API, opened once (a new one costs ~17 ms, and a phase asks for its slots and gives them back).
 
     Prefect's client retries those after a backoff of 2 s and more, and with PREFECT_CLIENT_MAX_RETRIES=0 it
     still sleeps that backoff before it returns the last answer (prefect 3.8 `_send_with_retry`). A phase
@@ -280,7 +288,12 @@ def _fast_client() -> SyncPrefectClient:
     phase in ten of a scoring run at concurrency 10 waited 2 s more (bench/score_scaling.py). An httpx
     response hook (public httpx and `get_client` settings) raises before Prefect's loop can sleep.
     """
-    return get_client(sync_client=True, httpx_settings={"event_hooks": {"response": [_raise_if_busy]}})
+    key = (os.getpid(), PREFECT_API_URL.value(), PREFECT_API_AUTH_STRING.value(), PREFECT_API_KEY.value())
+    with _FAST_LOCK:
+        if key not in _FAST_CLIENTS:
+            hooks = {"event_hooks": {"response": [_raise_if_busy]}}
+            _FAST_CLIENTS[key] = _OPEN.enter_context(get_client(sync_client=True, httpx_settings=hooks))
+        return contextlib.nullcontext(_FAST_CLIENTS[key])
 
 
 def _raise_if_busy(response: httpx.Response) -> None:
