@@ -36,7 +36,7 @@ from tasks.resilience import run_logger
 PREFIX = "batchflows"
 LEASE_S = 60
 RENEW_S = LEASE_S / 3  # a lease is renewed this often while its phase runs
-RATE_RETRIES = 20  # a slot's request answered 503 or dropped this often in a row: the error is raised
+RATE_RETRIES = 20  # a slot's request answered 502/503/504 this often in a row: the error is raised
 SLOT_CHECK_S = 30  # a phase waiting for slots looks for dead holders, and says why it waits, this often
 SLOT_WAIT_S = float(os.environ.get("BATCHFLOWS_SLOT_WAIT_S", 900))  # then gives up with the reason
 
@@ -79,8 +79,7 @@ def ensure_limit(name: str, limit: int, slot_decay_per_second: float = 0.0, chan
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, **wanted))
                 return limit, slot_decay_per_second
             except ObjectAlreadyExists:  # another run created it a moment ago: that one is shared
-                pass
-            existing = client.read_global_concurrency_limit_by_name(name)
+                existing = client.read_global_concurrency_limit_by_name(name)
         if change:
             update = wanted
         else:
@@ -285,7 +284,7 @@ def _fast_client() -> contextlib.nullcontext[SyncPrefectClient]:
     Prefect's client retries those after a backoff of 2 s and more, and with PREFECT_CLIENT_MAX_RETRIES=0 it
     still sleeps that backoff before it returns the last answer (prefect 3.8 `_send_with_retry`). A phase
     waits on its slots, and a Prefect server on SQLite answers 503 while its database is locked: about one
-    phase in ten of a scoring run at concurrency 10 waited 2 s more (bench/score_scaling.py). An httpx
+    scoring run in six at concurrency 10 waited 2 s more (bench/score_scaling.py). An httpx
     response hook (public httpx and `get_client` settings) raises before Prefect's loop can sleep.
     """
     key = (os.getpid(), PREFECT_API_URL.value(), PREFECT_API_AUTH_STRING.value(), PREFECT_API_KEY.value())
