@@ -80,6 +80,7 @@ class CircuitBreaker(Block):
             created = not persist
         except ValueError:
             breaker, created = cls(), True
+        saved = None if created else breaker.model_dump()
         if created:
             breaker.failure_threshold, breaker.cooldown_s = new
         breaker.failure_threshold = failure_threshold or breaker.failure_threshold
@@ -90,7 +91,7 @@ class CircuitBreaker(Block):
             )
             breaker.consecutive_failures, breaker.opened_at = 0, None
         breaker._persist, breaker._save_name = persist, name
-        if persist:
+        if persist and breaker.model_dump() != saved:  # saving an unchanged block costs a run ~50 ms
             breaker.save(name, overwrite=True)
         return breaker
 
