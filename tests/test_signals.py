@@ -78,7 +78,12 @@ def _save_workspace(api: str, name: str, sb: object) -> None:
 
 
 def _active_slots(api: str, name: str) -> int:
-    return int(httpx.get(f"{api}/v2/concurrency_limits/{name}", timeout=10).json()["active_slots"])
+    """Through Prefect's client, which asks again when the server (SQLite) is busy for a moment (503)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return int(client.read_global_concurrency_limit_by_name(name).active_slots)
 
 
 def test_a_signal_stops_calls_writes_the_report_and_frees_slots(sb, prefect_server, tmp_path):
@@ -191,6 +196,8 @@ def _server(home: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def test_slots_come_back_after_a_server_restart_and_a_stranded_wait_says_why(tmp_path, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from typer.testing import CliRunner
 
@@ -214,7 +221,10 @@ def test_slots_come_back_after_a_server_restart_and_a_stranded_wait_says_why(tmp
             # slots no run holds (stranded by a restart under a run that then died): the wait is bounded
             monkeypatch.setattr(limits, "SLOT_CHECK_S", 1)
             monkeypatch.setattr(limits, "SLOT_WAIT_S", 2)
-            httpx.patch(f"{api}/v2/concurrency_limits/batchflows-restart", json={"active_slots": 2}).raise_for_status()
+            with get_client(sync_client=True) as client:  # retries a 503 of the just restarted server (SQLite)
+                client.update_global_concurrency_limit(
+                    "batchflows-restart", GlobalConcurrencyLimitUpdate(active_slots=2)
+                )
             with pytest.raises(limits.SlotWaitError) as info, limits.hold("restart", occupy=1):
                 pass
             assert "2 of batchflows-restart's 2 slots are taken, 0 of them by live runs on this machine" in str(
