@@ -265,7 +265,7 @@ class VectorStore:
 class StoreWriter:
     """Writes a run's new vectors while its calls go on: answers queue up as they arrive (`writer(good)`) and
     a thread writes them in bulk, at the latest `every_s` after the first one waiting, so the run's end
-    writes only the last few. `close()` returns the ids written; what a failed write left out is the
+    writes only the last few. `written` holds the ids written; what a failed write left out is the
     caller's to write at the end (its error then surfaces there), so no vector is lost to the thread.
 
     Example:
@@ -300,13 +300,12 @@ class StoreWriter:
         # write covers every id it did not write.
         return _no_write, ()
 
-    def close(self) -> set[str]:
+    def close(self) -> None:
         with self._wake:
             self._closed = True
             self._wake.notify()
         if self._thread.is_alive():
             self._thread.join()
-        return self.written
 
     def _run(self) -> None:
         while True:
