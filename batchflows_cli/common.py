@@ -189,6 +189,9 @@ class _Bars:
         failures = self.bars.tasks[task].fields["failed"] + (done if failed else 0)
         self.bars.update(task, advance=done, failed=failures)
 
+    def resized(self, phase: str, total: int) -> None:
+        self.bars.update(self.tasks[phase], total=total)
+
     def __enter__(self) -> _Bars:
         self.bars.start()
         return self

@@ -7,11 +7,15 @@ A job's phase is a few lines: build `Row`s and a `call`, then `run_phase(...)`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -19,8 +23,10 @@ from typing import Any
 from prefect import flow, tags, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
+from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from blocks.breaker import CircuitBreaker
@@ -129,11 +135,75 @@ class PhaseSpec:
     adaptive_start: int = 0  # set by run_phase: the level this run starts at
     workspace: str = ""  # the workspace's slug: each workspace's service has its own limits
     stop: Stop = field(default_factory=Stop)  # run_phase gives each run its own
+    on_done: Callable[[RowOutcome], None] | None = None  # told of each called row's outcome as it is known
 
     @property
     def limits(self) -> str:
         """The name the service's global limits and process lane go by."""
         return scoped(self.service, self.workspace)
+
+
+class Feed:
+    """The rows of a phase that starts before all of them are known: `run_phase` calls each one as it is put,
+    and returns once the feed is closed and every row has its outcome. A key put twice is called once.
+
+    An open feed lives in one process: its phase's task must run in a thread of the flow's process
+    (`in_threads()`). A closed feed is a list of rows, and its phase runs as any other.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []  # every row put, in order
+        self._keys: set[str] = set()
+        self._queue: queue.SimpleQueue[Row | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def put(self, key: str, payload: Any, label: str = "") -> None:
+        """Add a row (nothing if its key is already in).
+
+        Raises:
+            RuntimeError: the feed is closed, so the row would never be called.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"row {label or key} put in a closed feed: it would never be called")
+            if key in self._keys:
+                return
+            self._keys.add(key)
+            row = Row(key, len(self.rows), payload, label)
+            self.rows.append(row)
+            self._queue.put(row)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """No more rows: the phase ends when the rows put so far are done. Closing twice does nothing."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)
+
+    def __iter__(self) -> Iterator[Row]:
+        """The rows as they are put, until the feed is closed (for the one phase that takes them)."""
+        while (row := self._queue.get()) is not None:
+            yield row
+
+
+def in_threads() -> bool:
+    """Whether this flow run's tasks run in threads of its process (so they can take an open `Feed`)."""
+    context = FlowRunContext.get()
+    return context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner)
+
+
+def in_background(function: Callable[..., Any], *args: Any) -> Future[Any]:
+    """`function(*args)` in a thread with this context (the flow run's, so it can run a phase), started now."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bf-background")
+    try:
+        return pool.submit(contextvars.copy_context().run, function, *args)
+    finally:
+        pool.shutdown(wait=False)
 
 
 @dataclass
@@ -154,10 +224,16 @@ class TaskResult:
 
 @task(task_run_name="{phase}-rows-{first}", cache_policy=NO_CACHE, persist_result=False)
 def run_chunk(
-    rows: list[Row], call: Callable[[Any], Any], phase: str, first: int, spec: PhaseSpec, rate_limit: RateLimit | None
+    rows: Iterable[Row],
+    call: Callable[[Any], Any],
+    phase: str,
+    first: int,
+    spec: PhaseSpec,
+    rate_limit: RateLimit | None,
 ) -> State:
     """One chunk of a phase: its rows' calls, concurrently, through the phase's shared lane. Its state says
-    how many rows failed and why (Failed when all did); its data is every row's outcome."""
+    how many rows failed and why (Failed when all did); its data is every row's outcome. `rows` may come
+    from a `Feed`: the task takes them as they arrive."""
     concurrency = 1 if spec.sequential else spec.concurrency
     with meter.metered() as calls:
         outcomes = run_rows(
@@ -169,7 +245,7 @@ def run_chunk(
             breaker=spec.breaker,
             cache=spec.cache,
             sequential=spec.sequential,
-            on_done=_progress_of(spec.name),
+            on_done=_progress_of(spec),
             stop=spec.stop,
         )
     deferred = sum(1 for o in outcomes if o.status == "deferred")
@@ -226,7 +302,7 @@ def run_row(
     if outcome is None:
         stopping.sleep(delay)
         raise RetryRow(f"{label}: attempt {attempt} failed; Prefect retries it after {delay:.3g}s of backoff")
-    _progress_of(spec.name)(outcome)
+    _progress_of(spec)(outcome)
     result = TaskResult([outcome], calls=dict(_ATTEMPT_CALLS.pop(str(task_run.id))))
     if outcome.status == "failed":
         return Failed(message=f"{outcome.error_kind}: {outcome.message}", data=result)
@@ -235,10 +311,12 @@ def run_row(
     return Completed(message=f"answered (attempt {attempt})", data=result)
 
 
-def _progress_of(phase: str) -> Callable[[RowOutcome], None]:
+def _progress_of(spec: PhaseSpec) -> Callable[[RowOutcome], None]:
     def report(outcome: RowOutcome) -> None:
         if outcome.status != "deferred":  # deferred rows are reported when the fallback settles them
-            progress.advanced(phase, failed=outcome.status == "failed")
+            progress.advanced(spec.name, failed=outcome.status == "failed")
+            if spec.on_done is not None:
+                spec.on_done(outcome)
 
     return report
 
@@ -265,10 +343,14 @@ def chunk_rows(rows: Sequence[Row], concurrency: int, max_chunks: int = 8) -> li
     return [list(rows[i : i + size]) for i in range(0, len(rows), size)]
 
 
-def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) -> dict[str, RowOutcome]:
+def run_phase(spec: PhaseSpec, rows: Sequence[Row] | Feed, call: Callable[[Any], Any]) -> dict[str, RowOutcome]:
     """Every row's outcome by key: cached, ok, failed (after retries and fallback), never lost."""
-    log = run_logger()
     ADAPTED.pop(spec.name, None)
+    if isinstance(rows, Feed):
+        if not rows.closed:
+            return _run_feed(spec, rows, call)
+        rows = rows.rows
+    log = run_logger()
     outcomes: dict[str, RowOutcome] = {}
     if spec.cache is not None and spec.cache.read:
         cached = spec.cache.ledger.get_many(spec.cache.step, spec.cache.version, [r.key for r in rows])
@@ -299,6 +381,38 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row], call: Callable[[Any], Any]) 
             future.wait()
         results = [outcome for future in futures for outcome in summary_of(future.state).taken()]
     outcomes.update((o.key, o) for o in results)
+    return _fallback(spec, pending, outcomes, call, rate_limit)
+
+
+def _run_feed(spec: PhaseSpec, feed: Feed, call: Callable[[Any], Any]) -> dict[str, RowOutcome]:
+    """`run_phase` for rows that arrive while it runs: one task takes them as they come, each through the
+    ledger cache first, at the phase's concurrency, with the phase's slots held until the feed is closed."""
+    outcomes: dict[str, RowOutcome] = {}
+    progress.started(spec.name, 0)
+
+    def uncalled() -> Iterator[Row]:
+        for row in feed:
+            progress.resized(spec.name, len(feed.rows))
+            if spec.cache is not None and spec.cache.read:
+                cached = spec.cache.ledger.get_many(spec.cache.step, spec.cache.version, [row.key])
+                if row.key in cached:
+                    outcomes[row.key] = RowOutcome(row.key, "ok", cached[row.key], cached=True)
+                    progress.advanced(spec.name)
+                    continue
+            yield row
+
+    allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
+    spec = _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed)))
+    concurrency = 1 if spec.sequential else spec.concurrency
+    with hold(spec.limits, occupy=concurrency), _learning(spec, rate_limit):
+        quoted: tuple[Any, ...] = (quote(uncalled()), quote(call), spec.name, 0, quote(spec), rate_limit)
+        future = run_chunk.submit(*quoted)  # quoted: a generator, and Prefect would walk the rows
+        future.wait()
+        results = summary_of(future.state).taken()
+    if outcomes:
+        run_logger().info(f"{spec.name}: {len(outcomes)}/{len(feed.rows)} rows from cache")
+    outcomes.update((o.key, o) for o in results)
+    pending = [r for r in feed.rows if not outcomes[r.key].cached]
     return _fallback(spec, pending, outcomes, call, rate_limit)
 
 
@@ -394,7 +508,7 @@ def sequential_fallback(
                 log=log,
                 breaker=spec.breaker,
                 cache=spec.cache,
-                on_done=_progress_of(spec.name),
+                on_done=_progress_of(spec),
                 stop=spec.stop,
             )[0]
             if outcome.status != "deferred":

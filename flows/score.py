@@ -19,7 +19,17 @@ from blocks.breaker import CircuitBreaker, breaker_name
 from blocks.ledger import RowLedger, history_store
 from blocks.settings import Preset, ScoreOverrides, ScoreSettings, resolve_score_settings
 from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace, workspace_key, workspace_slug
-from flows.phase import ADAPTED, PhaseSpec, load_blocks, rows_state, run_name, run_phase
+from flows.phase import (
+    ADAPTED,
+    Feed,
+    PhaseSpec,
+    in_background,
+    in_threads,
+    load_blocks,
+    rows_state,
+    run_name,
+    run_phase,
+)
 from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions, space_benchmarks
 from tasks.calls import Call, ask_genie, run_sql
 from tasks.compare import Rounding, Rules, compare, rounding, sorting
@@ -40,7 +50,9 @@ HISTORY_ERRORS = (SQLAlchemyError, HistoryError, OSError)
 @flow(
     name="score-genie-space",
     flow_run_name=run_name("score", "space_id"),
-    task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
+    # threads, not processes: the SQL phase takes Genie's answers as they come (a Feed). Enough of them that
+    # a phase's tasks never queue behind the other's: a task waiting for its lane costs an idle thread only
+    task_runner=ThreadPoolTaskRunner(max_workers=64),  # type: ignore[arg-type]
     persist_result=False,
 )
 def score(
@@ -115,6 +127,45 @@ def score(
         f"{'; sequential' if sequential else ''}"
     )
 
+    # Phase 2 starts with phase 1: the expected SQL is known now, and each answer's SQL runs as it arrives,
+    # so the warehouse works (and warms up) while Genie is asked. Sequential runs keep one call at a time, and
+    # tasks in other processes (a process task runner) cannot take rows as they come: both run phase 2 after.
+    pipelined = not sequential and in_threads()
+    allowed = settings.allowed_functions
+    sql_feed = Feed()
+    for b in items:
+        if not read_only_problem(b.expected_sql, "the expected SQL", allowed):
+            sql_feed.put(_sql_key(warehouse_id, b.expected_sql), {"sql": b.expected_sql})
+
+    def answer_sql(answer: RowOutcome) -> None:
+        if answer.status == "ok" and answer.value["kind"] == "sql":
+            sql, parameters = answer.value["sql"], answer.value.get("parameters")
+            if not read_only_problem(sql, allowed=allowed):
+                sql_feed.put(_sql_key(warehouse_id, sql, parameters), {"sql": sql, "parameters": parameters})
+
+    sql_timeout = min(settings.sql_timeout, 55) + 5  # above the 50 s the server is asked to wait
+    sql_spec = PhaseSpec(
+        "sql",
+        "sql",
+        settings.sql_max_concurrent,
+        RetryPolicy(retries=settings.sql_retry_attempts, base_delay_s=1),
+        # v3: every chunk of a result is read (v2 stopped at the first); results carry column types, exact numbers
+        cache=Cache(ledger, "sql", f"sql-v3:{session}:{settings.sql_row_limit}", read=not fresh),
+        sequential=sequential,
+        adaptive=settings.sql_adaptive,
+        workspace=scope,
+    )
+    sql_call = Call(  # a statement is {"sql", "parameters"}
+        run_sql,
+        workspace,
+        sql_timeout,
+        None,
+        {"warehouse_id": warehouse_id, "timeout_s": settings.sql_timeout, "row_limit": settings.sql_row_limit},
+    )
+    t2 = time.monotonic()
+    with metered() as sql_calls:  # the phase's thread keeps this meter
+        sql_phase = in_background(run_phase, sql_spec, sql_feed, sql_call) if pipelined else None
+
     # Phase 1: ask Genie (each question `repeats` times; benchmarks that repeat a question share its answers)
     t1 = time.monotonic()
     for ids in repeated_questions(items):
@@ -137,6 +188,7 @@ def score(
         task_per_row=True,  # a few questions a minute: each one a task the UI shows, retried and cached
         adaptive=settings.genie_adaptive,
         workspace=scope,
+        on_done=answer_sql if pipelined else None,
     )
     pairs = [(b, r) for b in items for r in range(settings.repeats)]  # log lines name q13, q13#2, ...
     asks = [
@@ -144,23 +196,28 @@ def score(
         for i, (b, r) in enumerate(pairs)
     ]
     genie_rows = list({row.key: row for _, row in asks}.values())
-    with metered() as genie_calls:
-        answers = run_phase(
-            genie_spec,
-            genie_rows,
-            Call(
-                ask_genie,
-                workspace,
-                genie_timeout,
-                "question",
-                {
-                    "space_id": space_id,
-                    "timeout_s": settings.genie_timeout,
-                    "poll_initial_s": settings.genie_poll_initial,
-                    "poll_max_s": settings.genie_poll_max,
-                },
-            ),
-        )
+    try:
+        with metered() as genie_calls:
+            answers = run_phase(
+                genie_spec,
+                genie_rows,
+                Call(
+                    ask_genie,
+                    workspace,
+                    genie_timeout,
+                    "question",
+                    {
+                        "space_id": space_id,
+                        "timeout_s": settings.genie_timeout,
+                        "poll_initial_s": settings.genie_poll_initial,
+                        "poll_max_s": settings.genie_poll_max,
+                    },
+                ),
+            )
+        for answer in answers.values():  # cached ones and the fallback's too; a key put twice runs once
+            answer_sql(answer)
+    finally:
+        sql_feed.close()  # the SQL phase ends with what it has, also when phase 1 failed
     answered = sum(1 for o in answers.values() if o.status == "ok")
     phases = [_phase_figures("genie", answers, t1, genie_calls)]
     log.info(
@@ -168,46 +225,14 @@ def score(
         f"(circuit: {breaker.current_state().lower()})"
     )
 
-    # Phase 2: run the expected SQL and Genie's (read-only) SQL
-    t2 = time.monotonic()
-    statements: dict[str, dict[str, Any]] = {}  # key -> {"sql", "parameters"}
-    allowed = settings.allowed_functions
-    for b, row in asks:
-        if not read_only_problem(b.expected_sql, "the expected SQL", allowed):
-            statements[_sql_key(warehouse_id, b.expected_sql)] = {"sql": b.expected_sql}
-        answer = answers[row.key]
-        if (
-            answer.status == "ok"
-            and answer.value["kind"] == "sql"
-            and not read_only_problem(answer.value["sql"], allowed=allowed)
-        ):
-            sql, parameters = answer.value["sql"], answer.value.get("parameters")
-            statements[_sql_key(warehouse_id, sql, parameters)] = {"sql": sql, "parameters": parameters}
-    sql_timeout = min(settings.sql_timeout, 55) + 5  # above the 50 s the server is asked to wait
-    sql_spec = PhaseSpec(
-        "sql",
-        "sql",
-        settings.sql_max_concurrent,
-        RetryPolicy(retries=settings.sql_retry_attempts, base_delay_s=1),
-        # v3: every chunk of a result is read (v2 stopped at the first); results carry column types, exact numbers
-        cache=Cache(ledger, "sql", f"sql-v3:{session}:{settings.sql_row_limit}", read=not fresh),
-        sequential=sequential,
-        adaptive=settings.sql_adaptive,
-        workspace=scope,
-    )
-    sql_rows = [Row(key, i, statement) for i, (key, statement) in enumerate(statements.items())]
-    with metered() as sql_calls:
-        results = run_phase(
-            sql_spec,
-            sql_rows,
-            Call(  # a statement is {"sql", "parameters"}
-                run_sql,
-                workspace,
-                sql_timeout,
-                None,
-                {"warehouse_id": warehouse_id, "timeout_s": settings.sql_timeout, "row_limit": settings.sql_row_limit},
-            ),
-        )
+    # Phase 2: the rest of the SQL (all of it, when not pipelined)
+    if sql_phase is None:
+        t2 = time.monotonic()
+        with metered() as sql_calls:
+            results = run_phase(sql_spec, sql_feed, sql_call)
+    else:
+        results = sql_phase.result()
+    sql_rows = sql_feed.rows
     ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
     phases.append({**_phase_figures("sql", results, t2, sql_calls), "succeeded": ran})
     log.info(f"Phase 2 (SQL) complete: {ran}/{len(sql_rows)} statements ran in {time.monotonic() - t2:.1f}s")

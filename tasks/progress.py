@@ -18,6 +18,8 @@ class Listener(Protocol):
 
     def advanced(self, phase: str, done: int, failed: bool) -> None: ...
 
+    def resized(self, phase: str, total: int) -> None: ...
+
 
 _LISTENERS: list[Listener] = []
 _LOCK = threading.Lock()
@@ -42,3 +44,9 @@ def started(phase: str, total: int) -> None:
 def advanced(phase: str, done: int = 1, failed: bool = False) -> None:
     for listener in list(_LISTENERS):
         listener.advanced(phase, done, failed)
+
+
+def resized(phase: str, total: int) -> None:
+    """The phase's rows number `total` now (a phase whose rows arrive while it runs)."""
+    for listener in list(_LISTENERS):
+        listener.resized(phase, total)

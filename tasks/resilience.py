@@ -12,7 +12,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -219,7 +219,7 @@ class Cache:
 
 
 def run_rows(
-    rows: Sequence[Row],
+    rows: Iterable[Row],
     call: Callable[[Any], Any],
     *,
     lane: Lane,
@@ -233,15 +233,13 @@ def run_rows(
     stop: Stop | None = None,
 ) -> list[RowOutcome]:
     """Run `call(row.payload)` for every row, `lane.concurrency` at a time (one at a time if `sequential`).
+    `rows` may be an iterator that waits for rows to arrive (a `flows.phase.Feed`): each is called as it comes.
 
     A row whose call keeps failing comes back `failed`; a row not tried because the breaker was open
     comes back `deferred`. Successful values are written to `cache` as soon as they arrive; `on_done` is
     told of each outcome as soon as it is known. With a `stop`, a service's permanent refusal (401/403,
     404) fails the rows not yet called at once, without calling them.
     """
-    if not rows:
-        return []
-
     attempts = Attempts(call, lane, policy, log, breaker, cache, stop or Stop())
 
     def one(row: Row) -> RowOutcome:
@@ -250,9 +248,9 @@ def run_rows(
             on_done(outcome)
         return outcome
 
-    if sequential or len(rows) == 1:
+    if sequential or (isinstance(rows, Sequence) and len(rows) <= 1):
         return [one(row) for row in rows]
-    workers = min(lane.concurrency, len(rows))
+    workers = min(lane.concurrency, len(rows)) if isinstance(rows, Sequence) else lane.concurrency
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"bf-{lane.name}") as pool:
         futures = [pool.submit(contextvars.copy_context().run, one, row) for row in rows]
         return [f.result() for f in futures]

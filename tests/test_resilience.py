@@ -219,3 +219,39 @@ def test_rows_deferred_by_an_open_circuit_take_no_rate_slot(sb):
     )
     assert [o.status for o in outcomes] == ["failed"] * 2 + ["deferred"] * 8
     assert len(slots) == 2  # one per call made; none for the eight rows the open circuit deferred
+
+
+def test_rows_from_a_feed_are_called_as_they_arrive_once_per_key():
+    import threading
+
+    from flows.phase import Feed
+
+    feed = Feed()
+    called: list[str] = []
+    b_called = threading.Event()
+
+    def call(payload: str) -> str:
+        called.append(payload)
+        if payload == "b":
+            b_called.set()
+        return payload.upper()
+
+    outcomes: list = []
+    log = logging.getLogger("test-feed")
+    worker = threading.Thread(
+        target=lambda: outcomes.extend(
+            run_rows(feed, call, lane=lane(f"feed-{uuid.uuid4()}", 2), policy=RetryPolicy(retries=0), log=log)
+        )
+    )
+    worker.start()
+    feed.put("k1", "a")
+    feed.put("k1", "a again")  # the key is in: not called twice
+    feed.put("k2", "b")
+    assert b_called.wait(5)  # called while the feed is still open
+    feed.close()
+    feed.close()
+    worker.join(10)
+    assert sorted(called) == ["a", "b"] and [o.value for o in outcomes] == ["A", "B"]
+    assert [(r.key, r.index) for r in feed.rows] == [("k1", 0), ("k2", 1)]
+    with pytest.raises(RuntimeError, match="closed feed"):
+        feed.put("k3", "c")

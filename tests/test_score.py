@@ -301,3 +301,32 @@ def test_a_fresh_runs_answers_are_the_ones_later_runs_reuse(sb, workspace_block,
     later = score(BENCHMARKS, "retail", "sandbox-warehouse", score_settings("default", **FAST), **common)
     assert sb.stats()["genie"]["calls"] == 0
     assert later["cached_genie_answers"] == len(later["rows"]) and later["score"] == fresh["score"]
+
+
+def test_the_sql_runs_while_genie_is_asked_and_after_it_when_sequential(sb, workspace_block, tmp_path, prefect_api):
+    """The expected SQL is known before Genie answers, and each answer's SQL can run as it comes: the warehouse
+    works while Genie is asked. A sequential run keeps one call at a time, phase after phase."""
+    from blocks.ledger import RowLedger
+
+    items = load_benchmarks(BENCHMARKS)[:8]
+    expected = {b.expected_sql for b in items}
+    sb.set_faults("genie", latency_ms=200)  # 4 rounds of 2 questions, each over 0.2 s
+    verdicts = []
+    for sequential in (False, True):
+        sb.reset()
+        sb.set_faults("genie", latency_ms=200)
+        ledger = f"ledger-{str(sequential).lower()}"
+        RowLedger(path=str(tmp_path / f"{ledger}.sqlite")).save(ledger, overwrite=True)
+        result = _score(
+            workspace_block, ledger, tmp_path, benchmarks=items, sequential=sequential, genie_max_concurrent=2
+        )
+        verdicts.append([r["verdict"] for r in result["rows"]])
+        last_asked = max(e["t"] for e in sb.requests("genie"))
+        ran = sb.requests("sql")
+        assert {e["statement"] for e in ran} >= expected
+        if sequential:
+            assert min(e["t"] for e in ran) > last_asked
+        else:
+            assert all(e["t"] < last_asked for e in ran if e["statement"] in expected), (last_asked, ran)
+            assert result["phases"][1]["calls"] == len(ran)  # the phase's own meter, in its own thread
+    assert verdicts[0] == verdicts[1]
