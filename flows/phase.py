@@ -384,11 +384,56 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row] | Feed, call: Callable[[Any],
     return _fallback(spec, pending, outcomes, call, rate_limit)
 
 
+class _Bursts:
+    """A feed's phase holds its slots while it has rows in flight, not between bursts: a score run's SQL
+    comes with Genie's answers, minutes apart at Genie's few questions a minute, and slots held all that time
+    would keep other runs' SQL phases waiting (and, after SLOT_WAIT_S, failing) for nothing."""
+
+    def __init__(self, limits: str, occupy: int) -> None:
+        self.limits, self.occupy = limits, occupy
+        self.bursts = 0
+        self._lock = threading.RLock()
+        self._in_flight = 0
+        self._held: contextlib.ExitStack | None = None
+
+    def started(self) -> None:
+        """A row is about to be called: its slots first, if no row holds them."""
+        with self._lock:
+            self._in_flight += 1
+            if self._held is None:
+                held = contextlib.ExitStack()
+                held.enter_context(hold(self.limits, occupy=self.occupy))
+                self._held, self.bursts = held, self.bursts + 1
+
+    def ended(self) -> None:
+        """A row's call is over: the last one in flight gives the slots back."""
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight <= 0:
+                self.close()
+
+    def close(self) -> None:
+        """Give the slots back (the phase's end; rows the breaker deferred never end here)."""
+        with self._lock:
+            if self._held is not None:
+                held, self._held = self._held, None
+                held.close()
+
+
 def _run_feed(spec: PhaseSpec, feed: Feed, call: Callable[[Any], Any]) -> dict[str, RowOutcome]:
     """`run_phase` for rows that arrive while it runs: one task takes them as they come, each through the
-    ledger cache first, at the phase's concurrency, with the phase's slots held until the feed is closed."""
+    ledger cache first, at the phase's concurrency, holding the phase's slots while rows are in flight."""
     outcomes: dict[str, RowOutcome] = {}
     progress.started(spec.name, 0)
+    allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
+    spec = _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed)))
+    bursts = _Bursts(spec.limits, 1 if spec.sequential else spec.concurrency)
+    told = spec.on_done
+
+    def ended(outcome: RowOutcome) -> None:
+        bursts.ended()
+        if told is not None:
+            told(outcome)
 
     def uncalled() -> Iterator[Row]:
         for row in feed:
@@ -399,18 +444,28 @@ def _run_feed(spec: PhaseSpec, feed: Feed, call: Callable[[Any], Any]) -> dict[s
                     outcomes[row.key] = RowOutcome(row.key, "ok", cached[row.key], cached=True)
                     progress.advanced(spec.name)
                     continue
+            bursts.started()
             yield row
 
-    allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
-    spec = _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed)))
-    concurrency = 1 if spec.sequential else spec.concurrency
-    with hold(spec.limits, occupy=concurrency), _learning(spec, rate_limit):
-        quoted: tuple[Any, ...] = (quote(uncalled()), quote(call), spec.name, 0, quote(spec), rate_limit)
-        future = run_chunk.submit(*quoted)  # quoted: a generator, and Prefect would walk the rows
-        future.wait()
-        results = summary_of(future.state).taken()
-    if outcomes:
-        run_logger().info(f"{spec.name}: {len(outcomes)}/{len(feed.rows)} rows from cache")
+    task: tuple[Any, ...] = (
+        quote(uncalled()),
+        quote(call),
+        spec.name,
+        0,
+        quote(replace(spec, on_done=ended)),
+        rate_limit,
+    )
+    try:
+        with _learning(spec, rate_limit):
+            future = run_chunk.submit(*task)  # quoted: a generator; Prefect would walk rows
+            future.wait()
+            results = summary_of(future.state).taken()
+    finally:
+        bursts.close()
+    run_logger().info(
+        f"{spec.name}: {len(feed.rows)} rows as they came, {len(outcomes)} from cache; slots held {bursts.bursts} "
+        "time(s), while rows were in flight"
+    )
     outcomes.update((o.key, o) for o in results)
     pending = [r for r in feed.rows if not outcomes[r.key].cached]
     return _fallback(spec, pending, outcomes, call, rate_limit)

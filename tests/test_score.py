@@ -330,3 +330,47 @@ def test_the_sql_runs_while_genie_is_asked_and_after_it_when_sequential(sb, work
             assert all(e["t"] < last_asked for e in ran if e["statement"] in expected), (last_asked, ran)
             assert result["phases"][1]["calls"] == len(ran)  # the phase's own meter, in its own thread
     assert verdicts[0] == verdicts[1]
+
+
+def test_the_sql_phase_holds_its_slots_only_while_statements_are_in_flight(
+    sb, workspace_block, ledger_block, tmp_path, prefect_api
+):
+    """Genie's answers come minutes apart on a real workspace: the SQL phase that takes them as they come must
+    not keep the workspace's SQL slots (shared by every run) between them."""
+    import contextlib
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    sb.set_faults("genie", latency_ms=400)  # 3 questions one at a time: ~1.5 s of Genie, SQL in between
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with get_client(sync_client=True) as client:
+            while not done.is_set():
+                with contextlib.suppress(ObjectNotFound):  # until the run creates the limit
+                    seen.append(
+                        client.read_global_concurrency_limit_by_name("batchflows-sql-local-sandbox").active_slots
+                    )
+                time.sleep(0.03)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = _score(
+            workspace_block,
+            ledger_block,
+            tmp_path,
+            benchmarks=load_benchmarks(BENCHMARKS)[:3],
+            genie_max_concurrent=1,
+            sql_max_concurrent=4,
+        )
+    finally:
+        done.set()
+        watcher.join()
+    assert result["phases"][1]["succeeded"] >= 3
+    assert len(seen) > 20 and 4 in seen, seen  # the slots were taken for the statements
+    assert seen.count(0) > len(seen) / 2, seen  # and free most of the time, while Genie was asked
