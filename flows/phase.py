@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import math
 import os
 import queue
@@ -387,29 +388,42 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row] | Feed, call: Callable[[Any],
 class _Bursts:
     """A feed's phase holds its slots while it has rows in flight, not between bursts: a score run's SQL
     comes with Genie's answers, minutes apart at Genie's few questions a minute, and slots held all that time
-    would keep other runs' SQL phases waiting (and, after SLOT_WAIT_S, failing) for nothing."""
+    would keep other runs' SQL phases waiting (and, after SLOT_WAIT_S, failing) for nothing. The slots are
+    kept BATCHFLOWS_SLOT_LINGER_S (2 s) after a burst, for a next one that comes at once (a round of answers)."""
 
     def __init__(self, limits: str, occupy: int) -> None:
         self.limits, self.occupy = limits, occupy
+        self.linger_s = float(os.environ.get("BATCHFLOWS_SLOT_LINGER_S", 2))
         self.bursts = 0
         self._lock = threading.RLock()
         self._in_flight = 0
+        self._started = 0  # rows started: an idle moment whose count has moved on is over
         self._held: contextlib.ExitStack | None = None
 
     def started(self) -> None:
         """A row is about to be called: its slots first, if no row holds them."""
         with self._lock:
             self._in_flight += 1
+            self._started += 1
             if self._held is None:
                 held = contextlib.ExitStack()
                 held.enter_context(hold(self.limits, occupy=self.occupy))
                 self._held, self.bursts = held, self.bursts + 1
 
     def ended(self) -> None:
-        """A row's call is over: the last one in flight gives the slots back."""
+        """A row's call is over: when none is in flight, the slots go back after the linger, unless rows
+        started meanwhile. The release runs with this context (the Prefect API in use may be a setting)."""
         with self._lock:
             self._in_flight -= 1
-            if self._in_flight <= 0:
+            if self._in_flight > 0:
+                return
+            idle = threading.Timer(self.linger_s, contextvars.copy_context().run, (self._still_idle, self._started))
+            idle.daemon = True
+            idle.start()
+
+    def _still_idle(self, started: int) -> None:
+        with self._lock:
+            if self._in_flight == 0 and self._started == started:
                 self.close()
 
     def close(self) -> None:
@@ -422,9 +436,15 @@ class _Bursts:
 
 def _run_feed(spec: PhaseSpec, feed: Feed, call: Callable[[Any], Any]) -> dict[str, RowOutcome]:
     """`run_phase` for rows that arrive while it runs: one task takes them as they come, each through the
-    ledger cache first, at the phase's concurrency, holding the phase's slots while rows are in flight."""
+    ledger cache first, at the phase's concurrency, holding the phase's slots while rows are in flight. The
+    phase starts (its limits, its task) with its first row: until then it takes nothing from the phases that
+    feed it."""
     outcomes: dict[str, RowOutcome] = {}
     progress.started(spec.name, 0)
+    arriving = iter(feed)
+    first = next(arriving, None)
+    if first is None:
+        return outcomes
     allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
     spec = _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed)))
     bursts = _Bursts(spec.limits, 1 if spec.sequential else spec.concurrency)
@@ -436,7 +456,7 @@ def _run_feed(spec: PhaseSpec, feed: Feed, call: Callable[[Any], Any]) -> dict[s
             told(outcome)
 
     def uncalled() -> Iterator[Row]:
-        for row in feed:
+        for row in itertools.chain([first], arriving):
             progress.resized(spec.name, len(feed.rows))
             if spec.cache is not None and spec.cache.read:
                 cached = spec.cache.ledger.get_many(spec.cache.step, spec.cache.version, [row.key])

@@ -333,10 +333,11 @@ def test_the_sql_runs_while_genie_is_asked_and_after_it_when_sequential(sb, work
 
 
 def test_the_sql_phase_holds_its_slots_only_while_statements_are_in_flight(
-    sb, workspace_block, ledger_block, tmp_path, prefect_api
+    sb, workspace_block, ledger_block, tmp_path, prefect_api, monkeypatch
 ):
     """Genie's answers come minutes apart on a real workspace: the SQL phase that takes them as they come must
-    not keep the workspace's SQL slots (shared by every run) between them."""
+    not keep the workspace's SQL slots (shared by every run) between them, past a short linger."""
+    monkeypatch.setenv("BATCHFLOWS_SLOT_LINGER_S", "0.1")
     import contextlib
     import threading
     import time
