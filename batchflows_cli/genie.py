@@ -339,6 +339,7 @@ def _print_scorecard(summary: dict[str, Any]) -> None:
         "Phases: "
         + "; ".join(
             f"{p['phase']} {p['succeeded']}/{p['total']} ok, {p['cached']} cached, {p['calls']} calls, {p['seconds']} s"
+            f"{' alongside ' + p['alongside'] if p.get('alongside') else ''}"
             for p in summary["phases"]
         )
     )

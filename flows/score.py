@@ -234,8 +234,12 @@ def score(
         results = sql_phase.result()
     sql_rows = sql_feed.rows
     ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
-    phases.append({**_phase_figures("sql", results, t2, sql_calls), "succeeded": ran})
-    log.info(f"Phase 2 (SQL) complete: {ran}/{len(sql_rows)} statements ran in {time.monotonic() - t2:.1f}s")
+    alongside = {"alongside": "genie"} if pipelined else {}  # its seconds overlap Genie's
+    phases.append({**_phase_figures("sql", results, t2, sql_calls), "succeeded": ran, **alongside})
+    log.info(
+        f"Phase 2 (SQL) complete: {ran}/{len(sql_rows)} statements ran in {time.monotonic() - t2:.1f}s"
+        f"{', alongside phase 1' if pipelined else ''}"
+    )
 
     # Compare, then Phase 3: judge what the comparison cannot decide
     t3 = time.monotonic()
@@ -661,7 +665,8 @@ def _markdown(summary: dict[str, Any]) -> str:
     lines += [f"| {v} | {n} |" for v, n in summary["verdicts"].items()]
     lines += ["", "| phase | succeeded | from cache | calls | seconds |", "|---|---|---|---|---|"]
     lines += [
-        f"| {p['phase']} | {p['succeeded']}/{p['total']} | {p['cached']} | {p['calls']} | {p['seconds']} |"
+        f"| {p['phase']} | {p['succeeded']}/{p['total']} | {p['cached']} | {p['calls']} | {p['seconds']}"
+        f"{' (alongside ' + p['alongside'] + ')' if p.get('alongside') else ''} |"
         for p in summary["phases"]
     ]
     lines += [
