@@ -302,13 +302,14 @@ class Attempts:
                 value = self.call(row.payload)
             except Exception as exc:
                 error = classify(exc)
+            else:  # written before the slot is given up: a process killed -9 leaves at most a slot's worth unwritten
+                if self.cache is not None:
+                    self.cache.ledger.put(self.cache.step, self.cache.version, row.key, value)
         elapsed = time.monotonic() - t0
         lane.called(t0, error, log)
         if error is None:
             if breaker is not None:
                 breaker.record_success()
-            if self.cache is not None:
-                self.cache.ledger.put(self.cache.step, self.cache.version, row.key, value)
             log.debug(f"[{row.name}] ✅ Success in {elapsed:.1f}s (attempt {attempt})")
             return RowOutcome(row.key, "ok", value, attempts=attempt, latency_s=time.monotonic() - started), 0.0
         permanent = isinstance(error, PermanentError)
