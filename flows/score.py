@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from datetime import datetime
@@ -127,17 +128,21 @@ def score(
         f"{'; sequential' if sequential else ''}"
     )
 
-    # Phase 2 starts with phase 1: the expected SQL is known now, and each answer's SQL runs as it arrives,
-    # so the warehouse works (and warms up) while Genie is asked. Sequential runs keep one call at a time, and
-    # tasks in other processes (a process task runner) cannot take rows as they come: both run phase 2 after.
+    # Phase 2 runs alongside phase 1, so the warehouse works (and warms up) while Genie is asked: it starts
+    # with Genie's first answer, which brings every expected SQL (not sooner: phase 1's start is not slowed),
+    # and takes each answer's SQL as it arrives. Sequential runs keep one call at a time, and tasks in other
+    # processes (a process task runner) cannot take rows as they come: both run phase 2 after phase 1.
     pipelined = not sequential and in_threads()
     allowed = settings.allowed_functions
     sql_feed = Feed()
     expected = [b.expected_sql for b in items if not read_only_problem(b.expected_sql, "the expected SQL", allowed)]
+    expected_in = threading.Event()
 
     def answer_sql(answer: RowOutcome) -> None:
-        for sql in expected:  # with the first answer: phase 1's start is not slowed, and later puts add nothing
-            sql_feed.put(_sql_key(warehouse_id, sql), {"sql": sql})
+        if not expected_in.is_set():
+            expected_in.set()
+            for sql in expected:
+                sql_feed.put(_sql_key(warehouse_id, sql), {"sql": sql})
         if answer.status == "ok" and answer.value["kind"] == "sql":
             sql, parameters = answer.value["sql"], answer.value.get("parameters")
             if not read_only_problem(sql, allowed=allowed):
