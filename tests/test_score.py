@@ -345,7 +345,7 @@ def test_the_sql_phase_holds_its_slots_only_while_statements_are_in_flight(
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    sb.set_faults("genie", latency_ms=400)  # 3 questions one at a time: ~1.5 s of Genie, SQL in between
+    sb.set_faults("genie", latency_ms=800)  # 3 questions one at a time: ~2.7 s of Genie, SQL in between
     seen: list[int] = []
     done = threading.Event()
 
