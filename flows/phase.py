@@ -352,10 +352,7 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row] | Feed, call: Callable[[Any],
             return _run_feed(spec, rows, call)
         rows = rows.rows
     log = run_logger()
-    outcomes: dict[str, RowOutcome] = {}
-    if spec.cache is not None and spec.cache.read:
-        cached = spec.cache.ledger.get_many(spec.cache.step, spec.cache.version, [r.key for r in rows])
-        outcomes = {k: RowOutcome(k, "ok", v, cached=True) for k, v in cached.items()}
+    outcomes = _from_cache(spec, [r.key for r in rows])
     pending = [r for r in rows if r.key not in outcomes]
     progress.started(spec.name, len(rows))
     if outcomes:
@@ -365,8 +362,7 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row] | Feed, call: Callable[[Any],
         return _run_per_row(spec, rows, outcomes, call)
     if not pending:
         return outcomes
-    allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
-    spec = _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed)))
+    spec, rate_limit = _limited(spec)
     concurrency = 1 if spec.sequential else spec.concurrency
     chunks = [pending] if spec.sequential else chunk_rows(pending, concurrency)
     with hold(spec.limits, occupy=concurrency), _learning(spec, rate_limit):
@@ -445,8 +441,7 @@ def _run_feed(spec: PhaseSpec, feed: Feed, call: Callable[[Any], Any]) -> dict[s
     first = next(arriving, None)
     if first is None:
         return outcomes
-    allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
-    spec = _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed)))
+    spec, rate_limit = _limited(spec)
     bursts = _Bursts(spec.limits, 1 if spec.sequential else spec.concurrency)
     told = spec.on_done
 
@@ -458,12 +453,10 @@ def _run_feed(spec: PhaseSpec, feed: Feed, call: Callable[[Any], Any]) -> dict[s
     def uncalled() -> Iterator[Row]:
         for row in itertools.chain([first], arriving):
             progress.resized(spec.name, len(feed.rows))
-            if spec.cache is not None and spec.cache.read:
-                cached = spec.cache.ledger.get_many(spec.cache.step, spec.cache.version, [row.key])
-                if row.key in cached:
-                    outcomes[row.key] = RowOutcome(row.key, "ok", cached[row.key], cached=True)
-                    progress.advanced(spec.name)
-                    continue
+            if cached := _from_cache(spec, [row.key]):
+                outcomes.update(cached)
+                progress.advanced(spec.name)
+                continue
             bursts.started()
             yield row
 
@@ -489,6 +482,21 @@ def _run_feed(spec: PhaseSpec, feed: Feed, call: Callable[[Any], Any]) -> dict[s
     outcomes.update((o.key, o) for o in results)
     pending = [r for r in feed.rows if not outcomes[r.key].cached]
     return _fallback(spec, pending, outcomes, call, rate_limit)
+
+
+def _from_cache(spec: PhaseSpec, keys: list[str]) -> dict[str, RowOutcome]:
+    """The rows an earlier run answered (the ledger), as cached outcomes; none if the phase reads no cache."""
+    if spec.cache is None or not spec.cache.read:
+        return {}
+    found = spec.cache.ledger.get_many(spec.cache.step, spec.cache.version, keys)
+    return {k: RowOutcome(k, "ok", v, cached=True) for k, v in found.items()}
+
+
+def _limited(spec: PhaseSpec) -> tuple[PhaseSpec, RateLimit | None]:
+    """The spec this run of the phase calls with (its own stop, its concurrency within the service's shared
+    limit, an adaptive start), and the rate limit its calls wait on."""
+    allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
+    return _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed))), rate_limit
 
 
 ADAPTED: dict[str, dict[str, int]] = {}  # by phase name: where its adaptive concurrency went in the last run
@@ -526,8 +534,7 @@ def _run_per_row(
     spec: PhaseSpec, rows: Sequence[Row], cached: dict[str, RowOutcome], call: Callable[[Any], Any]
 ) -> dict[str, RowOutcome]:
     """`run_phase` with a Prefect task per row (cached rows too, shown Cached), then the fallback."""
-    allowed, rate_limit = ensure_service_limits(spec.limits, spec.concurrency, spec.rpm)
-    spec = _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed)))
+    spec, rate_limit = _limited(spec)
     outcomes = dict(cached)
     with hold(spec.limits, occupy=spec.concurrency), _learning(spec, rate_limit):
         futures = run_row.with_options(retries=spec.policy.retries).map(  # quoted as in run_phase
