@@ -3,12 +3,17 @@ counts are exact, and what is printed works as printed (issue #18, defects 7 and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pandas as pd
 import pytest
 from prefect import flow
@@ -18,6 +23,7 @@ from batchflows_cli import app
 from blocks.workspace import DatabricksWorkspace
 from flows.phase import PhaseSpec, run_phase
 from tasks.calls import chat
+from tasks.preflight import PreflightError, check_workspace
 from tasks.resilience import RetryPolicy, Row
 
 WIDE = {"COLUMNS": "400"}
@@ -88,6 +94,58 @@ def test_a_wrong_connection_is_one_clear_line_and_no_call(sb, prefect_api, tmp_p
     assert len(errors) == 1 and words in errors[0], result.output
     assert "Traceback" not in result.output
     assert sb.stats()["chat"]["calls"] == 0
+
+
+@contextlib.contextmanager
+def _dropping_proxy(upstream: str, drop_path: str, drops: int) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """A proxy of the sandbox that closes the connection, unanswered, on the first `drops` requests whose path
+    ends with `drop_path` (as a server does to a keep-alive connection it times out just as it is reused).
+    Yields its address and the (path, status) of every request, 0 for a dropped one."""
+    seen: list[tuple[str, int]] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            path = self.path.split("?", 1)[0]
+            if path.endswith(drop_path) and sum(p.endswith(drop_path) for p, _ in seen) < drops:
+                seen.append((path, 0))
+                self.close_connection = True
+                return
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+            answer = httpx.request(self.command, upstream + self.path, content=body, headers=headers)
+            seen.append((path, answer.status_code))
+            self.send_response(answer.status_code)
+            self.send_header("Content-Type", answer.headers.get("content-type", "application/json"))
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_port}", seen
+    finally:
+        proxy.shutdown()
+
+
+def test_a_dropped_connection_in_the_pre_flight_is_read_again_and_a_refusal_is_not(sb):
+    me = "/scim/v2/Me"
+    with _dropping_proxy(sb.host, me, drops=1) as (host, seen):
+        check_workspace(DatabricksWorkspace(host=host, token=sb.token), space_id="retail")
+        assert [status for path, status in seen if path.endswith(me)] == [0, 200]
+    with _dropping_proxy(sb.host, me, drops=3) as (host, seen):
+        with pytest.raises(PreflightError, match=r"cannot reach the workspace at .*: the connection was dropped"):
+            check_workspace(DatabricksWorkspace(host=host, token=sb.token + "-wrong"))
+        assert [status for path, status in seen if path.endswith(me)] == [0, 0, 0]
+    with _dropping_proxy(sb.host, me, drops=0) as (host, seen):
+        with pytest.raises(PreflightError, match="refused the credentials"):
+            check_workspace(DatabricksWorkspace(host=host, token=sb.token + "-wrong"))
+        assert [status for path, status in seen if path.endswith(me)] == [401]
 
 
 def test_unknown_warehouse_and_endpoint_are_named_before_any_call(sb, workspace_block, tmp_path):
