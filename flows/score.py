@@ -135,18 +135,21 @@ def score(
     pipelined = not sequential and in_threads()
     allowed = settings.allowed_functions
     sql_feed = Feed()
-    expected = [b.expected_sql for b in items if not read_only_problem(b.expected_sql, "the expected SQL", allowed)]
     expected_in = threading.Event()
 
     def answer_sql(answer: RowOutcome) -> None:
-        if not expected_in.is_set():
-            expected_in.set()
-            for sql in expected:
-                sql_feed.put(_sql_key(warehouse_id, sql), {"sql": sql})
+        if not expected_in.is_set():  # checked and parsed (and kept) while Genie is asked: not before the
+            expected_in.set()  # first question, nor after the last answer
+            for sql in dict.fromkeys(b.expected_sql for b in items):
+                if not read_only_problem(sql, "the expected SQL", allowed):
+                    sql_feed.put(_sql_key(warehouse_id, sql), {"sql": sql})
+                    sorting(sql)
+                    rounding(sql)
         if answer.status == "ok" and answer.value["kind"] == "sql":
             sql, parameters = answer.value["sql"], answer.value.get("parameters")
             if not read_only_problem(sql, allowed=allowed):
                 sql_feed.put(_sql_key(warehouse_id, sql, parameters), {"sql": sql, "parameters": parameters})
+                rounding(sql)
 
     sql_timeout = min(settings.sql_timeout, 55) + 5  # above the 50 s the server is asked to wait
     sql_spec = PhaseSpec(

@@ -29,6 +29,7 @@ The rules, in the order they are applied (README "How answers are compared" says
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import Counter, defaultdict
@@ -75,6 +76,7 @@ class Sorting:
     limit: bool = False
 
 
+@functools.lru_cache(maxsize=4096)  # a run asks it of each benchmark's SQL, while its calls go on (flows.score)
 def sorting(sql: str) -> Sorting:
     """Whether `sql` sorts its final result, on which output columns, and whether it has a LIMIT."""
     try:
@@ -97,6 +99,7 @@ def sorting(sql: str) -> Sorting:
     return Sorting(True, tuple(keys), limit)
 
 
+@functools.lru_cache(maxsize=4096)
 def rounding(sql: str) -> frozenset[int]:
     """The decimal places `sql` rounds to anywhere: ROUND(x, k), BROUND(x, k), FORMAT_NUMBER(x, k) and casts to
     DECIMAL(p, k)."""
