@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefect import flow
 
 from blocks.workspace import DatabricksWorkspace
-from flows.phase import ADAPTED, PhaseSpec, run_phase
+from flows.phase import PhaseSpec, adapted, run_phase
 from sandbox import SandboxProcess
 from tasks.calls import chat
 from tasks.resilience import RetryPolicy, Row
@@ -32,15 +32,15 @@ ENDPOINT = "databricks-meta-llama-3-3-70b-instruct"
 
 
 @flow(name="bench-adaptive", persist_result=False)
-def bench_flow(n: int, concurrency: int, adaptive: bool, host: str, token: str) -> tuple[int, float]:
-    """Returns (rows ok, seconds spent in run_phase)."""
+def bench_flow(n: int, concurrency: int, adaptive: bool, host: str, token: str) -> tuple[int, float, dict[str, int]]:
+    """Returns (rows ok, seconds spent in run_phase, where its adaptive concurrency went)."""
     client = DatabricksWorkspace(host=host, token=token).client(30)
     rows = [Row(f"r{i}-{uuid.uuid4().hex[:6]}", i, f"call {i}") for i in range(n)]
     policy = RetryPolicy(retries=20, base_delay_s=0.05, max_delay_s=60)  # the wait is Retry-After's
     spec = PhaseSpec("bench", f"bench-{uuid.uuid4().hex[:6]}", concurrency, policy, adaptive=adaptive)
     t0 = time.monotonic()
     outcomes = run_phase(spec, rows, lambda p: chat(client, ENDPOINT, p))
-    return sum(o.status == "ok" for o in outcomes.values()), time.monotonic() - t0
+    return sum(o.status == "ok" for o in outcomes.values()), time.monotonic() - t0, adapted("bench")
 
 
 def main() -> None:
@@ -74,11 +74,9 @@ def main() -> None:
                 capacity_rpm=args.rpm,
                 retry_after_s=1,
             )
-            ADAPTED.clear()
-            ok, seconds = bench_flow(args.n, concurrency, adaptive, sb.host, sb.token)
+            ok, seconds, level = bench_flow(args.n, concurrency, adaptive, sb.host, sb.token)
             stats = sb.stats()["chat"]
             refused = stats["faults"].get("capacity", 0)
-            level = ADAPTED.get("bench", {})
             shown = (
                 f"{level['start']} → {level['level']} (low {level['lowest']}, high {level['highest']})" if level else ""
             )

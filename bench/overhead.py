@@ -1,7 +1,8 @@
 """Orchestration overhead: N calls at concurrency C through `run_phase` in a Prefect flow, against a plain
 thread pool making the same databricks-sdk calls, a plain asyncio + httpx loop, and the ideal ceil(N/C)*L.
-The whole flow run is timed as a command runs it (no Prefect heartbeats: flows.phase.no_idle_heartbeats)
-and with Prefect's default heartbeats. Prints figures; asserts nothing.
+The whole flow run is timed as a command runs it (no Prefect heartbeats: flows.phase.no_idle_heartbeats;
+start-up objects frozen out of garbage collection: batchflows_cli.common.loaded) and with Prefect's default
+heartbeats. Prints figures; asserts nothing.
 
     .venv/bin/python bench/overhead.py --n 1000 --concurrency 20 --latency 0.2 0.5
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 from prefect import flow
 
+from batchflows_cli.common import loaded
 from blocks.workspace import DatabricksWorkspace
 from flows.phase import PhaseSpec, no_idle_heartbeats, run_phase
 from sandbox import SandboxProcess
@@ -72,6 +74,7 @@ def main() -> None:
     with SandboxProcess() as sb:
         client = DatabricksWorkspace(host=sb.host, token=sb.token).client(30)
         bench_flow(10, 5, sb.host, sb.token)  # warm up the ephemeral API
+        loaded()  # as a command does before its flow: start-up objects out of the full collections
         print(f"N={args.n} concurrency={args.concurrency}")
         print(
             "| latency | ideal | asyncio+httpx | plain pool | run_phase | whole flow run | phase / ideal "

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from flows.phase import ADAPTED, PhaseSpec, run_phase
+from flows.phase import PhaseSpec, adapted, run_phase
 from tasks.batched import BatchAnswer, PartialAnswer
 from tasks.limits import RateLimit, rate_limit_for, scoped
 from tasks.meter import metered
@@ -119,7 +119,7 @@ def run_batched(
     with metered() as meter:  # every HTTP attempt of both phases, re-asks and retries included
         _run_phases(job, result, pack(todo), send)
     result.calls = meter.calls
-    result.adaptive = ADAPTED.get(job.name, {})
+    result.adaptive = adapted(job.name)
     return result
 
 

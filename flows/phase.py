@@ -346,7 +346,7 @@ def chunk_rows(rows: Sequence[Row], concurrency: int, max_chunks: int = 8) -> li
 
 def run_phase(spec: PhaseSpec, rows: Sequence[Row] | Feed, call: Callable[[Any], Any]) -> dict[str, RowOutcome]:
     """Every row's outcome by key: cached, ok, failed (after retries and fallback), never lost."""
-    ADAPTED.pop(spec.name, None)
+    _ADAPTED.pop(_this_run(spec.name), None)
     if isinstance(rows, Feed):
         if not rows.closed:
             return _run_feed(spec, rows, call)
@@ -499,7 +499,18 @@ def _limited(spec: PhaseSpec) -> tuple[PhaseSpec, RateLimit | None]:
     return _adapting(replace(spec, stop=Stop(), concurrency=min(spec.concurrency, allowed))), rate_limit
 
 
-ADAPTED: dict[str, dict[str, int]] = {}  # by phase name: where its adaptive concurrency went in the last run
+_ADAPTED: dict[tuple[str, str], dict[str, int]] = {}  # by flow run and phase: where its adaptive concurrency went
+
+
+def _this_run(phase: str) -> tuple[str, str]:
+    context = FlowRunContext.get()
+    return (str(context.flow_run.id) if context and context.flow_run else "", phase)
+
+
+def adapted(phase: str) -> dict[str, int]:
+    """Where the adaptive concurrency of phase `phase` of this flow run went (start, level, lowest, highest,
+    cuts); {} for a fixed one. By flow run: two runs of a job in one process keep their own."""
+    return _ADAPTED.get(_this_run(phase), {})
 
 
 def _adapting(spec: PhaseSpec) -> PhaseSpec:
@@ -521,7 +532,7 @@ def _learning(spec: PhaseSpec, rate_limit: RateLimit | None) -> Iterator[None]:
         if spec.adaptive_start:
             level = lane(spec.limits, spec.concurrency, rate_limit, spec.adaptive_start).adaptive
             if level is not None:
-                ADAPTED[spec.name] = {"start": spec.adaptive_start, **level.summary()}
+                _ADAPTED[_this_run(spec.name)] = {"start": spec.adaptive_start, **level.summary()}
                 remember(spec.limits, level.level)
                 run_logger().info(
                     f"{spec.name}: adaptive concurrency went from {spec.adaptive_start} to {level.level} (lowest "

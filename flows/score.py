@@ -21,9 +21,9 @@ from blocks.ledger import RowLedger, history_store
 from blocks.settings import Preset, ScoreOverrides, ScoreSettings, resolve_score_settings
 from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace, workspace_key, workspace_slug
 from flows.phase import (
-    ADAPTED,
     Feed,
     PhaseSpec,
+    adapted,
     in_background,
     in_threads,
     load_blocks,
@@ -414,7 +414,7 @@ def _phase_figures(name: str, outcomes: dict[str, RowOutcome], since: float, cal
 
 def _adapted(phase: str) -> dict[str, Any]:
     """Where an adaptive phase's concurrency went in this run, for its figures (nothing for a fixed one)."""
-    return {"adaptive": ADAPTED[phase]} if phase in ADAPTED else {}
+    return {"adaptive": level} if (level := adapted(phase)) else {}
 
 
 def _genie_key(space_id: str, question: str, repeat: int) -> str:

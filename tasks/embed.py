@@ -9,9 +9,8 @@ import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import pandas as pd
 from databricks.sdk import WorkspaceClient
 
@@ -22,6 +21,9 @@ from tasks.enrich import estimate_tokens
 from tasks.errors import TransientError, classify
 from tasks.inputs import QUERY_ROW_CAP, InputError
 from tasks.resilience import RetryPolicy
+
+if TYPE_CHECKING:
+    import duckdb
 
 TOKENIZER = "estimate: 4 characters a token (no tokenizer ships its vocabulary offline; tiktoken downloads)"
 
@@ -226,6 +228,11 @@ class VectorStore:
             )
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
+        # imported here, once a flow runs: a command freezes the objects it has loaded before its flow
+        # (batchflows_cli.common.loaded), and duckdb 2's bindings (nanobind) report each frozen object of theirs
+        # as leaked when the process exits (~50 lines on stderr)
+        import duckdb
+
         return duckdb.connect(self.path)
 
     def upsert(self, model: str, docs: list[dict[str, Any]], vectors: dict[str, list[float]]) -> int:

@@ -199,39 +199,39 @@ def _acquire(name: str, occupy: int) -> ConcurrencyLimitWithLeaseResponse | None
     None if the process is stopping."""
     waited = 0.0
     holder = _holder()
-    with _fast_client() as client:
-        while stopping.reason() is None:
-            asked = time.monotonic()
-            while stopping.reason() is None and time.monotonic() - asked < SLOT_CHECK_S:
-                try:
-                    response = _quickly(
-                        lambda: client.increment_concurrency_slots_with_lease(
-                            names=[name], slots=occupy, mode="concurrency", lease_duration=LEASE_S, holder=holder
-                        )
+    client = _fast_client()
+    while stopping.reason() is None:
+        asked = time.monotonic()
+        while stopping.reason() is None and time.monotonic() - asked < SLOT_CHECK_S:
+            try:
+                response = _quickly(
+                    lambda: client.increment_concurrency_slots_with_lease(
+                        names=[name], slots=occupy, mode="concurrency", lease_duration=LEASE_S, holder=holder
                     )
-                except httpx.HTTPStatusError as exc:
-                    if exc.response.status_code != 423:
-                        raise
-                    stopping.sleep(min(float(exc.response.headers.get("Retry-After", 1)), 1.0))
-                    continue
-                granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
-                if not granted.limits:
-                    raise SlotWaitError(f"there is no active global concurrency limit {name}")
-                return granted
-            waited += time.monotonic() - asked
-            freed = reclaim(name)
-            limit = _quickly(lambda: client.read_global_concurrency_limit_by_name(name))
-            held = sum(int(info.get("occupy", 0)) for _, info in _notes(name) if "lease_id" in info)
-            why = (
-                f"{limit.active_slots} of {name}'s {limit.limit} slots are taken, {held} of them by live runs on "
-                f"this machine{f'; gave back {freed} of dead runs' if freed else ''}"
-            )
-            if waited >= SLOT_WAIT_S:
-                raise SlotWaitError(
-                    f"waited {waited:.0f} s for {occupy} slot(s): {why}. If no run holds the others (a Prefect "
-                    f"server restart can strand them), free them with `batchflows limits --reset {name}`"
                 )
-            run_logger().warning(f"Still waiting for {occupy} slot(s) after {waited:.0f} s: {why}")
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 423:
+                    raise
+                stopping.sleep(min(float(exc.response.headers.get("Retry-After", 1)), 1.0))
+                continue
+            granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+            if not granted.limits:
+                raise SlotWaitError(f"there is no active global concurrency limit {name}")
+            return granted
+        waited += time.monotonic() - asked
+        freed = reclaim(name)
+        limit = _quickly(lambda: client.read_global_concurrency_limit_by_name(name))
+        held = sum(int(info.get("occupy", 0)) for _, info in _notes(name) if "lease_id" in info)
+        why = (
+            f"{limit.active_slots} of {name}'s {limit.limit} slots are taken, {held} of them by live runs on "
+            f"this machine{f'; gave back {freed} of dead runs' if freed else ''}"
+        )
+        if waited >= SLOT_WAIT_S:
+            raise SlotWaitError(
+                f"waited {waited:.0f} s for {occupy} slot(s): {why}. If no run holds the others (a Prefect "
+                f"server restart can strand them), free them with `batchflows limits --reset {name}`"
+            )
+        run_logger().warning(f"Still waiting for {occupy} slot(s) after {waited:.0f} s: {why}")
     return None
 
 
@@ -255,16 +255,16 @@ def _renew(lease_id: UUID, done: threading.Event) -> None:
 
 
 def _release(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
-    with _fast_client() as client:
-        try:
-            _quickly(lambda: client.renew_concurrency_lease(lease_id, LEASE_S))  # does the server still know it?
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code not in (404, 410):
-                raise
-            run_logger().warning(f"The Prefect server lost the lease on {occupy} slot(s) of {name}: given back")
-            _quickly(lambda: client.release_concurrency_slots(names=[name], slots=occupy, occupancy_seconds=held_s))
-            return
-        _quickly(lambda: client.release_concurrency_slots_with_lease(lease_id))
+    client = _fast_client()
+    try:
+        _quickly(lambda: client.renew_concurrency_lease(lease_id, LEASE_S))  # does the server still know it?
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code not in (404, 410):
+            raise
+        run_logger().warning(f"The Prefect server lost the lease on {occupy} slot(s) of {name}: given back")
+        _quickly(lambda: client.release_concurrency_slots(names=[name], slots=occupy, occupancy_seconds=held_s))
+        return
+    _quickly(lambda: client.release_concurrency_slots_with_lease(lease_id))
 
 
 class PrefectBusy(Exception):
@@ -277,7 +277,7 @@ _OPEN = contextlib.ExitStack()  # the cached clients, closed when the process ex
 atexit.register(_OPEN.close)
 
 
-def _fast_client() -> contextlib.nullcontext[SyncPrefectClient]:
+def _fast_client() -> SyncPrefectClient:
     """A Prefect client whose requests fail with `PrefectBusy` on a 502/503/504 at once, for `_quickly`: one per
     process and API, opened once (a new one costs ~17 ms, and a phase asks for its slots and gives them back).
 
@@ -292,7 +292,7 @@ def _fast_client() -> contextlib.nullcontext[SyncPrefectClient]:
         if key not in _FAST_CLIENTS:
             hooks = {"event_hooks": {"response": [_raise_if_busy]}}
             _FAST_CLIENTS[key] = _OPEN.enter_context(get_client(sync_client=True, httpx_settings=hooks))
-        return contextlib.nullcontext(_FAST_CLIENTS[key])
+        return _FAST_CLIENTS[key]
 
 
 def _raise_if_busy(response: httpx.Response) -> None:
@@ -418,7 +418,8 @@ def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
     with _RATE_LOCKS_LOCK:
         lock = _RATE_LOCKS.setdefault(name, threading.Lock())
     poll = max(0.05, spacing_s / 10)
-    with lock, _fast_client() as client:
+    client = _fast_client()
+    with lock:
         stopping.sleep(_RATE_NEXT.get(name, 0.0) - time.monotonic())
         denied = busy = 0
         while stopping.reason() is None:  # stopping: no slot needed, the caller makes no call

@@ -4,15 +4,17 @@ of the sandbox, and is the next run's start."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from prefect import flow
 
 from blocks.workspace import DatabricksWorkspace
-from flows.phase import ADAPTED, PhaseSpec, run_phase
+from flows.phase import PhaseSpec, adapted, run_phase
 from tasks.adaptive import Adaptive, learned_start, variable_name
 from tasks.calls import chat
 from tasks.errors import RateLimited, ServerError
@@ -45,11 +47,12 @@ def test_only_refusals_for_load_move_the_level() -> None:
 
 
 @flow(name="adaptive-test", persist_result=False)
-def _calls(n: int, spec: PhaseSpec, host: str, token: str) -> int:
+def _calls(n: int, spec: PhaseSpec, host: str, token: str) -> tuple[int, dict[str, int]]:
+    """(rows ok, where the phase's adaptive concurrency went)."""
     client = DatabricksWorkspace(host=host, token=token).client(30)
     rows = [Row(f"r{i}-{uuid.uuid4().hex[:6]}", i, f"call {i}") for i in range(n)]
     outcomes = run_phase(spec, rows, lambda p: chat(client, CHAT, p))
-    return sum(o.status == "ok" for o in outcomes.values())
+    return sum(o.status == "ok" for o in outcomes.values()), adapted(spec.name)
 
 
 def test_adaptive_concurrency_finds_a_hidden_capacity_and_the_next_run_starts_there(
@@ -59,13 +62,13 @@ def test_adaptive_concurrency_finds_a_hidden_capacity_and_the_next_run_starts_th
     policy = RetryPolicy(retries=20, base_delay_s=0.05)
     spec = PhaseSpec("chat", f"adaptive-{uuid.uuid4().hex[:6]}", 16, policy, adaptive=True)
     with caplog.at_level(logging.INFO):
-        assert _calls(120, spec, sb.host, sb.token) == 120
+        ok, learned = _calls(120, spec, sb.host, sb.token)
+    assert ok == 120
     stats = sb.stats()["chat"]
     refused = stats["faults"].get("capacity", 0)
     # from 16 down to ~4 costs a few rounds of refusals (bench/adaptive.py: 3.5 % over 1,200 calls); fixed
     # at 16, most calls are refused (below)
     assert refused <= 0.3 * stats["calls"], stats
-    learned = ADAPTED["chat"]
     assert learned["start"] == 16 and 2 <= learned["level"] <= 5 and learned["cuts"] >= 1, learned
     assert "chat: adaptive concurrency starts at 16 (at most 16)" in caplog.text
     assert f"the next run starts at {learned['level']}" in caplog.text
@@ -77,14 +80,15 @@ def test_adaptive_concurrency_finds_a_hidden_capacity_and_the_next_run_starts_th
     sb.reset()  # (faults too)
     sb.set_faults("chat", latency_ms=100, capacity_concurrent=4, retry_after_s=1)
     with caplog.at_level(logging.INFO):
-        assert _calls(40, spec, sb.host, sb.token) == 40
-    assert ADAPTED["chat"]["start"] == learned["level"]  # the next run starts where the last ended
+        ok, again = _calls(40, spec, sb.host, sb.token)
+    assert ok == 40
+    assert again["start"] == learned["level"]  # the next run starts where the last ended
     assert sb.stats()["chat"]["faults"].get("capacity", 0) <= 4
 
     sb.reset()
     sb.set_faults("chat", latency_ms=100, capacity_concurrent=4, retry_after_s=1)
     fixed = PhaseSpec("chat", f"fixed-{uuid.uuid4().hex[:6]}", 16, policy)
-    assert _calls(120, fixed, sb.host, sb.token) == 120
+    assert _calls(120, fixed, sb.host, sb.token) == (120, {})
     assert sb.stats()["chat"]["faults"].get("capacity", 0) > 3 * refused
 
 
@@ -114,3 +118,27 @@ def test_an_adaptive_enrichment_reports_where_its_concurrency_went(
     assert summary["newly_enriched"] == 60, summary["failures"]
     adaptive = summary["adaptive"]
     assert adaptive["start"] == 8 and adaptive["level"] <= 3 and adaptive["cuts"] >= 1, adaptive
+
+
+@flow(name="adaptive-test-in-turn", persist_result=False)
+def _in_turn(spec: PhaseSpec, host: str, token: str, ran: threading.Event, wait: threading.Event) -> dict[str, int]:
+    """An adaptive phase of 8 calls; then `ran` is set, and the phase's figure read once `wait` is."""
+    client = DatabricksWorkspace(host=host, token=token).client(30)
+    rows = [Row(f"r{i}-{uuid.uuid4().hex[:6]}", i, f"call {i}") for i in range(8)]
+    run_phase(spec, rows, lambda p: chat(client, CHAT, p))
+    ran.set()
+    assert wait.wait(60)
+    return adapted(spec.name)
+
+
+def test_two_runs_in_one_process_keep_their_own_adaptive_figures(sb: Any, prefect_api: None) -> None:
+    policy = RetryPolicy(retries=0)
+    first = PhaseSpec("chat", f"adaptive-a-{uuid.uuid4().hex[:6]}", 6, policy, adaptive=True)
+    second = PhaseSpec("chat", f"adaptive-b-{uuid.uuid4().hex[:6]}", 3, policy, adaptive=True)
+    first_ran, second_ran, go = threading.Event(), threading.Event(), threading.Event()
+    go.set()
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(_in_turn, first, sb.host, sb.token, first_ran, second_ran)
+        assert first_ran.wait(60)  # the second run's phase runs after the first's, before the first reads
+        b = pool.submit(_in_turn, second, sb.host, sb.token, second_ran, go)
+        assert (a.result()["start"], b.result()["start"]) == (6, 3)
