@@ -138,8 +138,10 @@ def score(
     expected_in = threading.Event()
 
     def answer_sql(answer: RowOutcome) -> None:
-        if not expected_in.is_set():  # checked and parsed (and kept) while Genie is asked: not before the
-            expected_in.set()  # first question, nor after the last answer
+        # the expected SQL is checked, and every statement parsed for the comparison (the parses are kept),
+        # while Genie is asked: not before the first question, nor after the last answer
+        if not expected_in.is_set():
+            expected_in.set()
             for sql in dict.fromkeys(b.expected_sql for b in items):
                 if not read_only_problem(sql, "the expected SQL", allowed):
                     sql_feed.put(_sql_key(warehouse_id, sql), {"sql": sql})
