@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # a CLI command a test runs without PREFECT_API_URL starts a temporary Prefect server that ends with it, never
 # a warm one that outlives the tests (tests/test_local_server.py tests the warm one in its own home)
 os.environ.setdefault("BATCHFLOWS_PREFECT_SERVER", "temporary")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Commands run in this process froze what it had loaded (batchflows_cli.common.loaded): give it back to
+    the collector, or duckdb's bindings list each frozen object of theirs as leaked when the tests end."""
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")
