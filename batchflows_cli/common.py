@@ -86,8 +86,7 @@ def _job(workspace: _workspace) -> Iterator[str | None]:
     from databricks.sdk.errors import NotFound
 
     from tasks import progress
-    from tasks.embed import BudgetExceeded
-    from tasks.inputs import InputError
+    from tasks.inputs import InputError  # a budget too, and the pre-flight's refusals
 
     def stopping_now(name: str) -> None:
         Console(stderr=True).print(
@@ -106,7 +105,7 @@ def _job(workspace: _workspace) -> Iterator[str | None]:
     ):
         try:
             yield block_name
-        except (InputError, BudgetExceeded, NotFound) as exc:  # NotFound: an unknown space, warehouse or endpoint
+        except (InputError, NotFound) as exc:  # NotFound: an unknown space, warehouse or endpoint
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc
         except KeyboardInterrupt as exc:

@@ -21,6 +21,13 @@ from batchflows_cli.common import (
 )
 
 
+def _one_source(input_path: Path | None, query: str | None) -> None:
+    """The rows come from --input or --query, exactly one: said before anything starts."""
+    if (input_path is None) == (query is None):
+        both = ", not both" if input_path is not None else ""
+        raise typer.BadParameter(f"give --input FILE or --query SQL{both}", param_hint="'--input' / '--query'")
+
+
 @app.command()
 def enrich(
     text_columns: Annotated[str, typer.Option("--text-columns", help="comma-separated columns sent to the model")],
@@ -39,6 +46,7 @@ def enrich(
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Add LLM-generated columns to rows: 20 rows per call, validated, cached per row, rate-limited."""
+    _one_source(input_path, query)
     workspace = _workspace(use_sandbox, workspace_block)
     from flows.enrich import DEFAULT_INSTRUCTIONS, EnrichSettings
     from flows.enrich import enrich as enrich_flow
@@ -86,6 +94,7 @@ def analyse(
     output_dir: Annotated[Path, typer.Option(help="where the report goes")] = Path("out"),
 ) -> None:
     """Analyse ordered items in parallel, then merge fragments with the item before them, in order."""
+    _one_source(input_path, query)
     workspace = _workspace(use_sandbox, workspace_block)
     from flows.analyse import AnalyseSettings
     from flows.analyse import analyse as analyse_flow

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 TOKENIZER = "estimate: 4 characters a token (no tokenizer ships its vocabulary offline; tiktoken downloads)"
 
 
-class BudgetExceeded(RuntimeError):
-    """The run's estimated cost is over its budget: stopped before the first call."""
+class BudgetExceeded(InputError):
+    """The run's estimated cost is over its budget (max_cost): stopped before the first call."""
 
 
 def _q(text: str) -> str:

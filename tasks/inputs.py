@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,23 @@ from tasks.calls import run_sql
 
 
 class InputError(ValueError):
-    """Rows that cannot be read at all (file, query or columns); the message says which and why."""
+    """An input of a job is wrong: rows that cannot be read (file, query or columns), a setting, or a workspace
+    object it names. The message says which and why."""
+
+
+class _InputErrorsInOneLine(logging.Filter):
+    """A flow run stopped by an `InputError` logs it in one line. Prefect's engine logs whatever a flow raises
+    with its traceback: for a wrong column or file, ~20 lines of our code's insides on the terminal and in the
+    UI, around the one line that says what to fix."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], InputError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _runs in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_runs).addFilter(_InputErrorsInOneLine())
 
 
 def read_rows(path: str) -> pd.DataFrame:

@@ -315,3 +315,38 @@ def test_an_unknown_workspace_block_is_one_clear_line(prefect_api, tmp_path):
     result = _enrich(_rows(tmp_path, 3), "no-such-block")
     assert result.exit_code == 2, result.output
     assert "error: Unable to find block document named no-such-block" in result.output
+
+
+def test_rows_from_both_or_neither_of_input_and_query_are_refused_before_anything_starts(tmp_path):
+    neither = _cli("analyse", "--sandbox")
+    both = _cli("enrich", "--text-columns", "text", "--input", _rows(tmp_path), "--query", "SELECT 1", "--sandbox")
+    assert neither.exit_code == both.exit_code == 2, neither.output + both.output
+    assert "give --input FILE or --query SQL" in neither.output and "Embedded sandbox" not in neither.output
+    assert "give --input FILE or --query SQL, not both" in both.output
+
+
+def test_a_bad_input_is_one_line_on_the_terminal_not_a_traceback(prefect_api, tmp_path):
+    """The command says what to fix on stdout; Prefect's engine logged the same error on stderr with the
+    traceback of our code (~20 lines) until `tasks.inputs` kept an InputError's log record to one line."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    items = tmp_path / "items.csv"
+    items.write_text("a,b\n1,2\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHFLOWS_")}
+    env |= {"BATCHFLOWS_HOME": str(tmp_path / "home"), "PREFECT_API_URL": str(PREFECT_API_URL.value()), **WIDE}
+    cli = str(Path(sys.executable).with_name("batchflows"))
+    done = subprocess.run(
+        [cli, "analyse", "--sandbox", "--input", str(items), "--output-dir", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "error: column(s) id, position, text not in the input (it has: a, b)" in done.stdout
+    assert "InputError('column(s) id, position, text not in the input" in done.stderr  # Prefect's line
+    assert "Traceback" not in done.stderr, done.stderr
