@@ -31,7 +31,7 @@ from flows.batched import BatchedJob, run_all
 from flows.phase import TAGS, load_blocks, run_name, summary_of
 from flows.score import score
 from tasks.benchmarks import Benchmark, load_benchmarks, space_benchmarks
-from tasks.calls import Call
+from tasks.calls import Call, read_again
 from tasks.improve import (
     CATEGORIES,
     LEARN_PROMPT,
@@ -130,7 +130,7 @@ def improve(
     out = Path(output_dir) / f"improve-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
     _sweep_dev_copies(client, space_id)
 
-    production = client.genie.get_space(space_id, include_serialized_space=True)
+    production = read_again(lambda: client.genie.get_space(space_id, include_serialized_space=True), "the space")
     config = json.loads(production.serialized_space or "{}")
     etag = production.etag
     if isinstance(benchmarks, str):
@@ -426,7 +426,7 @@ def _sweep_dev_copies(client: WorkspaceClient, space_id: str) -> None:
     stale = []
     page_token = None
     while True:
-        page = client.genie.list_spaces(page_token=page_token)
+        page = read_again(functools.partial(client.genie.list_spaces, page_token=page_token), "the spaces")
         for space in page.spaces or []:
             if space.description and space.description.startswith(mark):
                 run_id, _, owner = space.description[len(mark) :].partition(" by process ")

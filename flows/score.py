@@ -32,7 +32,7 @@ from flows.phase import (
     run_phase,
 )
 from tasks.benchmarks import Benchmark, load_benchmarks, repeated_questions, space_benchmarks
-from tasks.calls import Call, ask_genie, run_sql
+from tasks.calls import Call, ask_genie, read_again, run_sql
 from tasks.compare import Rounding, Rules, compare, rounding, sorting
 from tasks.guard import read_only_problem
 from tasks.history import HistoryError, HistoryStore
@@ -306,9 +306,9 @@ def _space(client: Any, space_id: str) -> tuple[Any, dict[str, Any] | None]:
     from databricks.sdk.errors import PermissionDenied
 
     try:
-        space = client.genie.get_space(space_id, include_serialized_space=True)
+        space = read_again(lambda: client.genie.get_space(space_id, include_serialized_space=True), "the space")
     except PermissionDenied:
-        return client.genie.get_space(space_id), None
+        return read_again(lambda: client.genie.get_space(space_id), "the space"), None
     return space, json.loads(space.serialized_space) if space.serialized_space else None
 
 

@@ -11,6 +11,7 @@ from prefect import flow
 from blocks.ledger import RowLedger, history_store
 from blocks.workspace import workspace_key
 from flows.phase import load_blocks
+from tasks.calls import read_again
 from tasks.history import HistoryStore, default_url
 from tasks.inputs import InputError
 from tasks.resilience import run_logger
@@ -91,7 +92,7 @@ def rollback_space(
         check_space_config(target.config)
     except SpaceConfigError as exc:
         raise RollbackError(f"version {to} of {space_id} cannot be restored as it was recorded: {exc}") from exc
-    space = client.genie.get_space(space_id)
+    space = read_again(lambda: client.genie.get_space(space_id), "the space")
     latest = versions[-1]
     if latest.etag and space.etag != latest.etag and not force:
         raise RollbackError(

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 from databricks.sdk import WorkspaceClient
@@ -27,11 +27,31 @@ from databricks.sdk.service.sql import (
 from blocks.workspace import DatabricksWorkspace
 from tasks import meter
 from tasks.errors import CallTimeout, InvalidResponse, NotFound, PermanentError, TransientError, classify
+from tasks.resilience import run_logger
 
 TERMINAL_GENIE = {"COMPLETED", "FAILED", "CANCELLED", "QUERY_RESULT_EXPIRED"}
 ANSWERED_GENIE = {"COMPLETED", "QUERY_RESULT_EXPIRED"}  # an expired result still carries its SQL, which we run
 GENIE_ROW_CAP = 5000
+READ_AGAIN_AFTER_S = (0.2, 1.0)  # a single read that fails in transit is made again after these waits
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def read_again(read: Callable[[], T], what: str) -> T:
+    """`read()`, a single workspace read outside a phase (a space, the user, a warehouse): made again after
+    `READ_AGAIN_AFTER_S` when it fails in transit (a keep-alive connection the server closed as it was
+    reused, a 5xx, a 429), so a moment's hiccup does not fail the run. A timeout (it has already waited its
+    time) or a refusal is raised at once, as the SDK raised it."""
+    for wait in READ_AGAIN_AFTER_S:
+        try:
+            return read()
+        except Exception as exc:
+            error = classify(exc)
+            if not isinstance(error, TransientError) or isinstance(error, CallTimeout):
+                raise
+            run_logger().info(f"reading {what} failed in transit ({error}); reading it again in {wait:g} s")
+            time.sleep(min(5.0, max(wait, error.retry_after_s or 0)))
+    return read()
 
 
 class GenieFailed(PermanentError):

@@ -5,25 +5,16 @@ within seconds, instead of a hundred failed calls or a traceback after minutes.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from blocks.workspace import DatabricksWorkspace
-from tasks.errors import (
-    BatchflowsError,
-    CallTimeout,
-    ConnectionFailed,
-    NotFound,
-    TransientError,
-    Unauthorized,
-    classify,
-)
+from tasks.calls import read_again
+from tasks.errors import BatchflowsError, CallTimeout, ConnectionFailed, NotFound, Unauthorized, classify
 from tasks.inputs import InputError
 from tasks.resilience import run_logger
 
 TIMEOUT_S = 10
-AGAIN_AFTER_S = (0.2, 1.0)  # a read that fails in transit is made again after these waits
 _CAUSES = (
     (
         ("NameResolution", "Name or service not known", "nodename nor servname", "getaddrinfo"),
@@ -71,18 +62,10 @@ def check_workspace(
 
 
 def _check(what: str, host: str, read: Callable[[], Any]) -> Any:
-    """The read's answer. One that fails in transit (a dropped keep-alive connection, a 5xx or 429) is made
-    again after `AGAIN_AFTER_S`, so a moment's hiccup does not fail the run; a timeout is not (it has already
-    waited `TIMEOUT_S`), nor is a refusal."""
-    for attempt in range(len(AGAIN_AFTER_S) + 1):
-        try:
-            return read()
-        except Exception as exc:
-            error = classify(exc, TIMEOUT_S)
-            if attempt == len(AGAIN_AFTER_S) or not isinstance(error, TransientError) or isinstance(error, CallTimeout):
-                raise PreflightError(describe(error, what, host)) from exc
-            run_logger().info(f"pre-flight: reading {what} failed in transit ({error}); reading it again")
-            time.sleep(min(5.0, max(AGAIN_AFTER_S[attempt], error.retry_after_s or 0)))
+    try:
+        return read_again(read, what)
+    except Exception as exc:
+        raise PreflightError(describe(classify(exc, TIMEOUT_S), what, host)) from exc
 
 
 def describe(error: BatchflowsError, what: str, host: str) -> str:

@@ -20,6 +20,7 @@ from prefect import flow
 from typer.testing import CliRunner, Result
 
 from batchflows_cli import app
+from batchflows_cli.common import SANDBOX_WAREHOUSE
 from blocks.workspace import DatabricksWorkspace
 from flows.phase import PhaseSpec, run_phase
 from tasks.calls import chat
@@ -99,8 +100,8 @@ def test_a_wrong_connection_is_one_clear_line_and_no_call(sb, prefect_api, tmp_p
 @contextlib.contextmanager
 def _dropping_proxy(upstream: str, drop_path: str, drops: int) -> Iterator[tuple[str, list[tuple[str, int]]]]:
     """A proxy of the sandbox that closes the connection, unanswered, on the first `drops` requests whose path
-    ends with `drop_path` (as a server does to a keep-alive connection it times out just as it is reused).
-    Yields its address and the (path, status) of every request, 0 for a dropped one."""
+    (with its query) holds `drop_path` (as a server does to a keep-alive connection it times out just as it
+    is reused). Yields its address and the (path, status) of every request, 0 for a dropped one."""
     seen: list[tuple[str, int]] = []
 
     class Proxy(BaseHTTPRequestHandler):
@@ -109,8 +110,8 @@ def _dropping_proxy(upstream: str, drop_path: str, drops: int) -> Iterator[tuple
 
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            path = self.path.split("?", 1)[0]
-            if path.endswith(drop_path) and sum(p.endswith(drop_path) for p, _ in seen) < drops:
+            path = self.path
+            if drop_path in path and sum(drop_path in p for p, _ in seen) < drops:
                 seen.append((path, 0))
                 self.close_connection = True
                 return
@@ -137,15 +138,15 @@ def test_a_dropped_connection_in_the_pre_flight_is_read_again_and_a_refusal_is_n
     me = "/scim/v2/Me"
     with _dropping_proxy(sb.host, me, drops=1) as (host, seen):
         check_workspace(DatabricksWorkspace(host=host, token=sb.token), space_id="retail")
-        assert [status for path, status in seen if path.endswith(me)] == [0, 200]
+        assert [status for path, status in seen if me in path] == [0, 200]
     with _dropping_proxy(sb.host, me, drops=3) as (host, seen):
         with pytest.raises(PreflightError, match=r"cannot reach the workspace at .*: the connection was dropped"):
             check_workspace(DatabricksWorkspace(host=host, token=sb.token + "-wrong"))
-        assert [status for path, status in seen if path.endswith(me)] == [0, 0, 0]
+        assert [status for path, status in seen if me in path] == [0, 0, 0]
     with _dropping_proxy(sb.host, me, drops=0) as (host, seen):
         with pytest.raises(PreflightError, match="refused the credentials"):
             check_workspace(DatabricksWorkspace(host=host, token=sb.token + "-wrong"))
-        assert [status for path, status in seen if path.endswith(me)] == [401]
+        assert [status for path, status in seen if me in path] == [401]
 
 
 def test_unknown_warehouse_and_endpoint_are_named_before_any_call(sb, workspace_block, tmp_path):
@@ -315,6 +316,33 @@ def test_an_unknown_workspace_block_is_one_clear_line(prefect_api, tmp_path):
     result = _enrich(_rows(tmp_path, 3), "no-such-block")
     assert result.exit_code == 2, result.output
     assert "error: Unable to find block document named no-such-block" in result.output
+
+
+def test_a_dropped_connection_on_reading_the_space_does_not_fail_the_scoring_run(sb, prefect_api, tmp_path):
+    """The space's configuration is read once more after the pre-flight, on the client the run's calls use;
+    a keep-alive connection of that client the server closed as it was reused failed the whole run."""
+    benchmarks = tmp_path / "b.json"
+    benchmarks.write_text('[{"id": "q01", "question": "How many customers do we have?", "expected_sql": "SELECT 1"}]')
+    config = "include_serialized_space=true"
+    with _dropping_proxy(sb.host, config, drops=1) as (host, seen):
+        scored = _cli(
+            "score",
+            "--benchmarks",
+            str(benchmarks),
+            "--space-id",
+            "retail",
+            "--warehouse-id",
+            SANDBOX_WAREHOUSE,
+            "--workspace-block",
+            _workspace("dropping", host, sb.token),
+            "--genie-rpm",
+            "0",
+            "--output-dir",
+            str(tmp_path / "out"),
+        )
+        assert scored.exit_code in (0, 1), scored.output  # 1: the answer judged wrong is still a run
+        assert "Verdicts:" in scored.output
+        assert [status for path, status in seen if config in path] == [0, 200]
 
 
 def test_rows_from_both_or_neither_of_input_and_query_are_refused_before_anything_starts(tmp_path):
