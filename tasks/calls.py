@@ -105,12 +105,10 @@ def ask_genie(
 ) -> dict[str, Any]:
     """Ask one question in a new conversation, wait for Genie's answer, then delete the conversation.
 
-    Polls at once, then `poll_initial_s` after asking, then at intervals growing by 1.5x up to `poll_max_s`
-    (Databricks asks for 1-5 s), on a schedule counted from the question, not from each poll's answer: a
-    poll's own round trip does not push the next one back. A poll that fails in transit (5xx, 429, reset,
-    timeout) is repeated on the same message: only asking costs one of the workspace's few questions a
-    minute. The conversation is deleted once the answer is read (or given up on), so a space never fills up
-    with ours.
+    Polls every `poll_initial_s`, backing off by 1.5x up to `poll_max_s` (Databricks asks for 1-5 s). A
+    poll that fails in transit (5xx, 429, reset, timeout) is repeated on the same message: only asking
+    costs one of the workspace's few questions a minute. The conversation is deleted once the answer is
+    read (or given up on), so a space never fills up with ours.
 
     Returns:
         {"kind": "sql" | "text", "sql", "text", "parameters", "row_count", "truncated", "conversation_id",
@@ -120,13 +118,13 @@ def ask_genie(
         GenieTimeout: no terminal status within `timeout_s`.
         GenieFailed: Genie's message ended FAILED or CANCELLED.
     """
-    asked = time.monotonic()
+    deadline = time.monotonic() + timeout_s
     meter.count("genie")
     started: Any = client.genie.start_conversation(space_id=space_id, content=question).response
     conversation_id, message_id = started.conversation_id, started.message_id
     try:
         message, poll_errors = _wait_for_message(
-            client, space_id, conversation_id, message_id, asked, timeout_s, poll_initial_s, poll_max_s, sleep
+            client, space_id, conversation_id, message_id, deadline, timeout_s, poll_initial_s, poll_max_s, sleep
         )
     finally:
         _delete_conversation(client, space_id, conversation_id)
@@ -166,17 +164,15 @@ def _wait_for_message(
     space_id: str,
     conversation_id: str,
     message_id: str,
-    asked: float,
+    deadline: float,
     timeout_s: float,
     interval: float,
     poll_max_s: float,
     sleep: Callable[[float], None],
 ) -> tuple[Any, int]:
-    """(the message once terminal, polls that failed in transit and were repeated), polling at once, then at
-    `asked` + interval, + 1.5 x interval, ... (each step capped at `poll_max_s`)."""
+    """(the message once terminal, polls that failed in transit and were repeated)."""
     poll_errors = 0
     status = "UNKNOWN"
-    deadline, poll_at = asked + timeout_s, asked
     while True:
         try:
             message = client.genie.get_message(
@@ -193,12 +189,11 @@ def _wait_for_message(
                 raise error from exc
             poll_errors += 1
             status = f"poll failed: {error}"
-        now = time.monotonic()
-        if now >= deadline:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise GenieTimeout(f"Genie did not answer within {timeout_s:g}s (last status {status})", timeout_s)
-        poll_at += interval
+        sleep(min(interval, remaining))
         interval = min(poll_max_s, interval * 1.5)
-        sleep(max(0.0, min(poll_at, deadline) - now))
 
 
 def _delete_conversation(client: WorkspaceClient, space_id: str, conversation_id: str) -> None:
