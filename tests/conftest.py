@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,23 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     os.environ["BATCHFLOWS_HOME"] = str(tmp_path_factory.mktemp("batchflows-home"))
     with prefect_test_harness(server_startup_timeout=90), no_idle_heartbeats():  # as the CLI runs flows
         yield
+
+
+@pytest.fixture
+def command(prefect_api: None, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the installed `batchflows` command in a process of its own (its exit, its stderr), on the test's
+    Prefect API, with a BATCHFLOWS_HOME of the test's."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHFLOWS_")}
+    env |= {"BATCHFLOWS_HOME": str(tmp_path / "home"), "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    env |= {"PREFECT_LOGGING_LEVEL": "WARNING", "COLUMNS": "200"}
+    cli = str(Path(sys.executable).with_name("batchflows"))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([cli, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    return run
 
 
 @pytest.fixture(autouse=True)

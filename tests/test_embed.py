@@ -192,26 +192,10 @@ def test_vectors_reach_the_store_while_the_calls_go_on(sb, workspace_block, ledg
     assert any(0 < n < 300 for n in seen), f"the store went from empty to full at once: {sorted(set(seen))}"
 
 
-def test_the_embed_command_exits_without_a_word_on_stderr_from_its_libraries(prefect_api, tmp_path):
+def test_the_embed_command_exits_without_a_word_on_stderr_from_its_libraries(command, tmp_path):
     """The command freezes its start-up objects out of garbage collection (batchflows_cli.common.loaded);
     duckdb 2's bindings reported each frozen object of theirs as leaked at exit, ~50 lines on every run."""
-    import os
-    import subprocess
-    import sys
-
-    from prefect.settings import PREFECT_API_URL
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHFLOWS_")}
-    env |= {"BATCHFLOWS_HOME": str(tmp_path / "home"), "PREFECT_API_URL": str(PREFECT_API_URL.value())}
-    env |= {"PREFECT_LOGGING_LEVEL": "WARNING", "COLUMNS": "200"}
-    cli = str(Path(sys.executable).with_name("batchflows"))
-    done = subprocess.run(
-        [cli, "embed", "--sandbox", "--output-dir", str(tmp_path / "out")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = command("embed", "--sandbox", "--output-dir", str(tmp_path / "out"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Vectors:" in done.stdout
     assert "leaked" not in done.stderr, done.stderr[-2000:]

@@ -353,27 +353,12 @@ def test_rows_from_both_or_neither_of_input_and_query_are_refused_before_anythin
     assert "give --input FILE or --query SQL, not both" in both.output
 
 
-def test_a_bad_input_is_one_line_on_the_terminal_not_a_traceback(prefect_api, tmp_path):
+def test_a_bad_input_is_one_line_on_the_terminal_not_a_traceback(command, tmp_path):
     """The command says what to fix on stdout; Prefect's engine logged the same error on stderr with the
     traceback of our code (~20 lines) until `tasks.inputs` kept an InputError's log record to one line."""
-    import os
-    import subprocess
-    import sys
-
-    from prefect.settings import PREFECT_API_URL
-
     items = tmp_path / "items.csv"
     items.write_text("a,b\n1,2\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHFLOWS_")}
-    env |= {"BATCHFLOWS_HOME": str(tmp_path / "home"), "PREFECT_API_URL": str(PREFECT_API_URL.value()), **WIDE}
-    cli = str(Path(sys.executable).with_name("batchflows"))
-    done = subprocess.run(
-        [cli, "analyse", "--sandbox", "--input", str(items), "--output-dir", str(tmp_path / "out")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = command("analyse", "--sandbox", "--input", str(items), "--output-dir", str(tmp_path / "out"))
     assert done.returncode == 2, done.stdout + done.stderr
     assert "error: column(s) id, position, text not in the input (it has: a, b)" in done.stdout
     assert "InputError('column(s) id, position, text not in the input" in done.stderr  # Prefect's line
