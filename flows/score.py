@@ -39,7 +39,7 @@ from tasks.history import HistoryError, HistoryStore
 from tasks.judge import PROMPT_VERSION, case_item, judge_cases
 from tasks.meter import Meter, metered
 from tasks.preflight import check_workspace
-from tasks.report import publish, publish_markdown, stable_key, write_frame
+from tasks.report import publish, publish_markdown, published_alongside, stable_key, write_frame
 from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome
 from tasks.trend import trend_markdown, trend_rows, write_html
 
@@ -290,13 +290,14 @@ def score(
         "ledger_block": ledger_block,
         "breaker_block": breaker_block,
     }
-    summary = _finish(report, answers, breaker, output_dir, started, phases, settings, run)
-    summary["settings_source"] = {"preset": preset, "settings_block": settings_block, "changed": changed}
-    if seen:
-        try:
-            summary["history"] = _history_after(seen, summary, answers, space.etag, output_dir)
-        except HISTORY_ERRORS as exc:
-            log.error(f"Score history unavailable, this run is not recorded in it: {exc}")
+    with published_alongside():  # the artifacts go to the Prefect server while the files are written
+        summary = _finish(report, answers, breaker, output_dir, started, phases, settings, run)
+        summary["settings_source"] = {"preset": preset, "settings_block": settings_block, "changed": changed}
+        if seen:
+            try:
+                summary["history"] = _history_after(seen, summary, answers, space.etag, output_dir)
+            except HISTORY_ERRORS as exc:
+                log.error(f"Score history unavailable, this run is not recorded in it: {exc}")
     failed = (r["verdict"] for r in report if r["verdict"] in FAILED)
     return rows_state(summary, summary["total"], failed, "judged")  # type: ignore[return-value]  # Prefect ends the run in this state and returns its data
 
