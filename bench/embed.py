@@ -20,6 +20,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prefect.context import SyncClientContext
+
 from batchflows_cli.common import loaded
 from blocks.ledger import RowLedger
 from blocks.workspace import DatabricksWorkspace
@@ -35,7 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     drop_limits()  # the runs below create the limits from their own settings
     n = args.docs
-    with SandboxProcess() as sb, tempfile.TemporaryDirectory() as tmp:
+    # one Prefect client for the blocks and the runs, as a command has
+    with SandboxProcess() as sb, tempfile.TemporaryDirectory() as tmp, SyncClientContext.get_or_create():
         home = Path(tmp)
         DatabricksWorkspace(host=sb.host, token=sb.token).save("bench-sandbox", overwrite=True)
         RowLedger(path=str(home / "ledger.sqlite")).save("bench-ledger", overwrite=True)

@@ -1,8 +1,8 @@
 """Orchestration overhead: N calls at concurrency C through `run_phase` in a Prefect flow, against a plain
 thread pool making the same databricks-sdk calls, a plain asyncio + httpx loop, and the ideal ceil(N/C)*L.
 The whole flow run is timed as a command runs it (no Prefect heartbeats: flows.phase.no_idle_heartbeats;
-start-up objects frozen out of garbage collection: batchflows_cli.common.loaded) and with Prefect's default
-heartbeats. Prints figures; asserts nothing.
+start-up objects frozen out of garbage collection: batchflows_cli.common.loaded; one Prefect client for the
+command) and with Prefect's default heartbeats. Prints figures; asserts nothing.
 
     .venv/bin/python bench/overhead.py --n 1000 --concurrency 20 --latency 0.2 0.5
 """
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 from prefect import flow
+from prefect.context import SyncClientContext
 
 from batchflows_cli.common import loaded
 from blocks.workspace import DatabricksWorkspace
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--latency", type=float, nargs="+", default=[0.2, 0.5])
     args = parser.parse_args()
-    with SandboxProcess() as sb:
+    with SandboxProcess() as sb, SyncClientContext.get_or_create():  # one Prefect client, as a command has
         client = DatabricksWorkspace(host=sb.host, token=sb.token).client(30)
         bench_flow(10, 5, sb.host, sb.token)  # warm up the ephemeral API
         loaded()  # as a command does before its flow: start-up objects out of the full collections

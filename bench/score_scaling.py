@@ -21,6 +21,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prefect.context import SyncClientContext
+
 from batchflows_cli.common import loaded
 from blocks.ledger import RowLedger
 from blocks.settings import score_settings
@@ -81,9 +83,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20, 100])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 3, 7, 10])
     args = parser.parse_args()
-    # as the `batchflows` command runs its flow: no idle heartbeats, and (`loaded`, after the warm-up) the
-    # objects of start-up frozen, out of Python's full garbage collections (0.25 s each, one in ~4 runs here)
-    with SandboxProcess() as sb, tempfile.TemporaryDirectory() as tmp, no_idle_heartbeats():
+    # as the `batchflows` command runs its flow: no idle heartbeats, one Prefect client, and (`loaded`, after
+    # the warm-up) the objects of start-up frozen, out of Python's full garbage collections (0.25 s each, one
+    # in ~4 runs here)
+    with (
+        SandboxProcess() as sb,
+        tempfile.TemporaryDirectory() as tmp,
+        no_idle_heartbeats(),
+        SyncClientContext.get_or_create(),
+    ):
         DatabricksWorkspace(host=sb.host, token=sb.token).save("bench-sandbox", overwrite=True)
         RowLedger(path=str(Path(tmp) / "ledger.sqlite")).save("bench-ledger", overwrite=True)
         sb.set_faults("genie", latency_ms=GENIE_LATENCY_MS)
