@@ -103,23 +103,28 @@ def score(
     )
     started = time.monotonic()
     workspace, ledger = load_blocks(workspace_block, ledger_block)
-    check_workspace(workspace, space_id=space_id, warehouse_id=warehouse_id, endpoints=[settings.judge_endpoint])
-    # one HTTP request never needs the whole answer's time: a hung one is dropped after a minute at most
-    genie_timeout = min(settings.genie_timeout, 60)
-    genie_client = workspace.client(genie_timeout)
+    # the workspace is checked while the breaker comes from the Prefect server; an input it refuses is the error
+    checked = in_background(
+        check_workspace, workspace, space_id=space_id, warehouse_id=warehouse_id, endpoints=[settings.judge_endpoint]
+    )
+    try:
+        # one HTTP request never needs the whole answer's time: a hung one is dropped after a minute at most
+        genie_timeout = min(settings.genie_timeout, 60)
+        genie_client = workspace.client(genie_timeout)
+        scope = workspace_slug(genie_client.config.host)
+        breaker_block = breaker_block or breaker_name("genie", scope)
+        breaker = CircuitBreaker.load_or_create(
+            breaker_block,
+            changed.get("genie_circuit_threshold"),
+            changed.get("genie_circuit_cooldown"),
+            new=(settings.genie_circuit_threshold, settings.genie_circuit_cooldown),
+        )
+    finally:
+        checked.result()
     space, config = _space(genie_client, space_id)
     items = _benchmarks(benchmarks, config, space_id)
     flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
     session = stable_key(space_id, space.etag, warehouse_id, "")
-
-    scope = workspace_slug(genie_client.config.host)
-    breaker_block = breaker_block or breaker_name("genie", scope)
-    breaker = CircuitBreaker.load_or_create(
-        breaker_block,
-        changed.get("genie_circuit_threshold"),
-        changed.get("genie_circuit_cooldown"),
-        new=(settings.genie_circuit_threshold, settings.genie_circuit_cooldown),
-    )
     pace = f"{settings.genie_rpm:g} a minute" if settings.genie_rpm else "no rate limit"
     log.info(
         f"Phase 1 (Genie): {len(items)} questions, {settings.genie_max_concurrent} at a time, {pace}, "
