@@ -161,16 +161,16 @@ class Feed:
         self._closed = False
 
     def put(self, key: str, payload: Any, label: str = "") -> None:
-        """Add a row (nothing if its key is already in).
+        """Add a row (nothing if its key is already in, also once the feed is closed).
 
         Raises:
-            RuntimeError: the feed is closed, so the row would never be called.
+            RuntimeError: a new row in a closed feed: it would never be called.
         """
         with self._lock:
-            if self._closed:
-                raise RuntimeError(f"row {label or key} put in a closed feed: it would never be called")
             if key in self._keys:
                 return
+            if self._closed:
+                raise RuntimeError(f"row {label or key} put in a closed feed: it would never be called")
             self._keys.add(key)
             row = Row(key, len(self.rows), payload, label)
             self.rows.append(row)

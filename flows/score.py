@@ -141,6 +141,7 @@ def score(
     allowed = settings.allowed_functions
     sql_feed = Feed()
     expected_in = threading.Event()
+    settled: set[str] = set()  # Genie rows with their final outcome
 
     def answer_sql(answer: RowOutcome) -> None:
         # the expected SQL is checked, and every statement parsed for the comparison (the parses are kept),
@@ -157,6 +158,9 @@ def score(
             if not read_only_problem(sql, allowed=allowed):
                 sql_feed.put(_sql_key(warehouse_id, sql, parameters), {"sql": sql, "parameters": parameters})
                 rounding(sql)
+        settled.add(answer.key)
+        if len(settled) == len(genie_rows):  # the last answer: phase 2 ends with its SQL, while phase 1's
+            sql_feed.close()  # slots are given back (cached answers come after phase 1, which closes it then)
 
     sql_timeout = min(settings.sql_timeout, 55) + 5  # above the 50 s the server is asked to wait
     sql_spec = PhaseSpec(

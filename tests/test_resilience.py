@@ -253,5 +253,6 @@ def test_rows_from_a_feed_are_called_as_they_arrive_once_per_key():
     worker.join(10)
     assert sorted(called) == ["a", "b"] and [o.value for o in outcomes] == ["A", "B"]
     assert [(r.key, r.index) for r in feed.rows] == [("k1", 0), ("k2", 1)]
+    feed.put("k2", "b")  # a key already in needs no call: nothing, also once the feed is closed
     with pytest.raises(RuntimeError, match="closed feed"):
         feed.put("k3", "c")
