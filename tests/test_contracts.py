@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -270,6 +271,28 @@ def test_poll_failures_are_retried_on_the_same_message(sb, client):
     assert sb.stats()["genie_poll"]["faults"] == {"503": 1, "500": 1, "reset": 1, "429": 1}
     with _http(sb) as http:
         assert http.get("/api/2.0/genie/spaces/retail/conversations").json()["conversations"] == []
+
+
+def test_polls_keep_to_their_schedule_from_the_question_whatever_each_takes(sb, client):
+    """Polls at 0, 0.1, 0.25, 0.475 s... after Genie took the question: time spent past a wait is taken off the
+    next one (each used to be counted from the poll before, so every poll's time pushed all later ones back),
+    and a wait overrun past the next poll's time is followed by a poll at once."""
+    sb.set_faults("genie", latency_ms=600)
+    asked: list[float] = []
+
+    def overrunning(by: list[float]) -> Any:
+        def sleep(seconds: float) -> None:
+            asked.append(seconds)
+            time.sleep(seconds + (by.pop(0) if by else 0))
+
+        return sleep
+
+    question = "How many customers do we have?"
+    assert ask_genie(client, "retail", question, 30, 0.1, 0.5, sleep=overrunning([0.06] * 9))["kind"] == "sql"
+    assert asked == pytest.approx([0.1, 0.15 - 0.06, 0.225 - 0.06, 0.3375 - 0.06], abs=0.015)
+    asked.clear()
+    assert ask_genie(client, "retail", question, 30, 0.1, 0.5, sleep=overrunning([0.3]))["kind"] == "sql"
+    assert asked[:3] == pytest.approx([0.1, 0.0, 0.225], abs=0.015)
 
 
 def test_a_space_holds_a_bounded_number_of_conversations(sb, client):
