@@ -257,11 +257,19 @@ def test_each_genie_question_is_a_task_retried_by_prefect_and_cached_on_rerun(
             return_state=True,
         )
         assert state.state_details.flow_run_id is not None
+        # The server records task-run states from events, a moment after the flow run has ended: wait for them.
+        deadline = time.monotonic() + 30
         with get_client(sync_client=True) as client:
-            tasks = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-            )
-        return {t.name: t for t in tasks if t.name.startswith("genie-")}
+            while True:
+                tasks = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+                )
+                genie = {t.name: t for t in tasks if t.name.startswith("genie-")}
+                if len(genie) == len(items) and all(t.state and t.state.is_final() for t in genie.values()):
+                    return genie
+                if time.monotonic() > deadline:
+                    return genie  # the asserts below say what was missing
+                time.sleep(0.1)
 
     first = run()
     assert sorted(first) == [f"genie-{b.id}" for b in items]  # one task per question, named by its benchmark
