@@ -4,14 +4,14 @@ One module per family of commands (genie, rows, ops); `common` holds what they s
 """
 
 import gc
-import os
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from batchflows_cli import genie, ops, rows  # noqa: F401  (each registers its commands on the app)
 from batchflows_cli.common import app
+from tasks.server_env import set_server_defaults
 
 __all__ = ["app", "main"]
+
+set_server_defaults()  # for a Prefect server a command starts (tasks.local_server's, or Prefect's own)
 
 
 def main() -> None:

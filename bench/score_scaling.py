@@ -21,6 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prefect.client.orchestration import get_client
 from prefect.context import SyncClientContext
 
 from batchflows_cli.common import loaded
@@ -31,7 +32,7 @@ from flows.phase import no_idle_heartbeats
 from flows.score import score
 from sandbox import SandboxProcess
 from tasks.benchmarks import Benchmark, load_benchmarks
-from tasks.limits import drop_limits
+from tasks.limits import PREFIX, drop_limits, ensure_limit
 
 SAMPLE = str(Path(__file__).resolve().parents[1] / "sandbox" / "data" / "benchmarks.yaml")
 GENIE_LATENCY_MS = 800  # + polling and the SQL of each benchmark: ~1 s a benchmark when sequential
@@ -50,11 +51,22 @@ def benchmarks(n: int) -> list[Benchmark]:
     return out
 
 
+def limits_at(c: int) -> None:
+    """Each run at its own concurrency: every concurrency limit of batchflows set to `c` before it, as
+    `batchflows limits --set NAME=c` does (a run never changes a shared limit that exists). The run finds its
+    limits there, as every run after a team's first one does; the warm-up run creates them."""
+    with get_client(sync_client=True) as client:
+        names = [g.name for g in client.read_global_concurrency_limits(limit=200) if g.name.startswith(PREFIX)]
+    for name in names:
+        if not name.endswith("-rpm"):
+            ensure_limit(name, c, change=True)
+
+
 def run(items: list[Benchmark], concurrency: int | None, ledger: str) -> tuple[dict, float]:
     """The run's summary and its wall time, as a command's flow run (without the limits' reset before it).
     Called inside `no_idle_heartbeats`, as the command's flow is."""
     c = concurrency or 1
-    drop_limits()  # each run at its own concurrency: a run never changes a shared limit that exists
+    limits_at(c)
     settings = score_settings(
         genie_rpm=0,
         genie_max_concurrent=c,
@@ -98,6 +110,7 @@ def main() -> None:
         sb.set_faults("sql", latency_ms=30)
         sb.set_faults("chat", latency_ms=300)
         print(f"Genie latency {GENIE_LATENCY_MS} ms, SQL 30 ms, judge 300 ms per call; polls from 0.1 s")
+        drop_limits()  # the warm-up creates them
         run(benchmarks(3), 3, "bench-ledger")  # warm up: the Prefect API server starts, modules load
         loaded()
         for n in args.sizes:

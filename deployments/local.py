@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from tasks.server_env import server_env
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -90,13 +92,8 @@ class PrefectServer(_Process):
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment of a process that talks to this server."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(
-            PREFECT_HOME=str(self.home),
-            PREFECT_API_URL=self.api_url,
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            PREFECT_LOGGING_LEVEL="INFO",
-        )
+        env = server_env({k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")})
+        env.update(PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api_url, PREFECT_LOGGING_LEVEL="INFO")
         env.update(extra)
         return env
 

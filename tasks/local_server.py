@@ -46,6 +46,7 @@ from prefect.settings import (
 )
 
 from blocks.ledger import default_home
+from tasks.server_env import server_env
 
 MODE_ENV = "BATCHFLOWS_PREFECT_SERVER"  # "warm" (the default) or "temporary"
 
@@ -74,7 +75,7 @@ def local_server() -> Iterator[str | None]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"}  # as Prefect's own
+    env = server_env({**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"})  # as Prefect's own
     process = subprocess.Popen(
         [sys.executable, "-m", "tasks.local_server", str(os.getpid()), str(port)],
         env=env,
@@ -204,8 +205,8 @@ def _start() -> WarmServer:
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
     log = _server_dir() / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
-    env |= {"PREFECT_UI_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = server_env({k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")})
+    env["PREFECT_UI_API_URL"] = url
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

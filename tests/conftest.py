@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from tasks.server_env import set_server_defaults
+
+set_server_defaults()  # for the Prefect test server, as the CLI sets them for its own
 # a CLI command a test runs without PREFECT_API_URL starts a temporary Prefect server that ends with it, never
 # a warm one that outlives the tests (tests/test_local_server.py tests the warm one in its own home)
 os.environ.setdefault("BATCHFLOWS_PREFECT_SERVER", "temporary")
