@@ -2,7 +2,7 @@
 benchmarks, with the sandbox's Genie latency set so that one sequential run of 20 takes about 20 s.
 Also: how many judge calls the deterministic comparison saves. Prints figures; asserts nothing on speed.
 
-    .venv/bin/python bench/score_scaling.py [--sizes 20 100] [--concurrency 2 3 7 10]
+    .venv/bin/python bench/score_scaling.py [--sizes 20 100] [--concurrency 2 3 7 10] [--repeat 1]
 
 The ideal speed-up at concurrency c for N items is N / ceil(N / c) (every phase runs at c here).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -94,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[20, 100])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 3, 7, 10])
+    parser.add_argument("--repeat", type=int, default=1, help="runs at each concurrency (a table row each)")
     args = parser.parse_args()
     # as the `batchflows` command runs its flow: no idle heartbeats, one Prefect client, and (`loaded`, after
     # the warm-up) the objects of start-up frozen, out of Python's full garbage collections (0.25 s each, one
@@ -126,14 +128,24 @@ def main() -> None:
                 "| inside the flow | speed-up | of ideal | same verdicts |"
             )
             print("|---|---|---|---|---|---|---|---|---|")
+            of_ideal: dict[int, list[float]] = {}
             for c in args.concurrency:
-                out, wall = run(items, c, "bench-ledger")
                 ideal = n / math.ceil(n / c)
-                same = [r["verdict"] for r in out["rows"]] == [r["verdict"] for r in seq["rows"]]
-                inside = out["wall_time_s"]
+                for _ in range(args.repeat):
+                    out, wall = run(items, c, "bench-ledger")
+                    same = [r["verdict"] for r in out["rows"]] == [r["verdict"] for r in seq["rows"]]
+                    inside = out["wall_time_s"]
+                    of_ideal.setdefault(c, []).append(seq_s / wall / ideal)
+                    print(
+                        f"| {c} | {wall:.1f} s | {seq_s / wall:.2f}x | {ideal:.2f}x | {seq_s / wall / ideal:.3f} "
+                        f"| {inside:.1f} s | {seq_in / inside:.2f}x | {seq_in / inside / ideal:.3f} | {same} |"
+                    )
+            if args.repeat > 1:
                 print(
-                    f"| {c} | {wall:.1f} s | {seq_s / wall:.2f}x | {ideal:.2f}x | {seq_s / wall / ideal:.3f} "
-                    f"| {inside:.1f} s | {seq_in / inside:.2f}x | {seq_in / inside / ideal:.3f} | {same} |"
+                    f"whole flow run, of ideal, median of {args.repeat} runs (lowest-highest): "
+                    + "; ".join(
+                        f"c={c} {statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f})" for c, r in of_ideal.items()
+                    )
                 )
             compared = n - seq["judged"]
             print(

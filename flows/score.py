@@ -103,7 +103,8 @@ def score(
     )
     started = time.monotonic()
     workspace, ledger = load_blocks(workspace_block, ledger_block)
-    # the workspace is checked while the breaker comes from the Prefect server; an input it refuses is the error
+    # the workspace is checked, and the space read, while the breaker comes from the Prefect server; an input
+    # the pre-flight refuses is the error
     checked = in_background(
         check_workspace, workspace, space_id=space_id, warehouse_id=warehouse_id, endpoints=[settings.judge_endpoint]
     )
@@ -111,6 +112,7 @@ def score(
         # one HTTP request never needs the whole answer's time: a hung one is dropped after a minute at most
         genie_timeout = min(settings.genie_timeout, 60)
         genie_client = workspace.client(genie_timeout)
+        read = in_background(_space, genie_client, space_id)
         scope = workspace_slug(genie_client.config.host)
         breaker_block = breaker_block or breaker_name("genie", scope)
         breaker = CircuitBreaker.load_or_create(
@@ -121,7 +123,7 @@ def score(
         )
     finally:
         checked.result()
-    space, config = _space(genie_client, space_id)
+    space, config = read.result()
     items = _benchmarks(benchmarks, config, space_id)
     flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
     session = stable_key(space_id, space.etag, warehouse_id, "")
