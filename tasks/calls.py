@@ -172,14 +172,22 @@ def _wait_for_message(
 ) -> tuple[Any, int]:
     """(the message once terminal, polls that failed in transit and were repeated).
 
-    The polls keep to a schedule counted from now, when Genie has the question (at 0, `interval`, then each
-    gap 1.5x the one before): a poll's own time does not push the later ones back, so an answer is seen
-    when its poll comes due, not a poll's latency later for every poll before it. A poll that overran its
-    gap is followed at once, and the schedule goes on from there."""
+    The polls keep to a schedule counted from now, when Genie has the question: the first after `interval`
+    (Genie takes seconds to answer: a poll at once only adds a request), then each gap 1.5x the one before.
+    A poll's own time does not push the later ones back, so an answer is seen when its poll comes due, not a
+    poll's latency later for every poll before it. A poll that overran its gap is followed at once, and the
+    schedule goes on from there."""
     poll_errors = 0
     status = "UNKNOWN"
     due = time.monotonic()
     while True:
+        now = time.monotonic()
+        remaining = deadline - now
+        if remaining <= 0:
+            raise GenieTimeout(f"Genie did not answer within {timeout_s:g}s (last status {status})", timeout_s)
+        due = max(due + interval, now)
+        sleep(min(due - now, remaining))
+        interval = min(poll_max_s, interval * 1.5)
         try:
             message = client.genie.get_message(
                 space_id=space_id, conversation_id=conversation_id, message_id=message_id
@@ -195,13 +203,6 @@ def _wait_for_message(
                 raise error from exc
             poll_errors += 1
             status = f"poll failed: {error}"
-        now = time.monotonic()
-        remaining = deadline - now
-        if remaining <= 0:
-            raise GenieTimeout(f"Genie did not answer within {timeout_s:g}s (last status {status})", timeout_s)
-        due = max(due + interval, now)
-        sleep(min(due - now, remaining))
-        interval = min(poll_max_s, interval * 1.5)
 
 
 def _delete_conversation(client: WorkspaceClient, space_id: str, conversation_id: str) -> None:

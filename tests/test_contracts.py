@@ -295,6 +295,14 @@ def test_polls_keep_to_their_schedule_from_the_question_whatever_each_takes(sb, 
     assert asked[:3] == pytest.approx([0.1, 0.0, 0.225], abs=0.015)
 
 
+def test_genie_is_first_polled_after_the_first_interval_not_at_once(sb, client):
+    """Genie takes seconds to answer: a poll right after the question only adds a request to its API."""
+    sb.set_faults("genie", latency_ms=200)
+    before = sb.stats()["genie_poll"]["calls"]
+    assert ask_genie(client, "retail", "How many customers do we have?", 30, 0.1, 0.5)["kind"] == "sql"
+    assert sb.stats()["genie_poll"]["calls"] - before == 2  # at 0.1 s and at 0.25 s, after the answer at 0.2 s
+
+
 def test_a_space_holds_a_bounded_number_of_conversations(sb, client):
     sb.set_contracts(max_conversations=2)
     for _ in range(3):  # each deleted once read: the cap is never reached
