@@ -94,7 +94,7 @@ def _job(workspace: _workspace) -> Iterator[str | None]:
             f"written with the rest as 'interrupted' ({name} again quits at once)"
         )
 
-    from prefect.context import SyncClientContext
+    from tasks.prefect_client import command_client
 
     loaded()
     stopping.clear()
@@ -102,8 +102,9 @@ def _job(workspace: _workspace) -> Iterator[str | None]:
     with (
         # one Prefect client for the command's block saves, loads and flow run (a thread of it copies this
         # context): each new one cost ~17 ms, mostly CA certificates loaded for an SSL context that Prefect
-        # makes for an http:// server too, and opened its own connections (a `score` made 12, now 10)
-        SyncClientContext.get_or_create(),
+        # makes for an http:// server too, and opened its own connections (a `score` made 12, now 10); it
+        # asks a busy server again in ms, not Prefect's 2 s
+        command_client(),
         workspace as block_name,
         _Bars() as bars,
         progress.listening(bars),

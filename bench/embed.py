@@ -20,7 +20,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prefect.context import SyncClientContext
 
 from batchflows_cli.common import loaded
 from blocks.ledger import RowLedger
@@ -29,6 +28,7 @@ from flows.embed import EmbedSettings, embed
 from flows.phase import no_idle_heartbeats
 from sandbox import SandboxProcess
 from tasks.limits import drop_limits
+from tasks.prefect_client import command_client
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     drop_limits()  # the runs below create the limits from their own settings
     n = args.docs
     # one Prefect client for the blocks and the runs, as a command has
-    with SandboxProcess() as sb, tempfile.TemporaryDirectory() as tmp, SyncClientContext.get_or_create():
+    with SandboxProcess() as sb, tempfile.TemporaryDirectory() as tmp, command_client():
         home = Path(tmp)
         DatabricksWorkspace(host=sb.host, token=sb.token).save("bench-sandbox", overwrite=True)
         RowLedger(path=str(home / "ledger.sqlite")).save("bench-ledger", overwrite=True)

@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 from prefect import flow
-from prefect.context import SyncClientContext
 
 from batchflows_cli.common import loaded
 from blocks.workspace import DatabricksWorkspace
 from flows.phase import PhaseSpec, no_idle_heartbeats, run_phase
 from sandbox import SandboxProcess
 from tasks.calls import chat
+from tasks.prefect_client import command_client
 from tasks.resilience import RetryPolicy, Row
 
 ENDPOINT = "databricks-meta-llama-3-3-70b-instruct"
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--latency", type=float, nargs="+", default=[0.2, 0.5])
     args = parser.parse_args()
-    with SandboxProcess() as sb, SyncClientContext.get_or_create():  # one Prefect client, as a command has
+    with SandboxProcess() as sb, command_client():  # one Prefect client, as a command has
         client = DatabricksWorkspace(host=sb.host, token=sb.token).client(30)
         bench_flow(10, 5, sb.host, sb.token)  # warm up the ephemeral API
         loaded()  # as a command does before its flow: start-up objects out of the full collections

@@ -23,7 +23,6 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefect.client.orchestration import get_client
-from prefect.context import SyncClientContext
 
 from batchflows_cli.common import loaded
 from blocks.ledger import RowLedger
@@ -34,6 +33,7 @@ from flows.score import score
 from sandbox import SandboxProcess
 from tasks.benchmarks import Benchmark, load_benchmarks
 from tasks.limits import PREFIX, drop_limits, ensure_limit
+from tasks.prefect_client import command_client
 
 SAMPLE = str(Path(__file__).resolve().parents[1] / "sandbox" / "data" / "benchmarks.yaml")
 GENIE_LATENCY_MS = 800  # + polling and the SQL of each benchmark: ~1 s a benchmark when sequential
@@ -104,7 +104,7 @@ def main() -> None:
         SandboxProcess() as sb,
         tempfile.TemporaryDirectory() as tmp,
         no_idle_heartbeats(),
-        SyncClientContext.get_or_create(),
+        command_client(),
     ):
         DatabricksWorkspace(host=sb.host, token=sb.token).save("bench-sandbox", overwrite=True)
         RowLedger(path=str(Path(tmp) / "ledger.sqlite")).save("bench-ledger", overwrite=True)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import shlex
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -98,11 +99,12 @@ def test_a_wrong_connection_is_one_clear_line_and_no_call(sb, prefect_api, tmp_p
 
 
 @contextlib.contextmanager
-def _dropping_proxy(upstream: str, drop_path: str, drops: int) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+def _dropping_proxy(upstream: str, drop_path: str, drops: int, status: int = 0) -> Iterator[tuple[str, _Requests]]:
     """A proxy of the sandbox that closes the connection, unanswered, on the first `drops` requests whose path
     (with its query) holds `drop_path` (as a server does to a keep-alive connection it times out just as it
-    is reused). Yields its address and the (path, status) of every request, 0 for a dropped one."""
-    seen: list[tuple[str, int]] = []
+    is reused), or answers them `status`. Yields its address and the (path, status) of every request, 0 for
+    a dropped one."""
+    seen = _Requests()
 
     class Proxy(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -110,14 +112,22 @@ def _dropping_proxy(upstream: str, drop_path: str, drops: int) -> Iterator[tuple
 
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            path = self.path
+            path, came = self.path, time.monotonic()
             if drop_path in path and sum(drop_path in p for p, _ in seen) < drops:
-                seen.append((path, 0))
-                self.close_connection = True
+                seen.add(path, status, came)
+                if status:
+                    refusal = b'{"exception_message": "Service Unavailable"}'
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(refusal)))
+                    self.end_headers()
+                    self.wfile.write(refusal)
+                else:
+                    self.close_connection = True
                 return
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
             answer = httpx.request(self.command, upstream + self.path, content=body, headers=headers)
-            seen.append((path, answer.status_code))
+            seen.add(path, answer.status_code, came)
             self.send_response(answer.status_code)
             self.send_header("Content-Type", answer.headers.get("content-type", "application/json"))
             self.send_header("Content-Length", str(len(answer.content)))
@@ -132,6 +142,44 @@ def _dropping_proxy(upstream: str, drop_path: str, drops: int) -> Iterator[tuple
         yield f"http://127.0.0.1:{proxy.server_port}", seen
     finally:
         proxy.shutdown()
+
+
+class _Requests(list[tuple[str, int]]):
+    """The (path, status) of each request a proxy saw; `at`: when each came (time.monotonic())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: list[float] = []
+        self._lock = threading.Lock()
+
+    def add(self, path: str, status: int, came: float) -> None:
+        with self._lock:
+            self.append((path, status))
+            self.at.append(came)
+
+
+def test_a_busy_prefect_server_is_asked_again_in_ms_not_after_prefects_2_s(prefect_api):
+    """A Prefect server on SQLite answers 503 while its database is locked. Within a command's client
+    (`command_client`), creating the flow run is asked again after 50 and 100 ms; Prefect's own client waits 2 s,
+    then 4 s."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.prefect_client import command_client
+
+    @flow
+    def one() -> int:
+        return 1
+
+    api = str(PREFECT_API_URL.value())
+    with (
+        _dropping_proxy(api.removesuffix("/api"), "/api/flow_runs/", drops=2, status=503) as (proxy, seen),
+        temporary_settings(updates={PREFECT_API_URL: f"{proxy}/api"}),
+        command_client(),
+    ):
+        assert one() == 1
+    created = [i for i, (path, _) in enumerate(seen) if path == "/api/flow_runs/"]
+    assert [seen[i][1] for i in created] == [503, 503, 201]
+    assert seen.at[created[-1]] - seen.at[created[0]] < 1  # 50 + 100 ms and the requests' time; Prefect's: >= 6 s
 
 
 def test_a_dropped_connection_in_the_pre_flight_is_read_again_and_a_refusal_is_not(sb):

@@ -1,0 +1,61 @@
+"""The one Prefect client a command uses, which asks again at once what a busy Prefect server refused.
+
+A Prefect server on SQLite answers 503 when a write meets another one ("database is locked": SQLite refuses at
+once a transaction that read before the other one wrote). Prefect's client then waits 2 s, then 4 s
+(prefect 3.8 `_send_with_retry`), also to create a flow run or set its state; the lock is gone in
+milliseconds. This client's transport asks again after 50, 100 and 200 ms first, and what is still refused
+goes on to Prefect's own retries, as before. A 503 that says when to come back (Retry-After) is Prefect's
+to honour. Slot requests have their own quick retry (`tasks.limits._quickly`).
+
+Private API, prefect 3.8.x (the version pyproject.toml pins): `SyncClientContext._httpx_settings`. Prefect's
+`get_client()` hands out a context's client only when it is asked with the settings the context was made
+with, and the flow engine asks with none; so the context, made with this transport, is recorded as made
+with none. Nothing else reads that attribute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import httpx
+from prefect.context import SyncClientContext
+from prefect.settings import PREFECT_API_ENABLE_HTTP2
+
+AGAIN_AFTER_S = (0.05, 0.1, 0.2)
+
+
+class QuickRetryTransport(httpx.HTTPTransport):
+    """An HTTP transport that sends a request again, after AGAIN_AFTER_S, while the server answers 503
+    without Retry-After; the last answer is returned, whatever it is."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for pause in AGAIN_AFTER_S:
+            response = super().handle_request(request)
+            if response.status_code != 503 or "retry-after" in response.headers:
+                return response
+            response.read()
+            response.close()
+            time.sleep(pause)
+        return super().handle_request(request)
+
+
+@contextlib.contextmanager
+def command_client() -> Iterator[SyncClientContext]:
+    """The Prefect client of everything this thread (and the threads that copy its context) asks Prefect
+    inside the block: flow runs, blocks, artifacts. An enclosing one is used as it is."""
+    existing = SyncClientContext.get()
+    if existing is not None:
+        yield existing
+        return
+    transport = QuickRetryTransport(
+        retries=3,  # connection attempts, as Prefect sets on its own transport
+        # Prefect's own connection pool settings for its client (prefect 3.8 SyncPrefectClient)
+        limits=httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=25),
+        http2=PREFECT_API_ENABLE_HTTP2.value(),
+    )
+    context = SyncClientContext(httpx_settings={"transport": transport})
+    context._httpx_settings = None  # see the module's docstring
+    with context:
+        yield context
