@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -22,7 +23,10 @@ JOB = str(Path(__file__).with_name("phase_job.py"))
 def _spawn(sb: Any, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     env = env or {**os.environ, "PREFECT_API_URL": _api_url(), "PREFECT_LOGGING_LEVEL": "WARNING"}
     cmd = [sys.executable, JOB, "--host", sb.host, "--token", sb.token, *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a process group of its own: what a job killed with -9 leaves behind can be ended with it
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _api_url() -> str:
@@ -141,9 +145,14 @@ def test_with_the_ephemeral_api_a_killed_runs_slots_come_back(sb: Any, tmp_path:
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"  # each job starts its own API server
     args = ("--concurrency", "4", "--service", "ephem")
     sb.set_faults("chat", latency_ms=100)
-    _kill_after(sb, _spawn(sb, *args, "--rows", "400", env=env), 8)
-    second = _spawn(sb, *args, "--rows", "8", env=env)
-    out, err = second.communicate(timeout=180)
+    first = _spawn(sb, *args, "--rows", "400", env=env)
+    try:
+        _kill_after(sb, first, 8)
+        second = _spawn(sb, *args, "--rows", "8", env=env)
+        out, err = second.communicate(timeout=180)
+    finally:  # the killed job's temporary Prefect server (its child) outlives it: end it with the job's group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
     assert second.returncode == 0, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["ok"] == 8
     assert "Gave back 4 slot(s) of batchflows-ephem" in err

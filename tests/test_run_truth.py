@@ -205,7 +205,7 @@ def test_run_name_tags_state_and_settings_log_of_a_scoring_run(
             BENCHMARKS,
             "retail",
             "sandbox-warehouse",
-            {**FAST, "genie_retry_attempts": 0, "genie_circuit_threshold": 2, "genie_circuit_cooldown": 0.2},
+            {**FAST, "genie_retry_attempts": 0, "genie_circuit_threshold": 2, "genie_circuit_cooldown": 1.0},
             preset="aggressive",
             sequential=True,  # the two failures come in a row: the breaker opens, the fallback subflow runs
             workspace_block=workspace_block,
