@@ -16,12 +16,14 @@ with none. Nothing else reads that attribute.
 from __future__ import annotations
 
 import contextlib
+import ssl
 import time
 from collections.abc import Iterator
 
+import certifi
 import httpx
 from prefect.context import SyncClientContext
-from prefect.settings import PREFECT_API_ENABLE_HTTP2
+from prefect.settings import PREFECT_API_ENABLE_HTTP2, PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
 
 AGAIN_AFTER_S = (0.05, 0.1, 0.2)
 
@@ -41,6 +43,17 @@ class QuickRetryTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+def ssl_context() -> ssl.SSLContext:
+    """The TLS context Prefect's client makes from the settings (PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
+    PREFECT_API_SSL_CERT_FILE, else certifi's CAs): a transport of one's own must carry it."""
+    if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
+
+
 @contextlib.contextmanager
 def command_client() -> Iterator[SyncClientContext]:
     """The Prefect client of everything this thread (and the threads that copy its context) asks Prefect
@@ -49,13 +62,15 @@ def command_client() -> Iterator[SyncClientContext]:
     if existing is not None:
         yield existing
         return
+    tls = ssl_context()
     transport = QuickRetryTransport(
+        verify=tls,
         retries=3,  # connection attempts, as Prefect sets on its own transport
         # Prefect's own connection pool settings for its client (prefect 3.8 SyncPrefectClient)
         limits=httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=25),
         http2=PREFECT_API_ENABLE_HTTP2.value(),
     )
-    context = SyncClientContext(httpx_settings={"transport": transport})
+    context = SyncClientContext(httpx_settings={"transport": transport, "verify": tls})
     context._httpx_settings = None  # see the module's docstring
     with context:
         yield context

@@ -182,6 +182,18 @@ def test_a_busy_prefect_server_is_asked_again_in_ms_not_after_prefects_2_s(prefe
     assert seen.at[created[-1]] - seen.at[created[0]] < 1  # 50 + 100 ms and the requests' time; Prefect's: >= 6 s
 
 
+def test_the_command_clients_transport_keeps_prefects_tls_settings():
+    import ssl
+
+    from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
+
+    from tasks.prefect_client import ssl_context
+
+    assert ssl_context().verify_mode == ssl.CERT_REQUIRED
+    with temporary_settings(updates={PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True}):
+        assert ssl_context().verify_mode == ssl.CERT_NONE and not ssl_context().check_hostname
+
+
 def test_a_dropped_connection_in_the_pre_flight_is_read_again_and_a_refusal_is_not(sb):
     me = "/scim/v2/Me"
     with _dropping_proxy(sb.host, me, drops=1) as (host, seen):
