@@ -274,7 +274,7 @@ def test_poll_failures_are_retried_on_the_same_message(sb, client):
 
 
 def test_polls_keep_to_their_schedule_from_the_question_whatever_each_takes(sb, client):
-    """Polls at 0, 0.1, 0.25, 0.475 s... after Genie took the question: time spent past a wait is taken off the
+    """Polls at 0.1, 0.25, 0.475 s... after Genie took the question: time spent past a wait is taken off the
     next one (each used to be counted from the poll before, so every poll's time pushed all later ones back),
     and a wait overrun past the next poll's time is followed by a poll at once."""
     sb.set_faults("genie", latency_ms=600)

@@ -100,10 +100,10 @@ def test_a_wrong_connection_is_one_clear_line_and_no_call(sb, prefect_api, tmp_p
 
 @contextlib.contextmanager
 def _dropping_proxy(upstream: str, drop_path: str, drops: int, status: int = 0) -> Iterator[tuple[str, _Requests]]:
-    """A proxy of the sandbox that closes the connection, unanswered, on the first `drops` requests whose path
-    (with its query) holds `drop_path` (as a server does to a keep-alive connection it times out just as it
-    is reused), or answers them `status`. Yields its address and the (path, status) of every request, 0 for
-    a dropped one."""
+    """A proxy of a server (the sandbox, the Prefect API) that closes the connection, unanswered, on the first
+    `drops` requests whose path (with its query) holds `drop_path` (as a server does to a keep-alive connection
+    it times out just as it is reused), or answers them `status`. Yields its address and the (path, status) of
+    every request, 0 for a dropped one."""
     seen = _Requests()
 
     class Proxy(BaseHTTPRequestHandler):
