@@ -16,10 +16,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 from prefect import flow, tags, task, unmapped
@@ -46,6 +44,7 @@ from tasks.resilience import (
     RowOutcome,
     Stop,
     fresh_lane,
+    in_background,
     lane,
     run_logger,
     run_rows,
@@ -199,16 +198,6 @@ def in_threads() -> bool:
     return context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner)
 
 
-def in_background(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
-    """`function(*args, **kwargs)` in a thread with this context (the flow run's, so it can run a phase),
-    started now."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bf-background")
-    try:
-        return pool.submit(contextvars.copy_context().run, partial(function, *args, **kwargs))
-    finally:
-        pool.shutdown(wait=False)
-
-
 @dataclass
 class TaskResult:
     """What a phase's task hands back: its rows' outcomes, and the calls they made when it ran in another
@@ -348,11 +337,16 @@ def chunk_rows(rows: Sequence[Row], concurrency: int, max_chunks: int = 8) -> li
     return [list(rows[i : i + size]) for i in range(0, len(rows), size)]
 
 
-def run_phase(spec: PhaseSpec, rows: Sequence[Row] | Feed, call: Callable[[Any], Any]) -> dict[str, RowOutcome]:
-    """Every row's outcome by key: cached, ok, failed (after retries and fallback), never lost."""
+def run_phase(
+    spec: PhaseSpec, rows: Sequence[Row] | Feed, call: Callable[[Any], Any], ahead: SlotsAhead | None = None
+) -> dict[str, RowOutcome]:
+    """Every row's outcome by key: cached, ok, failed (after retries and fallback), never lost. `ahead`: the
+    phase's slots, taken while the flow did other work (not for an open feed, which takes them as rows come)."""
     _ADAPTED.pop(_this_run(spec.name), None)
     if isinstance(rows, Feed):
         if not rows.closed:
+            if ahead is not None:
+                raise ValueError(f"{spec.name}: an open feed's phase takes its slots as its rows come, not ahead")
             return _run_feed(spec, rows, call)
         rows = rows.rows
     log = run_logger()
@@ -363,13 +357,15 @@ def run_phase(spec: PhaseSpec, rows: Sequence[Row] | Feed, call: Callable[[Any],
         progress.advanced(spec.name, len(outcomes))
         log.info(f"{spec.name}: {len(outcomes)}/{len(rows)} rows from cache, {len(pending)} to call")
     if spec.task_per_row and not spec.sequential:
-        return _run_per_row(spec, rows, outcomes, call)
+        return _run_per_row(spec, rows, outcomes, call, ahead)
     if not pending:
+        if ahead is not None:
+            ahead.give_back()
         return outcomes
-    spec, rate_limit = _limited(spec)
+    spec, rate_limit, slots = _slots(spec, ahead)
     concurrency = 1 if spec.sequential else spec.concurrency
     chunks = [pending] if spec.sequential else chunk_rows(pending, concurrency)
-    with hold(spec.limits, occupy=concurrency), _learning(spec, rate_limit):
+    with slots, _learning(spec, rate_limit):
         futures = run_chunk.map(  # quoted: Prefect would walk every row's payload looking for futures
             quote(chunks),
             quote(unmapped(call)),
@@ -496,6 +492,71 @@ def _from_cache(spec: PhaseSpec, keys: list[str]) -> dict[str, RowOutcome]:
     return {k: RowOutcome(k, "ok", v, cached=True) for k, v in found.items()}
 
 
+class SlotsAhead:
+    """A phase's limits set up, and its slots taken, from now on in a thread while the flow does other work;
+    `run_phase(spec, ..., ahead=)` then finds them taken. A scoring run loads its circuit breaker meanwhile:
+    its first question went out 10-15 ms later without it, and 25-60 ms later when the busy Prefect server
+    refused the slot request once (bench trace, c=10).
+
+    Only the spec's limits matter here (`_limits_of`): its breaker, cache and the rest may come later. The
+    block's end gives back slots no phase took, and ends a wait for them.
+    """
+
+    def __init__(self, spec: PhaseSpec) -> None:
+        self.spec = spec
+        self._cancel = threading.Event()
+        self._held = contextlib.ExitStack()
+        self._ready = in_background(self._take)
+
+    def _take(self) -> tuple[PhaseSpec, RateLimit | None]:
+        limited, rate_limit = _limited(self.spec)
+        occupy = 1 if limited.sequential else limited.concurrency
+        self._held.enter_context(hold(limited.limits, occupy=occupy, cancel=self._cancel))
+        return limited, rate_limit
+
+    def taken(self, spec: PhaseSpec) -> tuple[PhaseSpec, RateLimit | None, contextlib.ExitStack]:
+        """`spec` within its limits (as `_limited` makes it), its rate limit, and the held slots: the caller's
+        to give back."""
+        if _limits_of(spec) != _limits_of(self.spec):
+            raise ValueError(
+                f"phase {spec.name}: its limits {_limits_of(spec)} are not those its slots were taken ahead for "
+                f"{_limits_of(self.spec)}"
+            )
+        limited, rate_limit = self._ready.result()
+        within = replace(
+            spec, stop=limited.stop, concurrency=limited.concurrency, adaptive_start=limited.adaptive_start
+        )
+        return within, rate_limit, self._held.pop_all()
+
+    def __enter__(self) -> SlotsAhead:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.give_back()
+
+    def give_back(self) -> None:
+        """The slots back, if no phase took them (a wait for them ends)."""
+        self._cancel.set()
+        with contextlib.suppress(Exception):  # no phase took them: why they could not be had is moot
+            self._ready.result()
+        self._held.close()
+
+
+def _limits_of(spec: PhaseSpec) -> tuple[Any, ...]:
+    return (spec.limits, spec.concurrency, spec.rpm, spec.adaptive, spec.sequential)
+
+
+def _slots(
+    spec: PhaseSpec, ahead: SlotsAhead | None
+) -> tuple[PhaseSpec, RateLimit | None, contextlib.AbstractContextManager[Any]]:
+    """The spec a run of the phase calls with (`_limited`), its rate limit, and its slots: taken ahead, or a
+    `hold` to take them in."""
+    if ahead is not None:
+        return ahead.taken(spec)
+    spec, rate_limit = _limited(spec)
+    return spec, rate_limit, hold(spec.limits, occupy=1 if spec.sequential else spec.concurrency)
+
+
 def _limited(spec: PhaseSpec) -> tuple[PhaseSpec, RateLimit | None]:
     """The spec this run of the phase calls with (its own stop, its concurrency within the service's shared
     limit, an adaptive start), and the rate limit its calls wait on."""
@@ -546,12 +607,16 @@ def _learning(spec: PhaseSpec, rate_limit: RateLimit | None) -> Iterator[None]:
 
 
 def _run_per_row(
-    spec: PhaseSpec, rows: Sequence[Row], cached: dict[str, RowOutcome], call: Callable[[Any], Any]
+    spec: PhaseSpec,
+    rows: Sequence[Row],
+    cached: dict[str, RowOutcome],
+    call: Callable[[Any], Any],
+    ahead: SlotsAhead | None,
 ) -> dict[str, RowOutcome]:
     """`run_phase` with a Prefect task per row (cached rows too, shown Cached), then the fallback."""
-    spec, rate_limit = _limited(spec)
+    spec, rate_limit, slots = _slots(spec, ahead)
     outcomes = dict(cached)
-    with hold(spec.limits, occupy=spec.concurrency), _learning(spec, rate_limit):
+    with slots, _learning(spec, rate_limit):
         futures = run_row.with_options(retries=spec.policy.retries).map(  # quoted as in run_phase
             quote(list(rows)),
             quote(unmapped(call)),

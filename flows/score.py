@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from blocks.workspace import EMBEDDED_SANDBOX_BLOCK, DatabricksWorkspace, worksp
 from flows.phase import (
     Feed,
     PhaseSpec,
+    SlotsAhead,
     adapted,
     in_background,
     in_threads,
@@ -37,6 +40,7 @@ from tasks.compare import Rounding, Rules, compare, rounding, sorting
 from tasks.guard import read_only_problem
 from tasks.history import HistoryError, HistoryStore
 from tasks.judge import PROMPT_VERSION, case_item, judge_cases
+from tasks.limits import given_back_alongside
 from tasks.meter import Meter, metered
 from tasks.preflight import check_workspace
 from tasks.report import publish, publish_markdown, published_alongside, stable_key, write_frame
@@ -101,216 +105,227 @@ def score(
         f"changed for this run: {', '.join(f'{k}={v}' for k, v in changed.items()) or 'nothing'}; in use: "
         + json.dumps(settings.model_dump(), separators=(",", ":"))
     )
-    started = time.monotonic()
-    workspace, ledger = load_blocks(workspace_block, ledger_block)
-    # the workspace is checked, and the space read, while the breaker comes from the Prefect server; an input
-    # the pre-flight refuses is the error
-    checked = in_background(
-        check_workspace, workspace, space_id=space_id, warehouse_id=warehouse_id, endpoints=[settings.judge_endpoint]
-    )
-    try:
-        # one HTTP request never needs the whole answer's time: a hung one is dropped after a minute at most
-        genie_timeout = min(settings.genie_timeout, 60)
-        genie_client = workspace.client(genie_timeout)
-        read = in_background(_space, genie_client, space_id)
-        scope = workspace_slug(genie_client.config.host)
-        breaker_block = breaker_block or breaker_name("genie", scope)
-        breaker = CircuitBreaker.load_or_create(
-            breaker_block,
-            changed.get("genie_circuit_threshold"),
-            changed.get("genie_circuit_cooldown"),
-            new=(settings.genie_circuit_threshold, settings.genie_circuit_cooldown),
+    # the phases' slots are given back while the run goes on, and Genie's are taken while it sets up
+    with given_back_alongside(), contextlib.ExitStack() as early:
+        started = time.monotonic()
+        workspace, ledger = load_blocks(workspace_block, ledger_block)
+        # the workspace is checked, and the space read, while the breaker comes from the Prefect server; an input
+        # the pre-flight refuses is the error
+        checked = in_background(
+            check_workspace,
+            workspace,
+            space_id=space_id,
+            warehouse_id=warehouse_id,
+            endpoints=[settings.judge_endpoint],
         )
-    finally:
-        checked.result()
-    space, config = read.result()
-    items = _benchmarks(benchmarks, config, space_id)
-    flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
-    session = stable_key(space_id, space.etag, warehouse_id, "")
-    pace = f"{settings.genie_rpm:g} a minute" if settings.genie_rpm else "no rate limit"
-    log.info(
-        f"Phase 1 (Genie): {len(items)} questions, {settings.genie_max_concurrent} at a time, {pace}, "
-        f"{settings.genie_retry_attempts} retries; circuit breaker {breaker_block} "
-        f"{breaker.current_state()} (opens after {breaker.failure_threshold} failures in a row)"
-        f"{'; sequential' if sequential else ''}"
-    )
-
-    # Phase 2 runs alongside phase 1, so the warehouse works (and warms up) while Genie is asked: it starts
-    # with Genie's first answer, which brings every expected SQL (not sooner: phase 1's start is not slowed),
-    # and takes each answer's SQL as it arrives. Sequential runs keep one call at a time, and tasks in other
-    # processes (a process task runner) cannot take rows as they come: both run phase 2 after phase 1.
-    pipelined = not sequential and in_threads()
-    allowed = settings.allowed_functions
-    sql_feed = Feed()
-    expected_in = threading.Event()
-    settled: set[str] = set()  # Genie rows with their final outcome
-
-    def answer_sql(answer: RowOutcome) -> None:
-        # the expected SQL is checked, and every statement parsed for the comparison (the parses are kept),
-        # while Genie is asked: not before the first question, nor after the last answer
-        if not expected_in.is_set():
-            expected_in.set()
-            for sql in dict.fromkeys(b.expected_sql for b in items):
-                if not read_only_problem(sql, "the expected SQL", allowed):
-                    sql_feed.put(_sql_key(warehouse_id, sql), {"sql": sql})
-                    sorting(sql)
-                    rounding(sql)
-        if answer.status == "ok" and answer.value["kind"] == "sql":
-            sql, parameters = answer.value["sql"], answer.value.get("parameters")
-            if not read_only_problem(sql, allowed=allowed):
-                sql_feed.put(_sql_key(warehouse_id, sql, parameters), {"sql": sql, "parameters": parameters})
-                rounding(sql)
-        settled.add(answer.key)
-        if len(settled) == len(genie_rows):  # the last answer: phase 2 ends with its SQL, while phase 1's
-            sql_feed.close()  # slots are given back (cached answers come after phase 1, which closes it then)
-
-    sql_timeout = min(settings.sql_timeout, 55) + 5  # above the 50 s the server is asked to wait
-    sql_spec = PhaseSpec(
-        "sql",
-        "sql",
-        settings.sql_max_concurrent,
-        RetryPolicy(retries=settings.sql_retry_attempts, base_delay_s=1),
-        # v3: every chunk of a result is read (v2 stopped at the first); results carry column types, exact numbers
-        cache=Cache(ledger, "sql", f"sql-v3:{session}:{settings.sql_row_limit}", read=not fresh),
-        sequential=sequential,
-        adaptive=settings.sql_adaptive,
-        workspace=scope,
-    )
-    sql_call = Call(  # a statement is {"sql", "parameters"}
-        run_sql,
-        workspace,
-        sql_timeout,
-        None,
-        {"warehouse_id": warehouse_id, "timeout_s": settings.sql_timeout, "row_limit": settings.sql_row_limit},
-    )
-    t2 = time.monotonic()
-    with metered() as sql_calls:  # the phase's thread keeps this meter
-        sql_phase = in_background(run_phase, sql_spec, sql_feed, sql_call) if pipelined else None
-
-    # Phase 1: ask Genie (each question `repeats` times; benchmarks that repeat a question share its answers)
-    t1 = time.monotonic()
-    for ids in repeated_questions(items):
-        log.warning(
-            f"Benchmarks {', '.join(ids)} ask the same question: Genie is asked it once"
-            f"{f' ({settings.repeats} times)' if settings.repeats > 1 else ''} and the answer is compared with each "
-            "one's expected SQL"
-        )
-    genie_spec = PhaseSpec(
-        "genie",
-        "genie",
-        settings.genie_max_concurrent,
-        RetryPolicy(retries=settings.genie_retry_attempts, base_delay_s=settings.genie_retry_delay),
-        rpm=settings.genie_rpm,
-        breaker=breaker,
-        cache=Cache(ledger, "genie", f"genie-v1:{session}", read=not fresh),
-        fallback_delay_s=settings.fallback_delay,
-        fallback_max_wait_s=settings.fallback_max_wait,
-        sequential=sequential,
-        task_per_row=True,  # a few questions a minute: each one a task the UI shows, retried and cached
-        adaptive=settings.genie_adaptive,
-        workspace=scope,
-        on_done=answer_sql if pipelined else None,
-    )
-    pairs = [(b, r) for b in items for r in range(settings.repeats)]  # log lines name q13, q13#2, ...
-    asks = [
-        (b, Row(_genie_key(space_id, b.question, r), i, b.question, b.id + (f"#{r + 1}" if r else "")))
-        for i, (b, r) in enumerate(pairs)
-    ]
-    genie_rows = list({row.key: row for _, row in asks}.values())
-    try:
-        with metered() as genie_calls:
-            answers = run_phase(
-                genie_spec,
-                genie_rows,
-                Call(
-                    ask_genie,
-                    workspace,
-                    genie_timeout,
-                    "question",
-                    {
-                        "space_id": space_id,
-                        "timeout_s": settings.genie_timeout,
-                        "poll_initial_s": settings.genie_poll_initial,
-                        "poll_max_s": settings.genie_poll_max,
-                    },
-                ),
-            )
-        for answer in answers.values():  # cached ones and the fallback's too; a key put twice runs once
-            answer_sql(answer)
-    finally:
-        sql_feed.close()  # the SQL phase ends with what it has, also when phase 1 failed
-    answered = sum(1 for o in answers.values() if o.status == "ok")
-    phases = [_phase_figures("genie", answers, t1, genie_calls)]
-    log.info(
-        f"Phase 1 (Genie) complete: {answered}/{len(genie_rows)} answered in {time.monotonic() - t1:.1f}s "
-        f"(circuit: {breaker.current_state().lower()})"
-    )
-
-    # Phase 2: the rest of the SQL (all of it, when not pipelined)
-    if sql_phase is None:
-        t2 = time.monotonic()
-        with metered() as sql_calls:
-            results = run_phase(sql_spec, sql_feed, sql_call)
-    else:
-        results = sql_phase.result()
-    sql_rows = sql_feed.rows
-    ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
-    alongside = {"alongside": "genie"} if pipelined else {}  # its seconds overlap Genie's
-    phases.append({**_phase_figures("sql", results, t2, sql_calls), "succeeded": ran, **alongside})
-    log.info(
-        f"Phase 2 (SQL) complete: {ran}/{len(sql_rows)} statements ran in {time.monotonic() - t2:.1f}s"
-        f"{', alongside phase 1' if pipelined else ''}"
-    )
-
-    # Compare, then Phase 3: judge what the comparison cannot decide
-    t3 = time.monotonic()
-    rules = Rules(settings.numeric_tolerance, settings.numeric_abs_tolerance, settings.extra_columns)
-    attempts = [_decide(b, answers[row.key], results, warehouse_id, rules, allowed) for b, row in asks]
-    undecided = [(a, b) for a, (b, _) in zip(attempts, asks, strict=True) if a["verdict"] is None]
-    with metered() as judge_calls:
-        _judge(undecided, results, warehouse_id, settings, workspace, ledger, sequential)
-    report = _agreement(attempts, settings.repeats)
-    passed = sum(1 for r in report if r["verdict"] == "correct")
-    phases.append(
-        {
-            "phase": "judge",
-            "total": len(undecided),
-            "succeeded": sum(1 for a, _ in undecided if a["verdict"] != "judge_error"),
-            "cached": 0,
-            "calls": judge_calls.calls,
-            "seconds": round(time.monotonic() - t3, 2),
-            **_adapted("judge"),
-        }
-    )
-    log.info(
-        f"Phase 3 (compare and judge) complete: {passed}/{len(report)} correct "
-        f"({len(undecided)} judged in {judge_calls.calls} LLM calls, {time.monotonic() - t3:.1f}s)"
-    )
-
-    seen: dict[str, Any] = {}
-    if history:  # the configuration version and flaky benchmarks, before the report is written
         try:
-            seen = _history_before(ledger, genie_client, space_id, space.etag, config, report, settings)
-        except HISTORY_ERRORS as exc:  # the scores matter more than their history: report them anyway
-            log.error(f"Score history unavailable, this run is not recorded in it: {exc}")
-    run = {
-        "flow_run_id": flow_run_id,
-        "space_id": space_id,
-        "warehouse_id": warehouse_id,
-        "workspace_block": workspace_block,
-        "ledger_block": ledger_block,
-        "breaker_block": breaker_block,
-    }
-    with published_alongside():  # the artifacts go to the Prefect server while the files are written
-        summary = _finish(report, answers, breaker, output_dir, started, phases, settings, run)
-        summary["settings_source"] = {"preset": preset, "settings_block": settings_block, "changed": changed}
-        if seen:
+            # one HTTP request never needs the whole answer's time: a hung one is dropped after a minute at most
+            genie_timeout = min(settings.genie_timeout, 60)
+            genie_client = workspace.client(genie_timeout)
+            read = in_background(_space, genie_client, space_id)
+            scope = workspace_slug(genie_client.config.host)
+            genie_spec = PhaseSpec(  # its limits now (its slots are taken meanwhile); its breaker and cache below
+                "genie",
+                "genie",
+                settings.genie_max_concurrent,
+                RetryPolicy(retries=settings.genie_retry_attempts, base_delay_s=settings.genie_retry_delay),
+                rpm=settings.genie_rpm,
+                fallback_delay_s=settings.fallback_delay,
+                fallback_max_wait_s=settings.fallback_max_wait,
+                sequential=sequential,
+                task_per_row=True,  # a few questions a minute: each one a task the UI shows, retried and cached
+                adaptive=settings.genie_adaptive,
+                workspace=scope,
+            )
+            ahead = early.enter_context(SlotsAhead(genie_spec))
+            breaker_block = breaker_block or breaker_name("genie", scope)
+            breaker = CircuitBreaker.load_or_create(
+                breaker_block,
+                changed.get("genie_circuit_threshold"),
+                changed.get("genie_circuit_cooldown"),
+                new=(settings.genie_circuit_threshold, settings.genie_circuit_cooldown),
+            )
+        finally:
+            checked.result()
+        space, config = read.result()
+        items = _benchmarks(benchmarks, config, space_id)
+        flow_run_id = str(FlowRunContext.get().flow_run.id)  # type: ignore[union-attr]
+        session = stable_key(space_id, space.etag, warehouse_id, "")
+        pace = f"{settings.genie_rpm:g} a minute" if settings.genie_rpm else "no rate limit"
+        log.info(
+            f"Phase 1 (Genie): {len(items)} questions, {settings.genie_max_concurrent} at a time, {pace}, "
+            f"{settings.genie_retry_attempts} retries; circuit breaker {breaker_block} "
+            f"{breaker.current_state()} (opens after {breaker.failure_threshold} failures in a row)"
+            f"{'; sequential' if sequential else ''}"
+        )
+
+        # Phase 2 runs alongside phase 1, so the warehouse works (and warms up) while Genie is asked: it starts
+        # with Genie's first answer, which brings every expected SQL (not sooner: phase 1's start is not slowed),
+        # and takes each answer's SQL as it arrives. Sequential runs keep one call at a time, and tasks in other
+        # processes (a process task runner) cannot take rows as they come: both run phase 2 after phase 1.
+        pipelined = not sequential and in_threads()
+        allowed = settings.allowed_functions
+        sql_feed = Feed()
+        expected_in = threading.Event()
+        settled: set[str] = set()  # Genie rows with their final outcome
+
+        def answer_sql(answer: RowOutcome) -> None:
+            # the expected SQL is checked, and every statement parsed for the comparison (the parses are kept),
+            # while Genie is asked: not before the first question, nor after the last answer
+            if not expected_in.is_set():
+                expected_in.set()
+                for sql in dict.fromkeys(b.expected_sql for b in items):
+                    if not read_only_problem(sql, "the expected SQL", allowed):
+                        sql_feed.put(_sql_key(warehouse_id, sql), {"sql": sql})
+                        sorting(sql)
+                        rounding(sql)
+            if answer.status == "ok" and answer.value["kind"] == "sql":
+                sql, parameters = answer.value["sql"], answer.value.get("parameters")
+                if not read_only_problem(sql, allowed=allowed):
+                    sql_feed.put(_sql_key(warehouse_id, sql, parameters), {"sql": sql, "parameters": parameters})
+                    rounding(sql)
+            settled.add(answer.key)
+            if len(settled) == len(genie_rows):  # the last answer: phase 2 ends with its SQL, while phase 1's
+                sql_feed.close()  # slots are given back (cached answers come after phase 1, which closes it then)
+
+        sql_timeout = min(settings.sql_timeout, 55) + 5  # above the 50 s the server is asked to wait
+        sql_spec = PhaseSpec(
+            "sql",
+            "sql",
+            settings.sql_max_concurrent,
+            RetryPolicy(retries=settings.sql_retry_attempts, base_delay_s=1),
+            # v3: every chunk of a result is read (v2 stopped at the first); results carry column types, exact numbers
+            cache=Cache(ledger, "sql", f"sql-v3:{session}:{settings.sql_row_limit}", read=not fresh),
+            sequential=sequential,
+            adaptive=settings.sql_adaptive,
+            workspace=scope,
+        )
+        sql_call = Call(  # a statement is {"sql", "parameters"}
+            run_sql,
+            workspace,
+            sql_timeout,
+            None,
+            {"warehouse_id": warehouse_id, "timeout_s": settings.sql_timeout, "row_limit": settings.sql_row_limit},
+        )
+        t2 = time.monotonic()
+        with metered() as sql_calls:  # the phase's thread keeps this meter
+            sql_phase = in_background(run_phase, sql_spec, sql_feed, sql_call) if pipelined else None
+
+        # Phase 1: ask Genie (each question `repeats` times; benchmarks that repeat a question share its answers)
+        t1 = time.monotonic()
+        for ids in repeated_questions(items):
+            log.warning(
+                f"Benchmarks {', '.join(ids)} ask the same question: Genie is asked it once"
+                f"{f' ({settings.repeats} times)' if settings.repeats > 1 else ''} and the answer is compared with "
+                "each one's expected SQL"
+            )
+        genie_spec = replace(
+            genie_spec,
+            breaker=breaker,
+            cache=Cache(ledger, "genie", f"genie-v1:{session}", read=not fresh),
+            on_done=answer_sql if pipelined else None,
+        )
+        pairs = [(b, r) for b in items for r in range(settings.repeats)]  # log lines name q13, q13#2, ...
+        asks = [
+            (b, Row(_genie_key(space_id, b.question, r), i, b.question, b.id + (f"#{r + 1}" if r else "")))
+            for i, (b, r) in enumerate(pairs)
+        ]
+        genie_rows = list({row.key: row for _, row in asks}.values())
+        try:
+            with metered() as genie_calls:
+                answers = run_phase(
+                    genie_spec,
+                    genie_rows,
+                    Call(
+                        ask_genie,
+                        workspace,
+                        genie_timeout,
+                        "question",
+                        {
+                            "space_id": space_id,
+                            "timeout_s": settings.genie_timeout,
+                            "poll_initial_s": settings.genie_poll_initial,
+                            "poll_max_s": settings.genie_poll_max,
+                        },
+                    ),
+                    ahead,
+                )
+            for answer in answers.values():  # cached ones and the fallback's too; a key put twice runs once
+                answer_sql(answer)
+        finally:
+            sql_feed.close()  # the SQL phase ends with what it has, also when phase 1 failed
+        answered = sum(1 for o in answers.values() if o.status == "ok")
+        phases = [_phase_figures("genie", answers, t1, genie_calls)]
+        log.info(
+            f"Phase 1 (Genie) complete: {answered}/{len(genie_rows)} answered in {time.monotonic() - t1:.1f}s "
+            f"(circuit: {breaker.current_state().lower()})"
+        )
+
+        # Phase 2: the rest of the SQL (all of it, when not pipelined)
+        if sql_phase is None:
+            t2 = time.monotonic()
+            with metered() as sql_calls:
+                results = run_phase(sql_spec, sql_feed, sql_call)
+        else:
+            results = sql_phase.result()
+        sql_rows = sql_feed.rows
+        ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
+        alongside = {"alongside": "genie"} if pipelined else {}  # its seconds overlap Genie's
+        phases.append({**_phase_figures("sql", results, t2, sql_calls), "succeeded": ran, **alongside})
+        log.info(
+            f"Phase 2 (SQL) complete: {ran}/{len(sql_rows)} statements ran in {time.monotonic() - t2:.1f}s"
+            f"{', alongside phase 1' if pipelined else ''}"
+        )
+
+        # Compare, then Phase 3: judge what the comparison cannot decide
+        t3 = time.monotonic()
+        rules = Rules(settings.numeric_tolerance, settings.numeric_abs_tolerance, settings.extra_columns)
+        attempts = [_decide(b, answers[row.key], results, warehouse_id, rules, allowed) for b, row in asks]
+        undecided = [(a, b) for a, (b, _) in zip(attempts, asks, strict=True) if a["verdict"] is None]
+        with metered() as judge_calls:
+            _judge(undecided, results, warehouse_id, settings, workspace, ledger, sequential)
+        report = _agreement(attempts, settings.repeats)
+        passed = sum(1 for r in report if r["verdict"] == "correct")
+        phases.append(
+            {
+                "phase": "judge",
+                "total": len(undecided),
+                "succeeded": sum(1 for a, _ in undecided if a["verdict"] != "judge_error"),
+                "cached": 0,
+                "calls": judge_calls.calls,
+                "seconds": round(time.monotonic() - t3, 2),
+                **_adapted("judge"),
+            }
+        )
+        log.info(
+            f"Phase 3 (compare and judge) complete: {passed}/{len(report)} correct "
+            f"({len(undecided)} judged in {judge_calls.calls} LLM calls, {time.monotonic() - t3:.1f}s)"
+        )
+
+        seen: dict[str, Any] = {}
+        if history:  # the configuration version and flaky benchmarks, before the report is written
             try:
-                summary["history"] = _history_after(seen, summary, answers, space.etag, output_dir)
-            except HISTORY_ERRORS as exc:
+                seen = _history_before(ledger, genie_client, space_id, space.etag, config, report, settings)
+            except HISTORY_ERRORS as exc:  # the scores matter more than their history: report them anyway
                 log.error(f"Score history unavailable, this run is not recorded in it: {exc}")
-    failed = (r["verdict"] for r in report if r["verdict"] in FAILED)
-    return rows_state(summary, summary["total"], failed, "judged")  # type: ignore[return-value]  # Prefect ends the run in this state and returns its data
+        run = {
+            "flow_run_id": flow_run_id,
+            "space_id": space_id,
+            "warehouse_id": warehouse_id,
+            "workspace_block": workspace_block,
+            "ledger_block": ledger_block,
+            "breaker_block": breaker_block,
+        }
+        with published_alongside():  # the artifacts go to the Prefect server while the files are written
+            summary = _finish(report, answers, breaker, output_dir, started, phases, settings, run)
+            summary["settings_source"] = {"preset": preset, "settings_block": settings_block, "changed": changed}
+            if seen:
+                try:
+                    summary["history"] = _history_after(seen, summary, answers, space.etag, output_dir)
+                except HISTORY_ERRORS as exc:
+                    log.error(f"Score history unavailable, this run is not recorded in it: {exc}")
+        failed = (r["verdict"] for r in report if r["verdict"] in FAILED)
+        return rows_state(summary, summary["total"], failed, "judged")  # type: ignore[return-value]  # Prefect ends the run in this state and returns its data
 
 
 def _space(client: Any, space_id: str) -> tuple[Any, dict[str, Any] | None]:

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +32,8 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_A
 from blocks.ledger import default_home
 from tasks import stopping
 from tasks.local_server import private_api_url
-from tasks.resilience import run_logger
+from tasks.prefect_client import busy_pause
+from tasks.resilience import in_background, run_logger
 
 PREFIX = "batchflows"
 LEASE_S = 60
@@ -133,7 +135,7 @@ def ensure_service_limits(service: str, concurrency_limit: int, rpm: float = 0) 
 
 
 @contextlib.contextmanager
-def hold(service: str, occupy: int) -> Iterator[None]:
+def hold(service: str, occupy: int, cancel: threading.Event | None = None) -> Iterator[None]:
     """Hold `occupy` slots of the service's global limit for the duration of a phase.
 
     The slots are leased for Prefect's minimum of 60 s, with this flow run recorded as the lease's holder,
@@ -147,6 +149,10 @@ def hold(service: str, occupy: int) -> Iterator[None]:
     Prefect's release of an unknown lease does nothing: the slots would stay taken for good. So a lease the
     server no longer knows at release is given back by count. A wait for slots checks for dead holders
     every SLOT_CHECK_S, logs who holds the slots, and after SLOT_WAIT_S raises `SlotWaitError` saying so.
+    A wait ends without slots when the process is stopping or `cancel` is set (within a second).
+
+    Inside `given_back_alongside()` the slots go back from a thread when the block ends, and the block
+    after it goes on at once.
 
     Only public Prefect client calls are used (increment-with-lease, renew, release), so the note can be
     written before the slots are taken: a process killed in between leaves a note, never untracked slots.
@@ -156,28 +162,63 @@ def hold(service: str, occupy: int) -> Iterator[None]:
     info: dict[str, Any] = {"pid": os.getpid(), "api": _api_url(), "limit": name, "occupy": occupy}
     note.write_text(json.dumps(info))
     try:
-        granted = _acquire(name, occupy)
-        if granted is None:  # the process is stopping: its rows make no call, so they need no slot
-            yield
-            return
-        lease_id, limit = granted.lease_id, granted.limits[0]
-        note.write_text(json.dumps(info | {"lease_id": str(lease_id)}))
-        acquired = _emit("acquired", limit, occupy)
-        started = time.monotonic()
-        renewing = threading.Event()
-        renewer = threading.Thread(  # with this thread's context: the Prefect API in use may be a context setting
-            target=contextvars.copy_context().run, args=(_renew, lease_id, renewing), name=f"lease-{name}", daemon=True
-        )
-        renewer.start()
+        granted = _acquire(name, occupy, cancel)
+    except BaseException:
+        note.unlink(missing_ok=True)
+        raise
+    if granted is None:  # stopping, or cancelled: the rows make no call, so they need no slot
+        note.unlink(missing_ok=True)
+        yield
+        return
+    lease_id, limit = granted.lease_id, granted.limits[0]
+    note.write_text(json.dumps(info | {"lease_id": str(lease_id)}))
+    acquired = _emit("acquired", limit, occupy)
+    started = time.monotonic()
+    renewing = threading.Event()
+    renewer = threading.Thread(  # with this thread's context: the Prefect API in use may be a context setting
+        target=contextvars.copy_context().run, args=(_renew, lease_id, renewing), name=f"lease-{name}", daemon=True
+    )
+    renewer.start()
+
+    def give_back() -> None:
         try:
-            yield
-        finally:
-            renewing.set()
             renewer.join()
             _release(lease_id, name, occupy, time.monotonic() - started)
             _emit("released", limit, occupy, follows=acquired)
+        finally:
+            note.unlink(missing_ok=True)
+
+    try:
+        yield
     finally:
-        note.unlink(missing_ok=True)
+        renewing.set()
+        alongside = _GIVEN_BACK.get()
+        if alongside is None:
+            give_back()
+        else:
+            alongside.append(in_background(give_back))
+
+
+_GIVEN_BACK: contextvars.ContextVar[list[Future[None]] | None] = contextvars.ContextVar(
+    "batchflows_given_back", default=None
+)
+
+
+@contextlib.contextmanager
+def given_back_alongside() -> Iterator[None]:
+    """Slots `hold` gives back inside go back from a thread while the run goes on: a release is two round
+    trips to the Prefect server (~15 ms when it is busy), and the end of a scoring run's SQL phase waited for
+    them before its comparison. All are back when the block ends, which raises the first failure (unless the
+    block raised)."""
+    pending: list[Future[None]] = []
+    token = _GIVEN_BACK.set(pending)
+    try:
+        yield
+    finally:
+        _GIVEN_BACK.reset(token)
+        failures = [exc for exc in (future.exception() for future in pending) if exc is not None]
+    if failures:
+        raise failures[0]
 
 
 def _emit(
@@ -194,15 +235,19 @@ def _emit(
     return emit_event(f"prefect.concurrency-limit.{phase}", resource=resource, follows=follows)
 
 
-def _acquire(name: str, occupy: int) -> ConcurrencyLimitWithLeaseResponse | None:
+def _acquire(name: str, occupy: int, cancel: threading.Event | None = None) -> ConcurrencyLimitWithLeaseResponse | None:
     """The lease on `occupy` slots of limit `name` (and the limit), waiting at most SLOT_WAIT_S (see `hold`);
-    None if the process is stopping."""
+    None if the process is stopping or `cancel` is set."""
     waited = 0.0
     holder = _holder()
     client = _fast_client()
-    while stopping.reason() is None:
+
+    def going_on() -> bool:
+        return stopping.reason() is None and not (cancel is not None and cancel.is_set())
+
+    while going_on():
         asked = time.monotonic()
-        while stopping.reason() is None and time.monotonic() - asked < SLOT_CHECK_S:
+        while going_on() and time.monotonic() - asked < SLOT_CHECK_S:
             try:
                 response = _quickly(
                     lambda: client.increment_concurrency_slots_with_lease(
@@ -218,6 +263,8 @@ def _acquire(name: str, occupy: int) -> ConcurrencyLimitWithLeaseResponse | None
             if not granted.limits:
                 raise SlotWaitError(f"there is no active global concurrency limit {name}")
             return granted
+        if not going_on():
+            break
         waited += time.monotonic() - asked
         freed = reclaim(name)
         limit = _quickly(lambda: client.read_global_concurrency_limit_by_name(name))
@@ -301,8 +348,8 @@ def _raise_if_busy(response: httpx.Response) -> None:
 
 
 def _quickly(request: Callable[[], T]) -> T:
-    """`request()` with a `_fast_client`, asked again 50 ms after a busy answer (at most RATE_RETRIES times in
-    a row)."""
+    """`request()` with a `_fast_client`, asked again after a busy answer (`busy_pause`: 5 ms, doubling to 50 ms;
+    at most RATE_RETRIES times in a row)."""
     busy = 0
     while True:
         try:
@@ -310,7 +357,7 @@ def _quickly(request: Callable[[], T]) -> T:
         except PrefectBusy:
             if (busy := busy + 1) > RATE_RETRIES:
                 raise
-            time.sleep(0.05)
+            time.sleep(busy_pause(busy))
 
 
 def drop_limits() -> list[str]:

@@ -13,8 +13,9 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -140,6 +141,16 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
         return get_run_logger()
     except Exception:
         return logging.getLogger("batchflows")
+
+
+def in_background(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+    """`function(*args, **kwargs)` in a thread with this context (the flow run's, so it can run a phase or log
+    to the run), started now; the interpreter waits for it at exit."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bf-background")
+    try:
+        return pool.submit(contextvars.copy_context().run, partial(function, *args, **kwargs))
+    finally:
+        pool.shutdown(wait=False)
 
 
 _LANES: dict[tuple[str, int, bool], Lane] = {}

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
@@ -319,9 +320,10 @@ def test_a_run_from_the_terminal_does_not_wait_on_prefects_heartbeat_thread(pref
 
 
 @contextlib.contextmanager
-def _busy_prefect_api(busy_path: str) -> Iterator[list[tuple[float, str, int]]]:
+def _busy_prefect_api(busy_path: str, gate: threading.Event | None = None) -> Iterator[list[tuple[float, str, int]]]:
     """Point Prefect at a proxy of the test's API that answers 503 (as a Prefect server on SQLite does while its
-    database is locked) to the first request whose path ends with `busy_path`. Yields (time, path, status)."""
+    database is locked) to the first request whose path ends with `busy_path`; with a `gate`, it holds every
+    such request until the gate opens instead. Yields (time, path, status)."""
     import httpx
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -335,7 +337,9 @@ def _busy_prefect_api(busy_path: str) -> Iterator[list[tuple[float, str, int]]]:
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             path = self.path.removeprefix("/api")
-            if path.endswith(busy_path) and not any(p.endswith(busy_path) for _, p, _ in seen):
+            if gate is not None and path.endswith(busy_path):
+                gate.wait()
+            if gate is None and path.endswith(busy_path) and not any(p.endswith(busy_path) for _, p, _ in seen):
                 status, content, kind = 503, b'{"exception_message": "Service Unavailable"}', "application/json"
             else:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
@@ -367,8 +371,9 @@ def _asked_again_after(seen: list[tuple[float, str, int]], path: str) -> float:
 
 
 def test_a_busy_prefect_server_delays_a_phases_slots_by_a_poll_not_by_prefects_backoff(prefect_api: None) -> None:
-    """A 503 to the request for a phase's slots, its rate slot or their release is asked again after 50 ms:
-    Prefect's client would sleep 2 s first (even with PREFECT_CLIENT_MAX_RETRIES=0), and the phase waits."""
+    """A 503 to the request for a phase's slots or their release is asked again after 5 ms, its rate slot's
+    after a poll: Prefect's client would sleep 2 s first (even with PREFECT_CLIENT_MAX_RETRIES=0), and the
+    phase waits."""
     service = f"t-{uuid.uuid4().hex[:6]}"
     limits.ensure_service_limits(service, 2, rpm=600)
     name = limits.limit_name(service)
@@ -399,3 +404,85 @@ def test_runs_that_create_the_same_limit_at_once_share_it(prefect_api: None) -> 
 
         with ThreadPoolExecutor(4) as pool:
             assert list(pool.map(create, range(4))) == [(3, 0.0)] * 4
+
+
+def _active(name: str) -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return int(client.read_global_concurrency_limit_by_name(name).active_slots)
+
+
+def _until_active(name: str, slots: int) -> int:
+    deadline = time.monotonic() + 20
+    while (active := _active(name)) != slots and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return active
+
+
+def test_a_phases_slots_taken_ahead_are_held_before_it_runs_and_asked_for_once(prefect_api: None) -> None:
+    """`SlotsAhead` takes a phase's slots while the flow does other work (a scoring run loads its breaker): they
+    are held before the phase starts, the phase runs on them without asking again, and they come back at its
+    end. A phase whose limits are not those the slots were taken for is refused."""
+    from prefect import flow
+
+    from flows.phase import PhaseSpec, SlotsAhead, run_phase
+    from tasks.resilience import RetryPolicy, Row
+
+    service = f"t-{uuid.uuid4().hex[:6]}"
+    name = limits.limit_name(service)
+    spec = PhaseSpec("p", service, 2, RetryPolicy(retries=0))
+    limits.ensure_service_limits(service, 2)
+
+    @flow(persist_result=False)
+    def ahead_job() -> tuple[int, int, int]:
+        with SlotsAhead(spec) as ahead:
+            held_before = _until_active(name, 2)
+            with pytest.raises(ValueError, match="not those its slots were taken ahead for"):
+                run_phase(replace(spec, concurrency=3), [Row("r", 0, 1)], lambda x: x, ahead)
+            outcomes = run_phase(spec, [Row(f"r{i}", i, i) for i in range(4)], lambda x: x * 2, ahead)
+            after = _active(name)
+        return held_before, sum(o.status == "ok" for o in outcomes.values()), after
+
+    with _busy_prefect_api("/never-asked") as seen:
+        assert ahead_job() == (2, 4, 0)
+    assert sum(path.endswith("/increment-with-lease") for _, path, _ in seen) == 1
+
+
+def test_slots_taken_ahead_that_no_phase_takes_come_back_and_a_wait_for_them_ends(prefect_api: None) -> None:
+    from flows.phase import PhaseSpec, SlotsAhead
+    from tasks.resilience import RetryPolicy
+
+    service = f"t-{uuid.uuid4().hex[:6]}"
+    name = limits.limit_name(service)
+    spec = PhaseSpec("p", service, 1, RetryPolicy(retries=0))
+    limits.ensure_service_limits(service, 1)
+    with SlotsAhead(spec):
+        assert _until_active(name, 1) == 1
+    assert _active(name) == 0
+    with limits.hold(service, occupy=1):  # another run holds the only slot: the one ahead waits
+        waiting = SlotsAhead(spec)
+        time.sleep(0.5)
+        ended = time.monotonic()
+        waiting.give_back()
+        assert time.monotonic() - ended < 3  # within a second of the 423's wait, not SLOT_WAIT_S
+        assert _active(name) == 1
+    assert _active(name) == 0
+    assert not list(limits._notes(name))
+
+
+def test_inside_given_back_alongside_a_phases_end_does_not_wait_for_its_slots_to_go_back(prefect_api: None) -> None:
+    """A phase's slots go back from a thread while the run goes on (a scoring run compares meanwhile); the
+    block's end waits for them. The proxy holds the release up for 5 s."""
+    service = f"t-{uuid.uuid4().hex[:6]}"
+    name = limits.limit_name(service)
+    limits.ensure_service_limits(service, 2)
+    gate = threading.Event()
+    opens = threading.Timer(5, gate.set)
+    with _busy_prefect_api("/decrement-with-lease", gate):
+        opens.start()
+        with limits.given_back_alongside():
+            with limits.hold(service, occupy=2):
+                pass
+            assert not gate.is_set() and _active(name) == 2  # the phase went on; its release is held up
+        assert gate.is_set() and _active(name) == 0
