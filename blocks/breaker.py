@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -26,7 +27,9 @@ class CircuitBreaker(Block):
 
     Thread-safe within a process. Each transition is saved to the Prefect API (when the block has a
     name), so the next run starts from the last state and the UI shows it; editing `state` to CLOSED
-    in the UI resets it.
+    in the UI resets it. The save runs in a thread, the latest state first: a call that moves the
+    breaker does not wait on the Prefect API, whose client waits 2 s and more before asking a busy
+    (SQLite: "database is locked") server again, longer than a short cooldown. `flush` waits for it.
 
     Example:
         breaker = CircuitBreaker.load_or_create("genie", failure_threshold=5)
@@ -53,6 +56,8 @@ class CircuitBreaker(Block):
     _clock: Any = PrivateAttr(default=time.time)
     _persist: bool = PrivateAttr(True)
     _save_name: str | None = PrivateAttr(None)
+    _saver: threading.Thread | None = PrivateAttr(None)
+    _unsaved: bool = PrivateAttr(False)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (for a task in another process) as its settings, state and block name: the copy saves
@@ -165,10 +170,33 @@ class CircuitBreaker(Block):
             except Exception as exc:  # an event lost must not stop the calls
                 log.warning("Circuit breaker: could not emit the %s event: %s", state, exc)
         if self._persist and self._save_name:
+            self._unsaved = True
+            if self._saver is None:
+                # with this thread's context: the Prefect API in use may be a context setting
+                self._saver = threading.Thread(
+                    target=contextvars.copy_context().run, args=(self._save_unsaved,), name="breaker-save"
+                )
+                self._saver.start()
+
+    def _save_unsaved(self) -> None:
+        """Save the breaker's latest state until none is left unsaved (the interpreter waits for it at exit)."""
+        while True:
+            with self._lock:
+                if not self._unsaved or not self._save_name:
+                    self._saver = None
+                    return
+                self._unsaved = False
+                latest = type(self).model_validate(self.model_dump())
             try:
-                self.save(self._save_name, overwrite=True)
+                latest.save(self._save_name, overwrite=True)
             except Exception as exc:  # the breaker must keep working when the API hiccups
-                log.warning("Circuit breaker: could not persist state %s: %s", state, exc)
+                log.warning("Circuit breaker: could not persist state %s: %s", latest.state, exc)
+
+    def flush(self, timeout: float = 60) -> None:
+        """Wait (at most `timeout` s) until the last transition is saved to the Prefect API."""
+        saver = self._saver
+        if saver is not None:
+            saver.join(timeout)
 
 
 def _restore(cls: type[CircuitBreaker], fields: dict[str, Any], save_name: str | None, persist: bool) -> CircuitBreaker:

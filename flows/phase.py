@@ -639,12 +639,15 @@ def _fallback(
     call: Callable[[Any], Any],
     rate_limit: RateLimit | None,
 ) -> dict[str, RowOutcome]:
-    """The outcomes, with the rows the breaker deferred settled by the sequential fallback subflow."""
+    """The outcomes, with the rows the breaker deferred settled by the sequential fallback subflow; the
+    breaker's last state saved."""
     deferred = [r for r in rows if outcomes[r.key].status == "deferred"]
     if deferred:
         run_logger().warning(f"Circuit breaker OPEN - falling back to sequential mode for {len(deferred)} rows")
         with tags(*TAGS):
             outcomes.update(sequential_fallback(spec, deferred, call, rate_limit))
+    if spec.breaker is not None:
+        spec.breaker.flush()
     return outcomes
 
 

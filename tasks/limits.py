@@ -13,11 +13,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -32,18 +32,16 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_A
 from blocks.ledger import default_home
 from tasks import stopping
 from tasks.local_server import private_api_url
-from tasks.prefect_client import busy_pause
+from tasks.prefect_client import BUSY, busy_pause, quick_retry_settings
 from tasks.resilience import in_background, run_logger
 
 PREFIX = "batchflows"
 LEASE_S = 60
 RENEW_S = LEASE_S / 3  # a lease is renewed this often while its phase runs
-RATE_RETRIES = 20  # a slot's request answered 502/503/504 this often in a row: the error is raised
+RATE_RETRIES = 20  # a slot's request answered 502/503/504 this often in a row: `PrefectBusy` is raised
+SLOT_AGAIN_AFTER_S = tuple(busy_pause(n) for n in range(1, RATE_RETRIES + 1))
 SLOT_CHECK_S = 30  # a phase waiting for slots looks for dead holders, and says why it waits, this often
 SLOT_WAIT_S = float(os.environ.get("BATCHFLOWS_SLOT_WAIT_S", 900))  # then gives up with the reason
-
-
-T = TypeVar("T")
 
 
 class SlotWaitError(RuntimeError):
@@ -249,10 +247,8 @@ def _acquire(name: str, occupy: int, cancel: threading.Event | None = None) -> C
         asked = time.monotonic()
         while going_on() and time.monotonic() - asked < SLOT_CHECK_S:
             try:
-                response = _quickly(
-                    lambda: client.increment_concurrency_slots_with_lease(
-                        names=[name], slots=occupy, mode="concurrency", lease_duration=LEASE_S, holder=holder
-                    )
+                response = client.increment_concurrency_slots_with_lease(
+                    names=[name], slots=occupy, mode="concurrency", lease_duration=LEASE_S, holder=holder
                 )
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:
@@ -267,7 +263,7 @@ def _acquire(name: str, occupy: int, cancel: threading.Event | None = None) -> C
             break
         waited += time.monotonic() - asked
         freed = reclaim(name)
-        limit = _quickly(lambda: client.read_global_concurrency_limit_by_name(name))
+        limit = client.read_global_concurrency_limit_by_name(name)
         held = sum(int(info.get("occupy", 0)) for _, info in _notes(name) if "lease_id" in info)
         why = (
             f"{limit.active_slots} of {name}'s {limit.limit} slots are taken, {held} of them by live runs on "
@@ -304,14 +300,14 @@ def _renew(lease_id: UUID, done: threading.Event) -> None:
 def _release(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
     client = _fast_client()
     try:
-        _quickly(lambda: client.renew_concurrency_lease(lease_id, LEASE_S))  # does the server still know it?
+        client.renew_concurrency_lease(lease_id, LEASE_S)  # does the server still know it?
     except httpx.HTTPStatusError as exc:
         if exc.response.status_code not in (404, 410):
             raise
         run_logger().warning(f"The Prefect server lost the lease on {occupy} slot(s) of {name}: given back")
-        _quickly(lambda: client.release_concurrency_slots(names=[name], slots=occupy, occupancy_seconds=held_s))
+        client.release_concurrency_slots(names=[name], slots=occupy, occupancy_seconds=held_s)
         return
-    _quickly(lambda: client.release_concurrency_slots_with_lease(lease_id))
+    client.release_concurrency_slots_with_lease(lease_id)
 
 
 class PrefectBusy(Exception):
@@ -325,39 +321,28 @@ atexit.register(_OPEN.close)
 
 
 def _fast_client() -> SyncPrefectClient:
-    """A Prefect client whose requests fail with `PrefectBusy` on a 502/503/504 at once, for `_quickly`: one per
-    process and API, opened once (a new one costs ~17 ms, and a phase asks for its slots and gives them back).
+    """A Prefect client for slot requests, one per process and API, opened once (a new one costs ~17 ms, and a
+    phase asks for its slots and gives them back).
 
-    Prefect's client retries those after a backoff of 2 s and more, and with PREFECT_CLIENT_MAX_RETRIES=0 it
-    still sleeps that backoff before it returns the last answer (prefect 3.8 `_send_with_retry`). A phase
-    waits on its slots, and a Prefect server on SQLite answers 503 while its database is locked: about one
-    scoring run in six at concurrency 10 waited 2 s more (bench/score_scaling.py). An httpx
-    response hook (public httpx and `get_client` settings) raises before Prefect's loop can sleep.
+    A phase waits on its slots, and a Prefect server on SQLite answers 503 while its database is locked.
+    Prefect's client retries that after a backoff of 2 s and more, and with PREFECT_CLIENT_MAX_RETRIES=0 it
+    still sleeps that backoff before it returns the last answer (prefect 3.8 `_send_with_retry`): about one
+    scoring run in six at concurrency 10 waited 2 s more (bench/score_scaling.py). So its transport asks again
+    after `busy_pause` (5 ms, doubling to 50 ms; RATE_RETRIES times, ~0.9 s in all), and a response hook
+    (public httpx and `get_client` settings) raises `PrefectBusy` on what is still refused, before Prefect's
+    loop can sleep.
     """
     key = (os.getpid(), PREFECT_API_URL.value(), PREFECT_API_AUTH_STRING.value(), PREFECT_API_KEY.value())
     with _FAST_LOCK:
         if key not in _FAST_CLIENTS:
-            hooks = {"event_hooks": {"response": [_raise_if_busy]}}
-            _FAST_CLIENTS[key] = _OPEN.enter_context(get_client(sync_client=True, httpx_settings=hooks))
+            settings = quick_retry_settings(SLOT_AGAIN_AFTER_S) | {"event_hooks": {"response": [_raise_if_busy]}}
+            _FAST_CLIENTS[key] = _OPEN.enter_context(get_client(sync_client=True, httpx_settings=settings))
         return _FAST_CLIENTS[key]
 
 
 def _raise_if_busy(response: httpx.Response) -> None:
-    if response.status_code in (502, 503, 504):
+    if response.status_code in BUSY:
         raise PrefectBusy(f"the Prefect API answered {response.status_code} to {response.request.url.path}")
-
-
-def _quickly(request: Callable[[], T]) -> T:
-    """`request()` with a `_fast_client`, asked again after a busy answer (`busy_pause`: 5 ms, doubling to 50 ms;
-    at most RATE_RETRIES times in a row)."""
-    busy = 0
-    while True:
-        try:
-            return request()
-        except PrefectBusy:
-            if (busy := busy + 1) > RATE_RETRIES:
-                raise
-            time.sleep(busy_pause(busy))
 
 
 def drop_limits() -> list[str]:
@@ -459,7 +444,7 @@ def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
     process holds the slot, and a waiting process polling faster only loads the server. So a run alone takes
     a slot every `spacing_s` plus a few ms, the server alone decides across processes, and a single run asks
     about once per slot. A 503 (a Prefect server on SQLite answers it when its database is locked) is asked
-    again after the same poll, not after the Prefect client's own ~2 s backoff (`_fast_client`): every call
+    again within milliseconds, not after the Prefect client's own ~2 s backoff (`_fast_client`): every call
     of the phase waits on this one.
     """
     with _RATE_LOCKS_LOCK:
@@ -468,16 +453,11 @@ def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
     client = _fast_client()
     with lock:
         stopping.sleep(_RATE_NEXT.get(name, 0.0) - time.monotonic())
-        denied = busy = 0
+        denied = 0
         while stopping.reason() is None:  # stopping: no slot needed, the caller makes no call
             sent = time.monotonic()
             try:
                 client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit")
-            except PrefectBusy:
-                if (busy := busy + 1) > RATE_RETRIES:
-                    raise
-                time.sleep(poll)
-                continue
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:
                     raise

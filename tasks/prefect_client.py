@@ -5,7 +5,8 @@ once a transaction that read before the other one wrote). Prefect's client then 
 (prefect 3.8 `_send_with_retry`), also to create a flow run or set its state; the lock is gone in
 milliseconds. This client's transport asks again after 5, 10, 20, 40, 50 and 50 ms first (`busy_pause`), and
 what is still refused goes on to Prefect's own retries, as before. A 503 that says when to come back
-(Retry-After) is Prefect's to honour. Slot requests have their own quick retry (`tasks.limits._quickly`).
+(Retry-After) is Prefect's to honour. Slot requests use the same transport with more patience
+(`tasks.limits._fast_client`).
 
 Private API, prefect 3.8.x (the version pyproject.toml pins): `SyncClientContext._httpx_settings`. Prefect's
 `get_client()` hands out a context's client only when it is asked with the settings the context was made
@@ -18,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import certifi
 import httpx
@@ -35,21 +37,41 @@ def busy_pause(refusals: int) -> float:
 
 
 AGAIN_AFTER_S = tuple(busy_pause(n) for n in range(1, 7))
+BUSY = (502, 503, 504)
 
 
 class QuickRetryTransport(httpx.HTTPTransport):
-    """An HTTP transport that sends a request again, after AGAIN_AFTER_S, while the server answers 503
-    without Retry-After; the last answer is returned, whatever it is."""
+    """An HTTP transport that sends a request again, after each pause of `again_after`, while the server
+    answers 502, 503 or 504 without Retry-After; the last answer is returned, whatever it is."""
+
+    def __init__(self, *args: Any, again_after: Sequence[float] = AGAIN_AFTER_S, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.again_after = again_after
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        for pause in AGAIN_AFTER_S:
+        for pause in self.again_after:
             response = super().handle_request(request)
-            if response.status_code != 503 or "retry-after" in response.headers:
+            if response.status_code not in BUSY or "retry-after" in response.headers:
                 return response
             response.read()
             response.close()
             time.sleep(pause)
         return super().handle_request(request)
+
+
+def quick_retry_settings(again_after: Sequence[float] = AGAIN_AFTER_S) -> dict[str, Any]:
+    """httpx settings for a Prefect client whose requests a busy server refused are asked again after
+    `again_after`: the transport, with the TLS, pool and HTTP/2 settings Prefect gives its own."""
+    tls = ssl_context()
+    transport = QuickRetryTransport(
+        verify=tls,
+        retries=3,  # connection attempts, as Prefect sets on its own transport
+        # Prefect's own connection pool settings for its client (prefect 3.8 SyncPrefectClient)
+        limits=httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=25),
+        http2=PREFECT_API_ENABLE_HTTP2.value(),
+        again_after=again_after,
+    )
+    return {"transport": transport, "verify": tls}
 
 
 def ssl_context() -> ssl.SSLContext:
@@ -71,15 +93,7 @@ def command_client() -> Iterator[SyncClientContext]:
     if existing is not None:
         yield existing
         return
-    tls = ssl_context()
-    transport = QuickRetryTransport(
-        verify=tls,
-        retries=3,  # connection attempts, as Prefect sets on its own transport
-        # Prefect's own connection pool settings for its client (prefect 3.8 SyncPrefectClient)
-        limits=httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=25),
-        http2=PREFECT_API_ENABLE_HTTP2.value(),
-    )
-    context = SyncClientContext(httpx_settings={"transport": transport, "verify": tls})
+    context = SyncClientContext(httpx_settings=quick_retry_settings())
     context._httpx_settings = None  # see the module's docstring
     with context:
         yield context

@@ -147,6 +147,7 @@ def test_breaker_state_is_persisted_in_its_block(prefect_api):
     breaker = CircuitBreaker.load_or_create(name, failure_threshold=2, cooldown_s=600)
     breaker.record_failure()
     breaker.record_failure()
+    breaker.flush()  # saved from a thread: the transition did not wait for it
     again = CircuitBreaker.load_or_create(name, failure_threshold=2, cooldown_s=600)
     assert again.state == "OPEN" and not again.allow()
 

@@ -87,6 +87,7 @@ def test_breaker_set_closed_in_the_ui_starts_from_zero_failures(prefect_api: Non
     for _ in range(5):
         breaker.record_failure()
     assert breaker.state == "OPEN"
+    breaker.flush()
     # what the block page's edit does: State set to CLOSED, Consecutive Failures left as they were
     saved: Any = CircuitBreaker.load(name)
     saved.state = "CLOSED"
@@ -95,6 +96,25 @@ def test_breaker_set_closed_in_the_ui_starts_from_zero_failures(prefect_api: Non
     assert (again.state, again.consecutive_failures) == ("CLOSED", 0)
     again.record_failure()
     assert again.state == "CLOSED"  # one failure does not reopen it
+
+
+def test_a_breakers_transition_does_not_wait_on_a_busy_prefect_server(prefect_api: None) -> None:
+    """The calls that open a breaker go on at once while its state is saved (the proxy holds the save up for
+    5 s, as Prefect's client's 2 s and 4 s backoffs on a busy server did, longer than a short cooldown); the
+    saved block has the state once `flush` returns."""
+    name = f"b-{uuid.uuid4().hex[:8]}"
+    breaker = CircuitBreaker.load_or_create(name, new=(2, 600))
+    gate = threading.Event()
+    opens = threading.Timer(5, gate.set)
+    with _busy_prefect_api("/block_documents/", gate):
+        opens.start()
+        breaker.record_failure()
+        breaker.record_failure()
+        assert breaker.state == "OPEN" and not breaker.allow() and not gate.is_set()
+        breaker.flush()
+    assert gate.is_set()
+    saved: Any = CircuitBreaker.load(name)
+    assert (saved.state, saved.consecutive_failures) == ("OPEN", 2)
 
 
 def test_breaker_block_configuration_holds_unless_a_run_sets_it(prefect_api: None) -> None:
