@@ -469,7 +469,10 @@ def test_a_phases_slots_taken_ahead_are_held_before_it_runs_and_asked_for_once(p
     assert sum(path.endswith("/increment-with-lease") for _, path, _ in seen) == 1
 
 
-def test_slots_taken_ahead_that_no_phase_takes_come_back_and_a_wait_for_them_ends(prefect_api: None) -> None:
+def test_slots_taken_ahead_that_no_phase_takes_come_back_and_a_wait_for_them_ends(
+    prefect_api: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancelled wait ends quietly: no "still waiting" line about a wait that is over."""
     from flows.phase import PhaseSpec, SlotsAhead
     from tasks.resilience import RetryPolicy
 
@@ -489,6 +492,7 @@ def test_slots_taken_ahead_that_no_phase_takes_come_back_and_a_wait_for_them_end
         assert _active(name) == 1
     assert _active(name) == 0
     assert not list(limits._notes(name))
+    assert "Still waiting" not in caplog.text
 
 
 def test_inside_given_back_alongside_a_phases_end_does_not_wait_for_its_slots_to_go_back(prefect_api: None) -> None:
