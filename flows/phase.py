@@ -143,6 +143,11 @@ class PhaseSpec:
         """The name the service's global limits and process lane go by."""
         return scoped(self.service, self.workspace)
 
+    @property
+    def at_once(self) -> int:
+        """Calls in flight at most, and the service's slots a run of the phase holds: 1 when sequential."""
+        return 1 if self.sequential else self.concurrency
+
 
 class Feed:
     """The rows of a phase that starts before all of them are known: `run_phase` calls each one as it is put,
@@ -226,12 +231,11 @@ def run_chunk(
     """One chunk of a phase: its rows' calls, concurrently, through the phase's shared lane. Its state says
     how many rows failed and why (Failed when all did); its data is every row's outcome. `rows` may come
     from a `Feed`: the task takes them as they arrive."""
-    concurrency = 1 if spec.sequential else spec.concurrency
     with meter.metered() as calls:
         outcomes = run_rows(
             rows,
             call,
-            lane=lane(spec.limits, concurrency, rate_limit, spec.adaptive_start),
+            lane=lane(spec.limits, spec.at_once, rate_limit, spec.adaptive_start),
             policy=spec.policy,
             log=run_logger(),
             breaker=spec.breaker,
@@ -363,8 +367,7 @@ def run_phase(
             ahead.give_back()
         return outcomes
     spec, rate_limit, slots = _slots(spec, ahead)
-    concurrency = 1 if spec.sequential else spec.concurrency
-    chunks = [pending] if spec.sequential else chunk_rows(pending, concurrency)
+    chunks = [pending] if spec.sequential else chunk_rows(pending, spec.concurrency)
     with slots, _learning(spec, rate_limit):
         futures = run_chunk.map(  # quoted: Prefect would walk every row's payload looking for futures
             quote(chunks),
@@ -442,7 +445,7 @@ def _run_feed(spec: PhaseSpec, feed: Feed, call: Callable[[Any], Any]) -> dict[s
     if first is None:
         return outcomes
     spec, rate_limit = _limited(spec)
-    bursts = _Bursts(spec.limits, 1 if spec.sequential else spec.concurrency)
+    bursts = _Bursts(spec.limits, spec.at_once)
     told = spec.on_done
 
     def ended(outcome: RowOutcome) -> None:
@@ -510,8 +513,7 @@ class SlotsAhead:
 
     def _take(self) -> tuple[PhaseSpec, RateLimit | None]:
         limited, rate_limit = _limited(self.spec)
-        occupy = 1 if limited.sequential else limited.concurrency
-        self._held.enter_context(hold(limited.limits, occupy=occupy, cancel=self._cancel))
+        self._held.enter_context(hold(limited.limits, occupy=limited.at_once, cancel=self._cancel))
         return limited, rate_limit
 
     def taken(self, spec: PhaseSpec) -> tuple[PhaseSpec, RateLimit | None, contextlib.ExitStack]:
@@ -554,7 +556,7 @@ def _slots(
     if ahead is not None:
         return ahead.taken(spec)
     spec, rate_limit = _limited(spec)
-    return spec, rate_limit, hold(spec.limits, occupy=1 if spec.sequential else spec.concurrency)
+    return spec, rate_limit, hold(spec.limits, occupy=spec.at_once)
 
 
 def _limited(spec: PhaseSpec) -> tuple[PhaseSpec, RateLimit | None]:
