@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import threading
 import time
@@ -40,11 +41,10 @@ from tasks.compare import Rounding, Rules, compare, rounding, sorting
 from tasks.guard import read_only_problem
 from tasks.history import HistoryError, HistoryStore
 from tasks.judge import PROMPT_VERSION, case_item, judge_cases
-from tasks.limits import given_back_alongside
 from tasks.meter import Meter, metered
 from tasks.preflight import check_workspace
-from tasks.report import publish, publish_markdown, published_alongside, stable_key, write_frame
-from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome
+from tasks.report import publish, publish_markdown, stable_key, write_frame
+from tasks.resilience import Cache, RetryPolicy, Row, RowOutcome, alongside
 from tasks.trend import trend_markdown, trend_rows, write_html
 
 VERDICTS = ("correct", "incorrect", "genie_error", "sql_error", "no_sql", "timeout", "judge_error")
@@ -105,8 +105,9 @@ def score(
         f"changed for this run: {', '.join(f'{k}={v}' for k, v in changed.items()) or 'nothing'}; in use: "
         + json.dumps(settings.model_dump(), separators=(",", ":"))
     )
-    # the phases' slots are given back while the run goes on, and Genie's are taken while it sets up
-    with given_back_alongside(), contextlib.ExitStack() as early:
+    # upkeep (slots given back, conversations deleted, artifacts sent) goes on in threads while the run goes
+    # on, and Genie's slots are taken while it sets up
+    with alongside(), contextlib.ExitStack() as early:
         started = time.monotonic()
         workspace, ledger = load_blocks(workspace_block, ledger_block)
         # the workspace is checked, and the space read, while the breaker comes from the Prefect server; an input
@@ -159,19 +160,19 @@ def score(
             f"{'; sequential' if sequential else ''}"
         )
 
-        # Phase 2 runs alongside phase 1, so the warehouse works (and warms up) while Genie is asked: it starts
-        # with Genie's first answer, which brings every expected SQL (not sooner: phase 1's start is not slowed),
-        # and takes each answer's SQL as it arrives. Sequential runs keep one call at a time, and tasks in other
-        # processes (a process task runner) cannot take rows as they come: both run phase 2 after phase 1.
+        # Phase 2 runs alongside phase 1, so the warehouse works (and warms up) while Genie is asked. It starts
+        # with every expected SQL once Genie's first round of questions is out, or with its first answer (not
+        # sooner: phase 1's start is not slowed, nor its second round's), and takes each answer's SQL as it
+        # arrives. Sequential runs keep one call at a time, and tasks in other processes (a process task
+        # runner) cannot take rows as they come: both run phase 2 after phase 1.
         pipelined = not sequential and in_threads()
         allowed = settings.allowed_functions
         sql_feed = Feed()
         expected_in = threading.Event()
         settled: set[str] = set()  # Genie rows with their final outcome
 
-        def answer_sql(answer: RowOutcome) -> None:
-            # the expected SQL is checked, and every statement parsed for the comparison (the parses are kept),
-            # while Genie is asked: not before the first question, nor after the last answer
+        def expected_sql() -> None:
+            # checked, and parsed for the comparison (the parses are kept), while Genie thinks
             if not expected_in.is_set():
                 expected_in.set()
                 for sql in dict.fromkeys(b.expected_sql for b in items):
@@ -179,6 +180,15 @@ def score(
                         sql_feed.put(_sql_key(warehouse_id, sql), {"sql": sql})
                         sorting(sql)
                         rounding(sql)
+
+        asked = itertools.count(1)
+
+        def on_asked() -> None:
+            if next(asked) == min(genie_spec.at_once, len(genie_rows)):  # the first round is out
+                expected_sql()
+
+        def answer_sql(answer: RowOutcome) -> None:
+            expected_sql()
             if answer.status == "ok" and answer.value["kind"] == "sql":
                 sql, parameters = answer.value["sql"], answer.value.get("parameters")
                 if not read_only_problem(sql, allowed=allowed):
@@ -230,7 +240,7 @@ def score(
             (b, Row(_genie_key(space_id, b.question, r), i, b.question, b.id + (f"#{r + 1}" if r else "")))
             for i, (b, r) in enumerate(pairs)
         ]
-        genie_rows = list({row.key: row for _, row in asks}.values())
+        genie_rows: list[Row] = list({row.key: row for _, row in asks}.values())
         try:
             with metered() as genie_calls:
                 answers = run_phase(
@@ -246,6 +256,7 @@ def score(
                             "timeout_s": settings.genie_timeout,
                             "poll_initial_s": settings.genie_poll_initial,
                             "poll_max_s": settings.genie_poll_max,
+                            **({"on_asked": on_asked} if pipelined else {}),
                         },
                     ),
                     ahead,
@@ -270,8 +281,8 @@ def score(
             results = sql_phase.result()
         sql_rows = sql_feed.rows
         ran = sum(1 for o in results.values() if o.status == "ok" and "error" not in o.value)
-        alongside = {"alongside": "genie"} if pipelined else {}  # its seconds overlap Genie's
-        phases.append({**_phase_figures("sql", results, t2, sql_calls), "succeeded": ran, **alongside})
+        overlap = {"alongside": "genie"} if pipelined else {}  # its seconds overlap Genie's
+        phases.append({**_phase_figures("sql", results, t2, sql_calls), "succeeded": ran, **overlap})
         log.info(
             f"Phase 2 (SQL) complete: {ran}/{len(sql_rows)} statements ran in {time.monotonic() - t2:.1f}s"
             f"{', alongside phase 1' if pipelined else ''}"
@@ -316,14 +327,14 @@ def score(
             "ledger_block": ledger_block,
             "breaker_block": breaker_block,
         }
-        with published_alongside():  # the artifacts go to the Prefect server while the files are written
-            summary = _finish(report, answers, breaker, output_dir, started, phases, settings, run)
-            summary["settings_source"] = {"preset": preset, "settings_block": settings_block, "changed": changed}
-            if seen:
-                try:
-                    summary["history"] = _history_after(seen, summary, answers, space.etag, output_dir)
-                except HISTORY_ERRORS as exc:
-                    log.error(f"Score history unavailable, this run is not recorded in it: {exc}")
+        # the artifacts go to the Prefect server while the files are written
+        summary = _finish(report, answers, breaker, output_dir, started, phases, settings, run)
+        summary["settings_source"] = {"preset": preset, "settings_block": settings_block, "changed": changed}
+        if seen:
+            try:
+                summary["history"] = _history_after(seen, summary, answers, space.etag, output_dir)
+            except HISTORY_ERRORS as exc:
+                log.error(f"Score history unavailable, this run is not recorded in it: {exc}")
         failed = (r["verdict"] for r in report if r["verdict"] in FAILED)
         return rows_state(summary, summary["total"], failed, "judged")  # type: ignore[return-value]  # Prefect ends the run in this state and returns its data
 

@@ -27,7 +27,7 @@ from databricks.sdk.service.sql import (
 from blocks.workspace import DatabricksWorkspace
 from tasks import meter
 from tasks.errors import CallTimeout, InvalidResponse, NotFound, PermanentError, TransientError, classify
-from tasks.resilience import run_logger
+from tasks.resilience import later, run_logger
 
 TERMINAL_GENIE = {"COMPLETED", "FAILED", "CANCELLED", "QUERY_RESULT_EXPIRED"}
 ANSWERED_GENIE = {"COMPLETED", "QUERY_RESULT_EXPIRED"}  # an expired result still carries its SQL, which we run
@@ -102,13 +102,16 @@ def ask_genie(
     poll_initial_s: float = 1.0,
     poll_max_s: float = 5.0,
     sleep: Callable[[float], None] = time.sleep,
+    on_asked: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Ask one question in a new conversation, wait for Genie's answer, then delete the conversation.
+    `on_asked` is told when Genie has the question, before the wait.
 
     Polls every `poll_initial_s`, backing off by 1.5x up to `poll_max_s` (Databricks asks for 1-5 s). A
     poll that fails in transit (5xx, 429, reset, timeout) is repeated on the same message: only asking
     costs one of the workspace's few questions a minute. The conversation is deleted once the answer is
-    read (or given up on), so a space never fills up with ours.
+    read (or given up on), so a space never fills up with ours: at once, or inside
+    `tasks.resilience.alongside()` from one of its threads.
 
     Returns:
         {"kind": "sql" | "text", "sql", "text", "parameters", "row_count", "truncated", "conversation_id",
@@ -122,12 +125,14 @@ def ask_genie(
     meter.count("genie")
     started: Any = client.genie.start_conversation(space_id=space_id, content=question).response
     conversation_id, message_id = started.conversation_id, started.message_id
+    if on_asked is not None:
+        on_asked()
     try:
         message, poll_errors = _wait_for_message(
             client, space_id, conversation_id, message_id, deadline, timeout_s, poll_initial_s, poll_max_s, sleep
         )
-    finally:
-        _delete_conversation(client, space_id, conversation_id)
+    finally:  # off the question's slot inside `alongside()`: the next question need not wait for it
+        later(_delete_conversation, client, space_id, conversation_id)
     status = message.status.value if message.status else "UNKNOWN"
     if status not in ANSWERED_GENIE:
         reason = message.error.error if message.error and message.error.error else status

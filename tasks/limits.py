@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from blocks.ledger import default_home
 from tasks import stopping
 from tasks.local_server import private_api_url
 from tasks.prefect_client import BUSY, busy_pause, quick_retry_settings
-from tasks.resilience import in_background, run_logger
+from tasks.resilience import later, run_logger
 
 PREFIX = "batchflows"
 LEASE_S = 60
@@ -149,8 +148,8 @@ def hold(service: str, occupy: int, cancel: threading.Event | None = None) -> It
     every SLOT_CHECK_S, logs who holds the slots, and after SLOT_WAIT_S raises `SlotWaitError` saying so.
     A wait ends without slots when the process is stopping or `cancel` is set (within a second).
 
-    Inside `given_back_alongside()` the slots go back from a thread when the block ends, and the block
-    after it goes on at once.
+    Inside `tasks.resilience.alongside()` the slots go back from a thread, and what follows the block goes on
+    at once.
 
     Only public Prefect client calls are used (increment-with-lease, renew, release), so the note can be
     written before the slots are taken: a process killed in between leaves a note, never untracked slots.
@@ -190,33 +189,7 @@ def hold(service: str, occupy: int, cancel: threading.Event | None = None) -> It
         yield
     finally:
         renewing.set()
-        alongside = _GIVEN_BACK.get()
-        if alongside is None:
-            give_back()
-        else:
-            alongside.append(in_background(give_back))
-
-
-_GIVEN_BACK: contextvars.ContextVar[list[Future[None]] | None] = contextvars.ContextVar(
-    "batchflows_given_back", default=None
-)
-
-
-@contextlib.contextmanager
-def given_back_alongside() -> Iterator[None]:
-    """Slots `hold` gives back inside go back from a thread while the run goes on: a release is two round
-    trips to the Prefect server (~15 ms when it is busy), and the end of a scoring run's SQL phase waited for
-    them before its comparison. All are back when the block ends, which raises the first failure (unless the
-    block raised)."""
-    pending: list[Future[None]] = []
-    token = _GIVEN_BACK.set(pending)
-    try:
-        yield
-    finally:
-        _GIVEN_BACK.reset(token)
-        failures = [exc for exc in (future.exception() for future in pending) if exc is not None]
-    if failures:
-        raise failures[0]
+        later(give_back)
 
 
 def _emit(

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from contextvars import ContextVar
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from tasks.resilience import later
 
 
 def stable_key(*parts: Any) -> str:
@@ -29,27 +26,6 @@ def write_frame(frame: pd.DataFrame, directory: Path, stem: str) -> dict[str, st
     frame.to_parquet(parquet, index=False)
     frame.to_csv(csv, index=False)
     return {"parquet": str(parquet), "csv": str(csv)}
-
-
-@contextmanager
-def published_alongside() -> Iterator[None]:
-    """Artifacts published inside are sent from threads while the run goes on (each is a round trip to the
-    Prefect server, ~8 ms when it is busy), and are all in when the block ends, which raises the first failure.
-    The scoring flow writes its files meanwhile: its report is ready sooner."""
-    pending: list[Future[Any]] = []
-    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="bf-artifacts") as pool:
-        token = _ALONGSIDE.set((pool, pending))
-        try:
-            yield
-        finally:
-            _ALONGSIDE.reset(token)
-    for future in pending:  # the pool's end waited for them all
-        future.result()
-
-
-_ALONGSIDE: ContextVar[tuple[ThreadPoolExecutor, list[Future[Any]]] | None] = ContextVar(
-    "batchflows_artifacts_alongside", default=None
-)
 
 
 def publish(key: str, table: list[dict[str, Any]], markdown: str) -> None:
@@ -80,10 +56,5 @@ def _in_a_run() -> bool:
 
 
 def _send(create: Callable[..., Any], **artifact: Any) -> None:
-    """Create an artifact now, or from a thread inside `published_alongside` (with this run's context)."""
-    alongside = _ALONGSIDE.get()
-    if alongside is None:
-        create(**artifact)
-        return
-    pool, pending = alongside
-    pending.append(pool.submit(contextvars.copy_context().run, partial(create, **artifact)))
+    """Create an artifact now, or from a thread inside `tasks.resilience.alongside` (with this run's context)."""
+    later(create, **artifact)

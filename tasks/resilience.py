@@ -7,12 +7,13 @@ per-process lane (concurrency), optional Prefect rate limits, the circuit breake
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -151,6 +152,41 @@ def in_background(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Fu
         return pool.submit(contextvars.copy_context().run, partial(function, *args, **kwargs))
     finally:
         pool.shutdown(wait=False)
+
+
+_ALONGSIDE: contextvars.ContextVar[tuple[ThreadPoolExecutor, list[Future[Any]]] | None] = contextvars.ContextVar(
+    "batchflows_alongside", default=None
+)
+
+
+@contextlib.contextmanager
+def alongside() -> Iterator[None]:
+    """Inside, `later` hands its work to threads while the block goes on (a flow run's tasks inherit the
+    block). The work is upkeep that what follows need not wait for, each a round trip or two to a busy
+    server: a phase's slots given back, a run's artifacts sent, a Genie conversation deleted. At the end of
+    a scoring run's phases each one held up the next step (bench trace, c=10). All of it is done when the
+    block ends, which raises the first failure (unless the block raised)."""
+    pending: list[Future[Any]] = []
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="bf-alongside") as pool:  # its end waits for all
+        token = _ALONGSIDE.set((pool, pending))
+        try:
+            yield
+        finally:
+            _ALONGSIDE.reset(token)
+    failures = [exc for exc in (future.exception() for future in pending) if exc is not None]
+    if failures:
+        raise failures[0]
+
+
+def later(function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """`function(*args, **kwargs)` from a thread of the enclosing `alongside()` block, with this context (a
+    flow run's, so it can log to the run or publish to it); at once outside such a block."""
+    found = _ALONGSIDE.get()
+    if found is None:
+        function(*args, **kwargs)
+        return
+    pool, pending = found
+    pending.append(pool.submit(contextvars.copy_context().run, partial(function, *args, **kwargs)))
 
 
 _LANES: dict[tuple[str, int, bool], Lane] = {}

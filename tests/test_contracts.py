@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import threading
 import time
 from decimal import Decimal
 from typing import Any
@@ -24,6 +25,7 @@ from tasks.calls import ask_genie, run_sql
 from tasks.compare import Rules, compare
 from tasks.errors import InvalidResponse
 from tasks.improve import apply_fixes
+from tasks.resilience import alongside, later
 from tasks.space_config import problems
 
 WAREHOUSE = "sandbox-warehouse"
@@ -271,6 +273,46 @@ def test_poll_failures_are_retried_on_the_same_message(sb, client):
     assert sb.stats()["genie_poll"]["faults"] == {"503": 1, "500": 1, "reset": 1, "429": 1}
     with _http(sb) as http:
         assert http.get("/api/2.0/genie/spaces/retail/conversations").json()["conversations"] == []
+
+
+def test_inside_alongside_an_answer_does_not_wait_for_its_conversation_to_be_deleted(sb, client, monkeypatch):
+    """The delete goes from a thread: the question's slot is free for the next one at once (a scoring run's
+    second round waited for it). The block's end waits for it. The delete is held up for 5 s here."""
+    gate = threading.Event()
+    opens = threading.Timer(5, gate.set)
+    delete = client.genie.delete_conversation
+
+    def held_delete(**kwargs: Any) -> Any:
+        gate.wait(10)
+        return delete(**kwargs)
+
+    monkeypatch.setattr(client.genie, "delete_conversation", held_delete)  # the SDK's call, held up
+    listed = "/api/2.0/genie/spaces/retail/conversations"
+    with _http(sb) as http:
+        opens.start()
+        with alongside():
+            answer = ask_genie(client, "retail", "How many customers do we have?", 30, 0.05, 0.1)
+            assert not gate.is_set()  # answered while its delete waits
+            left = [c["conversation_id"] for c in http.get(listed).json()["conversations"]]
+            assert left == [answer["conversation_id"]]
+        assert gate.is_set()  # the block's end waited for the delete
+        assert http.get(listed).json()["conversations"] == []
+
+
+def test_alongside_raises_the_first_failure_of_its_work_at_its_end():
+    done: list[str] = []
+
+    def fails(what: str) -> None:
+        done.append(what)
+        raise RuntimeError(what)
+
+    with pytest.raises(RuntimeError, match="first"), alongside():
+        later(fails, "first")
+        time.sleep(0.05)
+        later(done.append, "then this")
+    assert done == ["first", "then this"]
+    later(done.append, "outside: at once")
+    assert done[-1] == "outside: at once"
 
 
 def test_polls_keep_to_their_schedule_from_the_question_whatever_each_takes(sb, client):

@@ -27,6 +27,7 @@ from flows.improve import ImproveSettings
 from flows.phase import summary_of
 from flows.score import score
 from tasks import limits
+from tasks.resilience import alongside
 
 BENCHMARKS = str(resources.files("sandbox").joinpath("data/benchmarks.yaml"))
 FAST = {
@@ -495,7 +496,7 @@ def test_slots_taken_ahead_that_no_phase_takes_come_back_and_a_wait_for_them_end
     assert "Still waiting" not in caplog.text
 
 
-def test_inside_given_back_alongside_a_phases_end_does_not_wait_for_its_slots_to_go_back(prefect_api: None) -> None:
+def test_inside_alongside_a_phases_end_does_not_wait_for_its_slots_to_go_back(prefect_api: None) -> None:
     """A phase's slots go back from a thread while the run goes on (a scoring run compares meanwhile); the
     block's end waits for them. The proxy holds the release up for 5 s."""
     service = f"t-{uuid.uuid4().hex[:6]}"
@@ -505,7 +506,7 @@ def test_inside_given_back_alongside_a_phases_end_does_not_wait_for_its_slots_to
     opens = threading.Timer(5, gate.set)
     with _busy_prefect_api("/decrement-with-lease", gate):
         opens.start()
-        with limits.given_back_alongside():
+        with alongside():
             with limits.hold(service, occupy=2):
                 pass
             assert not gate.is_set() and _active(name) == 2  # the phase went on; its release is held up
