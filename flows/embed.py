@@ -239,7 +239,6 @@ def _finish(
             **{k: v for kind, n in sorted(by_kind.items()) for k, v in _seed_counts(kind, n).items()},
             "overall_success_rate": round(successful / len(results), 4) if results else 0.0,
         },
-        "results": results,
         "processed": len(results),
         "successful": successful,
         "success_rate": round(successful / len(results), 4) if results else 0.0,
