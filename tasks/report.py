@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +28,21 @@ def write_frame(frame: pd.DataFrame, directory: Path, stem: str) -> dict[str, st
 
 
 def publish(key: str, table: list[dict[str, Any]], markdown: str) -> None:
-    """Table and markdown artifacts for the current run (no-op outside a Prefect run)."""
+    """Table and markdown artifacts for the current run (no-op outside a Prefect run); inside
+    `tasks.resilience.alongside()` they are sent from its threads, with this run's context."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     if _in_a_run():
-        _send(create_table_artifact, key=f"{key}-rows", table=table, description=f"{key}: one row per item")
-        _send(create_markdown_artifact, key=f"{key}-summary", markdown=markdown, description=f"{key}: summary")
+        later(create_table_artifact, key=f"{key}-rows", table=table, description=f"{key}: one row per item")
+        later(create_markdown_artifact, key=f"{key}-summary", markdown=markdown, description=f"{key}: summary")
 
 
 def publish_markdown(key: str, markdown: str) -> None:
-    """A markdown artifact for the current run (no-op outside a Prefect run)."""
+    """A markdown artifact for the current run (no-op outside a Prefect run; sent as `publish` sends)."""
     from prefect.artifacts import create_markdown_artifact
 
     if _in_a_run():
-        _send(create_markdown_artifact, key=key, markdown=markdown, description=key.replace("-", " "))
+        later(create_markdown_artifact, key=key, markdown=markdown, description=key.replace("-", " "))
 
 
 def _in_a_run() -> bool:
@@ -53,8 +53,3 @@ def _in_a_run() -> bool:
     except Exception:
         return False
     return True
-
-
-def _send(create: Callable[..., Any], **artifact: Any) -> None:
-    """Create an artifact now, or from a thread inside `tasks.resilience.alongside` (with this run's context)."""
-    later(create, **artifact)
