@@ -207,9 +207,11 @@ def _start() -> WarmServer:
     log = _server_dir() / "server.log"
     env = server_env({k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")})
     env["PREFECT_UI_API_URL"] = url
+    # `prefect server start`, its start-up frozen out of full garbage collections (tasks.warm_server_main)
+    command = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "tasks.warm_server_main", *command],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
