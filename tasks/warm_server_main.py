@@ -2,8 +2,8 @@
 server (`tasks.local_server`), with what its start-up loads frozen out of Python's full garbage collections.
 
 Under a scoring bench's load the server collected its whole heap (Prefect's modules, its pydantic and
-SQLAlchemy models) every ~20 s, and each full collection paused every request for 175-235 ms (gc callbacks in
-its process; 21 ms once frozen). The modules are frozen once imported, and what the server builds at its start
+SQLAlchemy models) every ~20 s, and each full collection paused every request for 174-232 ms (gc callbacks in
+its process; 20-31 ms once frozen). The modules are frozen once imported, and what the server builds at its start
 (the app, its routes, its services) once it answers. The arguments are Prefect's command line, unchanged, so
 the process still reads as a Prefect server (`tasks.local_server._ours`).
 """
