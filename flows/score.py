@@ -168,13 +168,12 @@ def score(
         pipelined = not sequential and in_threads()
         allowed = settings.allowed_functions
         sql_feed = Feed()
-        expected_in = threading.Event()
+        expected_in = threading.Lock()  # taken once, by the first caller: the expected SQL goes in once
         settled: set[str] = set()  # Genie rows with their final outcome
 
         def expected_sql() -> None:
             # checked, and parsed for the comparison (the parses are kept), while Genie thinks
-            if not expected_in.is_set():
-                expected_in.set()
+            if expected_in.acquire(blocking=False):
                 for sql in dict.fromkeys(b.expected_sql for b in items):
                     if not read_only_problem(sql, "the expected SQL", allowed):
                         sql_feed.put(_sql_key(warehouse_id, sql), {"sql": sql})

@@ -5,9 +5,8 @@ once a transaction that read before the other one wrote). Prefect's client then 
 (prefect 3.8 `_send_with_retry`), also to create a flow run or set its state; the lock is gone in
 milliseconds. This client's transport asks again after 5, 10, 20, 40, 50 and 50 ms first (`busy_pause`; a
 502 or 504 from a proxy in front of the server too), and what is still refused goes on to Prefect's own
-retries, as before. A 503 that says when to come back
-(Retry-After) is Prefect's to honour. Slot requests use the same transport with more patience
-(`tasks.limits._fast_client`).
+retries, as before. A 503 that says when to come back (Retry-After) is Prefect's to honour. Slot requests use
+the same transport with more patience (`tasks.limits._fast_client`).
 
 Private API, prefect 3.8.x (the version pyproject.toml pins): `SyncClientContext._httpx_settings`. Prefect's
 `get_client()` hands out a context's client only when it is asked with the settings the context was made
