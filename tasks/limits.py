@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import itertools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ RATE_RETRIES = 20  # a slot's request answered 502/503/504 this often in a row: 
 SLOT_AGAIN_AFTER_S = tuple(busy_pause(n) for n in range(1, RATE_RETRIES + 1))
 SLOT_CHECK_S = 30  # a phase waiting for slots looks for dead holders, and says why it waits, this often
 SLOT_WAIT_S = float(os.environ.get("BATCHFLOWS_SLOT_WAIT_S", 900))  # then gives up with the reason
+RELEASE_PATIENCE_S = 60.0  # a release the server refuses (busy, out of reach) is asked again this long
 
 
 class SlotWaitError(RuntimeError):
@@ -149,7 +151,8 @@ def hold(service: str, occupy: int, cancel: threading.Event | None = None) -> It
     A wait ends without slots when the process is stopping or `cancel` is set (within a second).
 
     Inside `tasks.resilience.alongside()` the slots go back from a thread, and what follows the block goes on
-    at once.
+    at once. A release the server refuses for RELEASE_PATIENCE_S is logged, not raised (the phase's rows are
+    done), and its note is left for `reclaim`: the next run that waits for the slots gives them back.
 
     Only public Prefect client calls are used (increment-with-lease, renew, release), so the note can be
     written before the slots are taken: a process killed in between leaves a note, never untracked slots.
@@ -178,12 +181,18 @@ def hold(service: str, occupy: int, cancel: threading.Event | None = None) -> It
     renewer.start()
 
     def give_back() -> None:
+        renewer.join()
         try:
-            renewer.join()
             _release(lease_id, name, occupy, time.monotonic() - started)
-            _emit("released", limit, occupy, follows=acquired)
-        finally:
-            note.unlink(missing_ok=True)
+        except Exception as exc:  # the phase's rows are done: its slots are left to the next run that waits
+            note.write_text(json.dumps(info | {"lease_id": str(lease_id), "pid": 0}))  # no live holder: reclaimed
+            run_logger().warning(
+                f"Could not give back {occupy} slot(s) of {name} in {RELEASE_PATIENCE_S:.0f} s ({exc}): the next "
+                "run that waits for them gives them back"
+            )
+            return
+        note.unlink(missing_ok=True)
+        _emit("released", limit, occupy, follows=acquired)
 
     try:
         yield
@@ -271,6 +280,24 @@ def _renew(lease_id: UUID, done: threading.Event) -> None:
 
 
 def _release(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
+    """Give the lease's slots back, asking again for RELEASE_PATIENCE_S while the server is busy or out of
+    reach: slots not given back stay taken until their lease lapses, and for good on a server that runs no
+    lease repossessor (the ephemeral API, Prefect's test harness). A full test run met a Prefect server on
+    SQLite that refused a release for longer than a slot request's ~0.9 s of quick retries; the next phase
+    then waited 900 s for slots nobody held."""
+    deadline = time.monotonic() + RELEASE_PATIENCE_S
+    for attempt in itertools.count(1):
+        try:
+            _release_once(lease_id, name, occupy, held_s)
+            return
+        except (PrefectBusy, httpx.TransportError, httpx.HTTPStatusError) as exc:
+            status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None
+            if (status is not None and status < 500) or time.monotonic() >= deadline:
+                raise
+            time.sleep(min(0.1 * 2 ** (attempt - 1), 2.0))  # also while stopping: the slots must go back
+
+
+def _release_once(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
     client = _fast_client()
     try:
         client.renew_concurrency_lease(lease_id, LEASE_S)  # does the server still know it?
@@ -339,7 +366,8 @@ def reset_limit(name: str) -> int:
 def reclaim(name: str) -> int:
     """Give back the slots of limit `name` that no live run holds; returns how many came back.
 
-    Leases of batchflows processes of this machine that died are released at once. With the ephemeral
+    Leases of batchflows processes of this machine that died, and those a live run could not give back (its
+    note then names no process: `hold`), are released at once. With the ephemeral
     API (no PREFECT_API_URL) leases live only in the memory of each process's own API server, so a dead
     process's slots would stay taken in the shared database for good: there every holder is on this
     machine and has a note, so the slots beyond the live notes' total are released by count.
@@ -352,9 +380,11 @@ def reclaim(name: str) -> int:
                 held += int(info.get("occupy", 0))  # a holder still asking counts too: never free too many
                 continue
             if shared_server and "lease_id" in info:  # the server knows the lease: release it (unless it lapsed)
-                with contextlib.suppress(httpx.HTTPError):
+                try:
                     client.release_concurrency_slots_with_lease(UUID(info["lease_id"]))
-                    freed += int(info.get("occupy", 0))
+                except httpx.HTTPError:
+                    continue  # the note stays for the next look
+                freed += int(info.get("occupy", 0))
             note.unlink(missing_ok=True)
         if shared_server:
             return freed

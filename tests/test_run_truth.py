@@ -341,10 +341,13 @@ def test_a_run_from_the_terminal_does_not_wait_on_prefects_heartbeat_thread(pref
 
 
 @contextlib.contextmanager
-def _busy_prefect_api(busy_path: str, gate: threading.Event | None = None) -> Iterator[list[tuple[float, str, int]]]:
+def _busy_prefect_api(
+    busy_path: str, gate: threading.Event | None = None, refuse_s: float = 0
+) -> Iterator[list[tuple[float, str, int]]]:
     """Point Prefect at a proxy of the test's API that answers 503 (as a Prefect server on SQLite does while its
-    database is locked) to the first request whose path ends with `busy_path`; with a `gate`, it holds every
-    such request until the gate opens instead. Yields (time, path, status)."""
+    database is locked) to the first request whose path ends with `busy_path`, and to every one for `refuse_s`
+    after it; with a `gate`, it holds every such request until the gate opens instead. Yields (time, path,
+    status)."""
     import httpx
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -360,7 +363,8 @@ def _busy_prefect_api(busy_path: str, gate: threading.Event | None = None) -> It
             path = self.path.removeprefix("/api")
             if gate is not None and path.endswith(busy_path):
                 gate.wait()
-            if gate is None and path.endswith(busy_path) and not any(p.endswith(busy_path) for _, p, _ in seen):
+            first = next((t for t, p, _ in seen if p.endswith(busy_path)), None)
+            if gate is None and path.endswith(busy_path) and (first is None or time.monotonic() - first < refuse_s):
                 status, content, kind = 503, b'{"exception_message": "Service Unavailable"}', "application/json"
             else:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
@@ -408,6 +412,43 @@ def test_a_busy_prefect_server_delays_a_phases_slots_by_a_poll_not_by_prefects_b
     with _busy_prefect_api("/concurrency_limits/increment") as seen:
         limits.take_rate_slot(limits.rate_limit_name(service), 0.1)
     assert _asked_again_after(seen, "/concurrency_limits/increment") < 1.0
+
+
+def test_a_release_the_server_refuses_for_seconds_is_asked_again_until_the_slots_are_back(prefect_api: None) -> None:
+    """A full test run met a Prefect server (SQLite) that refused a release for longer than the ~0.9 s of a slot
+    request's quick retries: the slots stayed taken, for good on a server with no lease repossessor, and the
+    next phase waited 900 s for them. A release is asked again for RELEASE_PATIENCE_S."""
+    service = f"t-{uuid.uuid4().hex[:6]}"
+    name = limits.limit_name(service)
+    limits.ensure_service_limits(service, 2)
+    with _busy_prefect_api("/decrement-with-lease", refuse_s=3) as seen, limits.hold(service, occupy=2):
+        assert _active(name) == 2
+    answers = [status for _, path, status in seen if path.endswith("/decrement-with-lease")]
+    assert answers.count(503) > len(limits.SLOT_AGAIN_AFTER_S) + 1 and answers[-1] == 204, answers
+    assert _active(name) == 0 and not list(limits._notes(name))
+
+
+def test_slots_a_run_could_not_give_back_are_given_back_by_the_next_run_that_waits(
+    prefect_api: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A release refused for all of RELEASE_PATIENCE_S is logged, not raised (the phase's rows are done), and
+    the holder's note is left naming no live process: the next run that waits for the slots releases them."""
+    monkeypatch.setattr(limits, "RELEASE_PATIENCE_S", 1)
+    monkeypatch.setattr(limits, "SLOT_CHECK_S", 1)
+    service = f"t-{uuid.uuid4().hex[:6]}"
+    name = limits.limit_name(service)
+    limits.ensure_service_limits(service, 2)
+    with _busy_prefect_api("/decrement-with-lease", refuse_s=3):  # (a note names the API it holds slots of)
+        with limits.hold(service, occupy=2):
+            pass
+        assert _active(name) == 2
+        assert f"Could not give back 2 slot(s) of {name}" in caplog.text
+        asked = time.monotonic()
+        with limits.hold(service, occupy=2):
+            waited = time.monotonic() - asked
+            assert _active(name) == 2
+    assert 1 <= waited < 15  # a look for holders that are gone, once the server takes releases again
+    assert _active(name) == 0 and not list(limits._notes(name))
 
 
 def test_runs_that_create_the_same_limit_at_once_share_it(prefect_api: None) -> None:
