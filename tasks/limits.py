@@ -14,10 +14,10 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
@@ -35,14 +35,16 @@ from tasks.local_server import private_api_url
 from tasks.prefect_client import BUSY, busy_pause, quick_retry_settings
 from tasks.resilience import later, run_logger
 
+T = TypeVar("T")
+
 PREFIX = "batchflows"
 LEASE_S = 60
 RENEW_S = LEASE_S / 3  # a lease is renewed this often while its phase runs
-RATE_RETRIES = 20  # a slot's request answered 502/503/504 this often in a row: `PrefectBusy` is raised
+RATE_RETRIES = 20  # a slot's request answered 502/503/504 this often in a row: `PrefectBusy` (see `patiently`)
 SLOT_AGAIN_AFTER_S = tuple(busy_pause(n) for n in range(1, RATE_RETRIES + 1))
 SLOT_CHECK_S = 30  # a phase waiting for slots looks for dead holders, and says why it waits, this often
 SLOT_WAIT_S = float(os.environ.get("BATCHFLOWS_SLOT_WAIT_S", 900))  # then gives up with the reason
-RELEASE_PATIENCE_S = 60.0  # a release the server refuses (busy, out of reach) is asked again this long
+BUSY_PATIENCE_S = 60.0  # a slot request or release a busy Prefect server refuses is asked again this long
 
 
 class SlotWaitError(RuntimeError):
@@ -151,7 +153,7 @@ def hold(service: str, occupy: int, cancel: threading.Event | None = None) -> It
     A wait ends without slots when the process is stopping or `cancel` is set (within a second).
 
     Inside `tasks.resilience.alongside()` the slots go back from a thread, and what follows the block goes on
-    at once. A release the server refuses for RELEASE_PATIENCE_S is logged, not raised (the phase's rows are
+    at once. A release the server refuses for BUSY_PATIENCE_S is logged, not raised (the phase's rows are
     done), and its note is left for `reclaim`: the next run that waits for the slots gives them back.
 
     Only public Prefect client calls are used (increment-with-lease, renew, release), so the note can be
@@ -187,7 +189,7 @@ def hold(service: str, occupy: int, cancel: threading.Event | None = None) -> It
         except Exception as exc:  # the phase's rows are done: its slots are left to the next run that waits
             note.write_text(json.dumps(info | {"lease_id": str(lease_id), "pid": 0}))  # no live holder: reclaimed
             run_logger().warning(
-                f"Could not give back {occupy} slot(s) of {name} in {RELEASE_PATIENCE_S:.0f} s ({exc}): the next "
+                f"Could not give back {occupy} slot(s) of {name} in {BUSY_PATIENCE_S:.0f} s ({exc}): the next "
                 "run that waits for them gives them back"
             )
             return
@@ -229,8 +231,10 @@ def _acquire(name: str, occupy: int, cancel: threading.Event | None = None) -> C
         asked = time.monotonic()
         while going_on() and time.monotonic() - asked < SLOT_CHECK_S:
             try:
-                response = client.increment_concurrency_slots_with_lease(
-                    names=[name], slots=occupy, mode="concurrency", lease_duration=LEASE_S, holder=holder
+                response = patiently(
+                    lambda: client.increment_concurrency_slots_with_lease(
+                        names=[name], slots=occupy, mode="concurrency", lease_duration=LEASE_S, holder=holder
+                    )
                 )
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:
@@ -280,21 +284,28 @@ def _renew(lease_id: UUID, done: threading.Event) -> None:
 
 
 def _release(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
-    """Give the lease's slots back, asking again for RELEASE_PATIENCE_S while the server is busy or out of
-    reach: slots not given back stay taken until their lease lapses, and for good on a server that runs no
-    lease repossessor (the ephemeral API, Prefect's test harness). A full test run met a Prefect server on
-    SQLite that refused a release for longer than a slot request's ~0.9 s of quick retries; the next phase
-    then waited 900 s for slots nobody held."""
-    deadline = time.monotonic() + RELEASE_PATIENCE_S
+    """Give the lease's slots back, asked again while the server is busy or out of reach (`patiently`):
+    slots not given back stay taken until their lease lapses, and for good on a server that runs no lease
+    repossessor (the ephemeral API, Prefect's test harness). A full test run met a Prefect server on SQLite
+    that refused a release for longer than the ~0.9 s of a `_fast_client`'s quick retries; the next phase then
+    waited 900 s for slots nobody held."""
+    patiently(lambda: _release_once(lease_id, name, occupy, held_s), PrefectBusy, httpx.TransportError)
+
+
+def patiently(request: Callable[[], T], *again_on: type[Exception]) -> T:
+    """`request()`, asked again on `again_on` errors (a Prefect server still busy after a `_fast_client`'s
+    quick retries, by default), after 0.1 s doubling to 2 s, for BUSY_PATIENCE_S; then the error is raised.
+    Also while the process stops: a release must still go out."""
+    errors = again_on or (PrefectBusy,)
+    deadline = time.monotonic() + BUSY_PATIENCE_S
     for attempt in itertools.count(1):
         try:
-            _release_once(lease_id, name, occupy, held_s)
-            return
-        except (PrefectBusy, httpx.TransportError, httpx.HTTPStatusError) as exc:
-            status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None
-            if (status is not None and status < 500) or time.monotonic() >= deadline:
+            return request()
+        except errors:
+            if time.monotonic() >= deadline:
                 raise
-            time.sleep(min(0.1 * 2 ** (attempt - 1), 2.0))  # also while stopping: the slots must go back
+            time.sleep(min(0.1 * 2 ** (attempt - 1), 2.0))
+    raise AssertionError("unreachable")
 
 
 def _release_once(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
@@ -330,7 +341,7 @@ def _fast_client() -> SyncPrefectClient:
     scoring run in six at concurrency 10 waited 2 s more (bench/score_scaling.py). So its transport asks again
     after `busy_pause` (5 ms, doubling to 50 ms; RATE_RETRIES times, ~0.9 s in all), and a response hook
     (public httpx and `get_client` settings) raises `PrefectBusy` on what is still refused, before Prefect's
-    loop can sleep.
+    loop can sleep. `patiently` then asks again, slower, for up to BUSY_PATIENCE_S.
     """
     key = (os.getpid(), PREFECT_API_URL.value(), PREFECT_API_AUTH_STRING.value(), PREFECT_API_KEY.value())
     with _FAST_LOCK:
@@ -460,7 +471,7 @@ def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
         while stopping.reason() is None:  # stopping: no slot needed, the caller makes no call
             sent = time.monotonic()
             try:
-                client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit")
+                patiently(lambda: client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit"))
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:
                     raise

@@ -18,6 +18,9 @@ set_server_defaults()  # for the Prefect test server, as the CLI sets them for i
 # a CLI command a test runs without PREFECT_API_URL starts a temporary Prefect server that ends with it, never
 # a warm one that outlives the tests (tests/test_local_server.py tests the warm one in its own home)
 os.environ.setdefault("BATCHFLOWS_PREFECT_SERVER", "temporary")
+# a phase that cannot get its slots fails inside the test's 300 s with the reason (who holds them), not as a
+# pytest timeout while the wait goes on for 900 s (CLI commands the tests run inherit it)
+os.environ.setdefault("BATCHFLOWS_SLOT_WAIT_S", "180")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

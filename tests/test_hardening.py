@@ -142,6 +142,7 @@ def _dropping_proxy(upstream: str, drop_path: str, drops: int, status: int = 0) 
         yield f"http://127.0.0.1:{proxy.server_port}", seen
     finally:
         proxy.shutdown()
+        proxy.server_close()  # what is still sent to it is refused at once, not left hanging in its backlog
 
 
 class _Requests(list[tuple[str, int]]):

@@ -387,6 +387,7 @@ def _busy_prefect_api(
             yield seen
     finally:
         proxy.shutdown()
+        proxy.server_close()  # what is still sent to it is refused at once, not left hanging in its backlog
 
 
 def _asked_again_after(seen: list[tuple[float, str, int]], path: str) -> float:
@@ -417,7 +418,7 @@ def test_a_busy_prefect_server_delays_a_phases_slots_by_a_poll_not_by_prefects_b
 def test_a_release_the_server_refuses_for_seconds_is_asked_again_until_the_slots_are_back(prefect_api: None) -> None:
     """A full test run met a Prefect server (SQLite) that refused a release for longer than the ~0.9 s of a slot
     request's quick retries: the slots stayed taken, for good on a server with no lease repossessor, and the
-    next phase waited 900 s for them. A release is asked again for RELEASE_PATIENCE_S."""
+    next phase waited 900 s for them. A release is asked again for BUSY_PATIENCE_S."""
     service = f"t-{uuid.uuid4().hex[:6]}"
     name = limits.limit_name(service)
     limits.ensure_service_limits(service, 2)
@@ -428,12 +429,31 @@ def test_a_release_the_server_refuses_for_seconds_is_asked_again_until_the_slots
     assert _active(name) == 0 and not list(limits._notes(name))
 
 
+def test_a_slot_request_the_server_refuses_for_seconds_is_waited_for_not_failed(prefect_api: None) -> None:
+    """Past the ~0.9 s of quick retries, a busy server's refusal of a phase's slots, or of a rate slot, is asked
+    again (`limits.patiently`): the phase waits, as it waits for slots other runs hold, instead of failing."""
+    service = f"t-{uuid.uuid4().hex[:6]}"
+    name = limits.limit_name(service)
+    limits.ensure_service_limits(service, 2, rpm=600)
+    for path, take in (
+        ("/increment-with-lease", lambda: limits._acquire(name, 1)),
+        ("/concurrency_limits/increment", lambda: limits.take_rate_slot(limits.rate_limit_name(service), 0.1)),
+    ):
+        with _busy_prefect_api(path, refuse_s=2) as seen:
+            granted = take()
+        answers = [status for _, p, status in seen if p.endswith(path)]
+        assert answers.count(503) > len(limits.SLOT_AGAIN_AFTER_S) + 1 and answers[-1] == 200, answers
+        if granted is not None:
+            limits._release(granted.lease_id, name, 1, 0.1)
+    assert _active(name) == 0
+
+
 def test_slots_a_run_could_not_give_back_are_given_back_by_the_next_run_that_waits(
     prefect_api: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A release refused for all of RELEASE_PATIENCE_S is logged, not raised (the phase's rows are done), and
+    """A release refused for all of BUSY_PATIENCE_S is logged, not raised (the phase's rows are done), and
     the holder's note is left naming no live process: the next run that waits for the slots releases them."""
-    monkeypatch.setattr(limits, "RELEASE_PATIENCE_S", 1)
+    monkeypatch.setattr(limits, "BUSY_PATIENCE_S", 1)
     monkeypatch.setattr(limits, "SLOT_CHECK_S", 1)
     service = f"t-{uuid.uuid4().hex[:6]}"
     name = limits.limit_name(service)
