@@ -7,7 +7,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
-import itertools
 import json
 import math
 import os
@@ -40,7 +39,7 @@ T = TypeVar("T")
 PREFIX = "batchflows"
 LEASE_S = 60
 RENEW_S = LEASE_S / 3  # a lease is renewed this often while its phase runs
-RATE_RETRIES = 20  # a slot's request answered 502/503/504 this often in a row: `PrefectBusy` (see `patiently`)
+RATE_RETRIES = 20  # a slot's request answered 502/503/504 this often in a row: `PrefectBusy` (see `_patiently`)
 SLOT_AGAIN_AFTER_S = tuple(busy_pause(n) for n in range(1, RATE_RETRIES + 1))
 SLOT_CHECK_S = 30  # a phase waiting for slots looks for dead holders, and says why it waits, this often
 SLOT_WAIT_S = float(os.environ.get("BATCHFLOWS_SLOT_WAIT_S", 900))  # then gives up with the reason
@@ -231,7 +230,7 @@ def _acquire(name: str, occupy: int, cancel: threading.Event | None = None) -> C
         asked = time.monotonic()
         while going_on() and time.monotonic() - asked < SLOT_CHECK_S:
             try:
-                response = patiently(
+                response = _patiently(
                     lambda: client.increment_concurrency_slots_with_lease(
                         names=[name], slots=occupy, mode="concurrency", lease_duration=LEASE_S, holder=holder
                     )
@@ -284,28 +283,28 @@ def _renew(lease_id: UUID, done: threading.Event) -> None:
 
 
 def _release(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
-    """Give the lease's slots back, asked again while the server is busy or out of reach (`patiently`):
+    """Give the lease's slots back, asked again while the server is busy or out of reach (`_patiently`):
     slots not given back stay taken until their lease lapses, and for good on a server that runs no lease
     repossessor (the ephemeral API, Prefect's test harness). A full test run met a Prefect server on SQLite
     that refused a release for longer than the ~0.9 s of a `_fast_client`'s quick retries; the next phase then
     waited 900 s for slots nobody held."""
-    patiently(lambda: _release_once(lease_id, name, occupy, held_s), PrefectBusy, httpx.TransportError)
+    _patiently(lambda: _release_once(lease_id, name, occupy, held_s), PrefectBusy, httpx.TransportError)
 
 
-def patiently(request: Callable[[], T], *again_on: type[Exception]) -> T:
+def _patiently(request: Callable[[], T], *again_on: type[Exception]) -> T:
     """`request()`, asked again on `again_on` errors (a Prefect server still busy after a `_fast_client`'s
     quick retries, by default), after 0.1 s doubling to 2 s, for BUSY_PATIENCE_S; then the error is raised.
     Also while the process stops: a release must still go out."""
     errors = again_on or (PrefectBusy,)
-    deadline = time.monotonic() + BUSY_PATIENCE_S
-    for attempt in itertools.count(1):
+    deadline, pause = time.monotonic() + BUSY_PATIENCE_S, 0.1
+    while True:
         try:
             return request()
         except errors:
             if time.monotonic() >= deadline:
                 raise
-            time.sleep(min(0.1 * 2 ** (attempt - 1), 2.0))
-    raise AssertionError("unreachable")
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
 
 def _release_once(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
@@ -341,7 +340,7 @@ def _fast_client() -> SyncPrefectClient:
     scoring run in six at concurrency 10 waited 2 s more (bench/score_scaling.py). So its transport asks again
     after `busy_pause` (5 ms, doubling to 50 ms; RATE_RETRIES times, ~0.9 s in all), and a response hook
     (public httpx and `get_client` settings) raises `PrefectBusy` on what is still refused, before Prefect's
-    loop can sleep. `patiently` then asks again, slower, for up to BUSY_PATIENCE_S.
+    loop can sleep. `_patiently` then asks again, slower, for up to BUSY_PATIENCE_S.
     """
     key = (os.getpid(), PREFECT_API_URL.value(), PREFECT_API_AUTH_STRING.value(), PREFECT_API_KEY.value())
     with _FAST_LOCK:
@@ -471,7 +470,7 @@ def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
         while stopping.reason() is None:  # stopping: no slot needed, the caller makes no call
             sent = time.monotonic()
             try:
-                patiently(lambda: client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit"))
+                _patiently(lambda: client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit"))
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:
                     raise

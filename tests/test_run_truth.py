@@ -431,7 +431,7 @@ def test_a_release_the_server_refuses_for_seconds_is_asked_again_until_the_slots
 
 def test_a_slot_request_the_server_refuses_for_seconds_is_waited_for_not_failed(prefect_api: None) -> None:
     """Past the ~0.9 s of quick retries, a busy server's refusal of a phase's slots, or of a rate slot, is asked
-    again (`limits.patiently`): the phase waits, as it waits for slots other runs hold, instead of failing."""
+    again (`limits._patiently`): the phase waits, as it waits for slots other runs hold, instead of failing."""
     service = f"t-{uuid.uuid4().hex[:6]}"
     name = limits.limit_name(service)
     limits.ensure_service_limits(service, 2, rpm=600)
