@@ -233,8 +233,13 @@ def _acquire(name: str, occupy: int, cancel: threading.Event | None = None) -> C
                 response = _patiently(
                     lambda: client.increment_concurrency_slots_with_lease(
                         names=[name], slots=occupy, mode="concurrency", lease_duration=LEASE_S, holder=holder
-                    )
+                    ),
+                    going_on=going_on,
                 )
+            except PrefectBusy:
+                if going_on():
+                    raise
+                break  # stopping or cancelled while the server was busy: no slots needed
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:
                     raise
@@ -291,17 +296,17 @@ def _release(lease_id: UUID, name: str, occupy: int, held_s: float) -> None:
     _patiently(lambda: _release_once(lease_id, name, occupy, held_s), PrefectBusy, httpx.TransportError)
 
 
-def _patiently(request: Callable[[], T], *again_on: type[Exception]) -> T:
+def _patiently(request: Callable[[], T], *again_on: type[Exception], going_on: Callable[[], bool] = lambda: True) -> T:
     """`request()`, asked again on `again_on` errors (a Prefect server still busy after a `_fast_client`'s
-    quick retries, by default), after 0.1 s doubling to 2 s, for BUSY_PATIENCE_S; then the error is raised.
-    Also while the process stops: a release must still go out."""
+    quick retries, by default), after 0.1 s doubling to 2 s, for BUSY_PATIENCE_S or while `going_on()`; then
+    the error is raised. A release goes on also while the process stops: it must still go out."""
     errors = again_on or (PrefectBusy,)
     deadline, pause = time.monotonic() + BUSY_PATIENCE_S, 0.1
     while True:
         try:
             return request()
         except errors:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or not going_on():
                 raise
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
@@ -470,7 +475,14 @@ def take_rate_slot(name: str, spacing_s: float = 1.0) -> None:
         while stopping.reason() is None:  # stopping: no slot needed, the caller makes no call
             sent = time.monotonic()
             try:
-                _patiently(lambda: client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit"))
+                _patiently(
+                    lambda: client.increment_concurrency_slots(names=[name], slots=1, mode="rate_limit"),
+                    going_on=lambda: stopping.reason() is None,
+                )
+            except PrefectBusy:
+                if stopping.reason() is None:
+                    raise
+                return  # stopping while the server was busy: the caller makes no call
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:
                     raise

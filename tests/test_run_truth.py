@@ -446,6 +446,14 @@ def test_a_slot_request_the_server_refuses_for_seconds_is_waited_for_not_failed(
         if granted is not None:
             limits._release(granted.lease_id, name, 1, 0.1)
     assert _active(name) == 0
+    with _busy_prefect_api("/increment-with-lease", refuse_s=600):  # a cancelled wait ends while it is busy
+        cancelled = threading.Event()
+        cancel = threading.Timer(1, cancelled.set)
+        cancel.start()
+        asked = time.monotonic()
+        assert limits._acquire(name, 1, cancelled) is None
+        assert time.monotonic() - asked < 5  # the next pause (at most 2 s) and its quick retries, not a minute
+    assert _active(name) == 0
 
 
 def test_slots_a_run_could_not_give_back_are_given_back_by_the_next_run_that_waits(
