@@ -172,7 +172,8 @@ def hold(service: str, occupy: int, cancel: threading.Event | None = None) -> It
         yield
         return
     lease_id, limit = granted.lease_id, granted.limits[0]
-    note.write_text(json.dumps(info | {"lease_id": str(lease_id)}))
+    info["lease_id"] = str(lease_id)
+    note.write_text(json.dumps(info))
     acquired = _emit("acquired", limit, occupy)
     started = time.monotonic()
     renewing = threading.Event()
@@ -186,7 +187,7 @@ def hold(service: str, occupy: int, cancel: threading.Event | None = None) -> It
         try:
             _release(lease_id, name, occupy, time.monotonic() - started)
         except Exception as exc:  # the phase's rows are done: its slots are left to the next run that waits
-            note.write_text(json.dumps(info | {"lease_id": str(lease_id), "pid": 0}))  # no live holder: reclaimed
+            note.write_text(json.dumps(info | {"pid": 0}))  # no live holder: `reclaim` releases it
             run_logger().warning(
                 f"Could not give back {occupy} slot(s) of {name} in {BUSY_PATIENCE_S:.0f} s ({exc}): the next "
                 "run that waits for them gives them back"
